@@ -1,0 +1,1 @@
+"""The activation store: Zarr layout, manifest of completed shards, shard reader."""

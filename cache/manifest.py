@@ -1,0 +1,191 @@
+"""The run's records: the plan, one completion record per shard, and what they add up to.
+
+A shard is done when, and only when, its record exists. The record is written after the shard's
+rows are in the store, to a temporary name and then renamed, so a run killed at any moment leaves
+either no record (the shard is redone from scratch) or a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ghsae.cache.store import ROW_METADATA_BYTES, ActivationStore
+from ghsae.errors import StoreError
+from ghsae.layout import RunLayout
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+@dataclass
+class Plan:
+    """What plan.json holds, with the accessors the later stages need."""
+
+    data: dict
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.data["layers"])
+
+    @property
+    def groups(self) -> list[list[int]]:
+        return [list(g) for g in self.data["groups"]]
+
+    @property
+    def group_names(self) -> list[str]:
+        return list(self.data["group_names"])
+
+    @property
+    def n_shards(self) -> int:
+        return int(self.data["n_shards"])
+
+    @property
+    def contexts_per_shard(self) -> int:
+        return int(self.data["contexts_per_shard"])
+
+    @property
+    def n_contexts_harvest(self) -> int:
+        return int(self.data["n_contexts_harvest"])
+
+    @property
+    def context_length(self) -> int:
+        return int(self.data["context_length"])
+
+    def shard_contexts(self, shard: int) -> tuple[int, int]:
+        start = shard * self.contexts_per_shard
+        return start, min(start + self.contexts_per_shard, self.n_contexts_harvest)
+
+
+def load_plan(layout: RunLayout) -> Plan:
+    if not layout.plan.is_file():
+        raise StoreError(f"{layout.root} has no plan ({layout.plan}); run `ghsae harvest --run-dir {layout.root}` first")
+    return Plan(read_json(layout.plan))
+
+
+def shard_done(layout: RunLayout, shard: int) -> bool:
+    return layout.shard_record(shard).is_file()
+
+
+def done_shards(layout: RunLayout, plan: Plan) -> list[int]:
+    return [s for s in range(plan.n_shards) if shard_done(layout, s)]
+
+
+def load_shard_record(layout: RunLayout, shard: int, config_hash: str) -> dict:
+    path = layout.shard_record(shard)
+    if not path.is_file():
+        raise StoreError(f"shard {shard} of {layout.root} is not done (no {path.name}); re-run `ghsae harvest` to finish it")
+    record = read_json(path)
+    if record.get("config_hash") != config_hash:
+        raise StoreError(
+            f"{path} was written by config {record.get('config_hash')} but this run is {config_hash}; "
+            "the record does not belong to this run: delete it and re-run `ghsae harvest`"
+        )
+    return record
+
+
+@dataclass
+class NormStats:
+    """Per-layer statistics over every stored row of the run (aggregated over shard records)."""
+
+    layers: list[int]
+    count: np.ndarray  # [L] rows per layer
+    mean_norm: np.ndarray  # [L] E||x||
+    mean_sq_norm: np.ndarray  # [L] E||x||^2
+    mean: np.ndarray  # [L, d]
+
+    def scale(self, d_model: int) -> np.ndarray:
+        """Per-layer factor that makes E||x|| = sqrt(d) (the Group-SAE per-layer normalisation)."""
+        return np.sqrt(d_model) / np.maximum(self.mean_norm, 1e-12)
+
+    def to_json(self) -> dict:
+        return {
+            str(layer): {
+                "count": int(self.count[i]),
+                "mean_norm": float(self.mean_norm[i]),
+                "mean_sq_norm": float(self.mean_sq_norm[i]),
+            }
+            for i, layer in enumerate(self.layers)
+        }
+
+
+def aggregate_stats(layout: RunLayout, plan: Plan, shards: list[int]) -> NormStats:
+    layers = plan.layers
+    count = np.zeros(len(layers))
+    sum_norm = np.zeros(len(layers))
+    sum_sq = np.zeros(len(layers))
+    sum_x = None
+    for s in shards:
+        record = load_shard_record(layout, s, plan.data["config_hash"])
+        for i, layer in enumerate(layers):
+            st = record["layer_stats"][str(layer)]
+            count[i] += st["count"]
+            sum_norm[i] += st["sum_norm"]
+            sum_sq[i] += st["sum_sq_norm"]
+        with np.load(layout.shard_sums(s)) as z:
+            sum_x = z["sum_x"] if sum_x is None else sum_x + z["sum_x"]
+    denom = np.maximum(count, 1)
+    mean = sum_x / denom[:, None] if sum_x is not None else np.zeros((len(layers), 0))
+    return NormStats(layers, count, sum_norm / denom, sum_sq / denom, mean)
+
+
+def run_info(layout: RunLayout) -> dict:
+    """Everything `ghsae info` reports: progress, sizes, and what a per-layer cache would take."""
+    plan = load_plan(layout)
+    done = done_shards(layout, plan)
+    config_hash = plan.data["config_hash"]
+    rows_per_group: dict[str, int] = {name: 0 for name in plan.group_names}
+    layer_rows: dict[str, int] = {str(layer): 0 for layer in plan.layers}
+    tokens = 0
+    for s in done:
+        record = load_shard_record(layout, s, config_hash)
+        tokens += record["stored_tokens"]
+        for name, g in record["groups"].items():
+            rows_per_group[name] += g["rows"]
+            for layer, c in g["layer_counts"].items():
+                layer_rows[layer] += c
+    store_bytes = ActivationStore.open(layout.acts).bytes_on_disk() if layout.acts.is_dir() else 0
+    d, itemsize = plan.data["d_model"], 2
+    per_layer = len(plan.layers) * (d * itemsize + ROW_METADATA_BYTES)
+    return {
+        "run_dir": str(layout.root),
+        "model": plan.data["model"]["source"],
+        "layers": plan.layers,
+        "groups": plan.groups,
+        "group_names": plan.group_names,
+        "shards_done": len(done),
+        "shards_total": plan.n_shards,
+        "shards_missing": [s for s in range(plan.n_shards) if s not in set(done)],
+        "complete": len(done) == plan.n_shards,
+        "rows": sum(rows_per_group.values()),
+        "rows_per_group": rows_per_group,
+        "rows_per_layer": layer_rows,
+        "tokens": tokens,
+        "bytes_on_disk": store_bytes,
+        "bytes_per_token": store_bytes / tokens if tokens else None,
+        "per_layer_bytes_per_token": per_layer,
+        "storage_ratio": (per_layer / (store_bytes / tokens)) if tokens and store_bytes else None,
+    }

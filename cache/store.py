@@ -1,0 +1,192 @@
+"""The activation store: one Zarr v3 array set per group, preallocated and sharded by work shard.
+
+    acts.zarr/group_00/acts   [n_shards * shard_rows, d]  float16, or uint16 holding bfloat16 bits
+    acts.zarr/group_00/layer  [n_shards * shard_rows]     int16  model layer the row was drawn from
+    acts.zarr/group_00/token  [n_shards * shard_rows]     int32  token id
+    acts.zarr/group_00/seq    [n_shards * shard_rows]     int32  context index in plan/tokens.npy
+    acts.zarr/group_00/pos    [n_shards * shard_rows]     int32  position inside the context
+
+Work shard s owns rows [s * shard_rows, (s + 1) * shard_rows), which is exactly one Zarr shard
+of every array, so each Zarr shard file has one writer (concurrent writers into one Zarr shard
+lose data: zarr-python #3514, #3682). A shard holds fewer valid rows than its capacity (special
+tokens are not stored); its record in the manifest says how many. Chunks are full width and
+uncompressed by default, so a shard file is its chunks end to end plus an index: readable by
+memory map.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from ghsae.errors import StoreError
+
+ROW_FIELDS = {"layer": np.int16, "token": np.int32, "seq": np.int32, "pos": np.int32}
+ROW_METADATA_BYTES = sum(np.dtype(t).itemsize for t in ROW_FIELDS.values())
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StoreGeometry:
+    n_shards: int
+    shard_rows: int
+    d_model: int
+    chunk_rows: int
+    dtype: str  # logical dtype: float16 or bfloat16
+    compression: str
+
+    @property
+    def physical_dtype(self) -> np.dtype:
+        return np.dtype(np.float16 if self.dtype == "float16" else np.uint16)
+
+    @property
+    def act_bytes_per_row(self) -> int:
+        return self.d_model * self.physical_dtype.itemsize
+
+
+@dataclass
+class ShardRows:
+    """Rows of one group in one shard, as stored (acts in the physical dtype)."""
+
+    acts: np.ndarray  # [n, d]
+    layer: np.ndarray  # [n]
+    token: np.ndarray  # [n]
+    seq: np.ndarray  # [n]
+    pos: np.ndarray  # [n]
+
+    def __len__(self) -> int:
+        return self.acts.shape[0]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"acts": self.acts, "layer": self.layer, "token": self.token, "seq": self.seq, "pos": self.pos}
+
+    def checksums(self) -> dict[str, str]:
+        return {name: checksum(arr) for name, arr in self.arrays().items()}
+
+
+def checksum(arr: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(arr).data, digest_size=16).hexdigest()
+
+
+def to_storage(acts: torch.Tensor, dtype: str) -> np.ndarray:
+    """float activations -> the stored physical array (bfloat16 bits as uint16)."""
+    if dtype == "float16":
+        return acts.to(torch.float16).cpu().numpy()
+    return acts.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+
+
+def to_float32(acts: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored physical array -> float32, whatever the logical dtype."""
+    if dtype == "float16":
+        return acts.astype(np.float32)
+    return (acts.astype(np.uint32) << 16).view(np.float32)
+
+
+def _compressors(name: str):
+    if name == "none":
+        return None
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    return ZstdCodec(level=3) if name == "zstd" else BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+
+
+class ActivationStore:
+    def __init__(self, path: Path, root: zarr.Group, geometry: StoreGeometry, groups: list[str]):
+        self.path = path
+        self.root = root
+        self.geometry = geometry
+        self.groups = groups
+
+    @classmethod
+    def create(cls, path: Path, groups: list[str], geometry: StoreGeometry, attributes: dict) -> ActivationStore:
+        root = zarr.open_group(str(path), mode="w-")
+        root.attrs.update({**attributes, "format_version": FORMAT_VERSION, "groups": groups, "geometry": geometry.__dict__})
+        rows = geometry.n_shards * geometry.shard_rows
+        config = {"write_empty_chunks": False}  # unused capacity at a shard's end costs no disk
+        for name in groups:
+            g = root.create_group(name)
+            g.create_array(
+                "acts",
+                shape=(rows, geometry.d_model),
+                dtype=geometry.physical_dtype,
+                chunks=(geometry.chunk_rows, geometry.d_model),
+                shards=(geometry.shard_rows, geometry.d_model),
+                compressors=_compressors(geometry.compression),
+                fill_value=0,
+                attributes={"logical_dtype": geometry.dtype},
+                config=config,
+            )
+            for field, dtype in ROW_FIELDS.items():
+                g.create_array(
+                    field,
+                    shape=(rows,),
+                    dtype=dtype,
+                    chunks=(geometry.chunk_rows,),
+                    shards=(geometry.shard_rows,),
+                    compressors=_compressors(geometry.compression),
+                    fill_value=-1,
+                    config=config,
+                )
+        return cls(path, root, geometry, groups)
+
+    @classmethod
+    def open(cls, path: Path) -> ActivationStore:
+        if not path.is_dir():
+            raise StoreError(f"no activation store at {path}; run `ghsae harvest` for this run folder first")
+        root = zarr.open_group(str(path), mode="r+")
+        attrs = root.attrs.asdict()
+        version = attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(f"{path} has store format {version}; this ghsae reads format {FORMAT_VERSION}")
+        return cls(path, root, StoreGeometry(**attrs["geometry"]), list(attrs["groups"]))
+
+    def _rows(self, shard: int) -> slice:
+        if not 0 <= shard < self.geometry.n_shards:
+            raise StoreError(f"shard {shard} is out of range; {self.path} has shards 0..{self.geometry.n_shards - 1}")
+        start = shard * self.geometry.shard_rows
+        return slice(start, start + self.geometry.shard_rows)
+
+    def write_shard(self, group: str, shard: int, rows: ShardRows) -> None:
+        """Write a whole shard region (valid rows, then fill), so a rewrite replaces every byte."""
+        region = self._rows(shard)
+        n, cap = len(rows), self.geometry.shard_rows
+        if n > cap:
+            raise StoreError(f"shard {shard} of {group} has {n} rows but capacity {cap}")
+        if rows.acts.shape[1:] != (self.geometry.d_model,) or rows.acts.dtype != self.geometry.physical_dtype:
+            raise StoreError(
+                f"shard {shard} of {group}: rows are {rows.acts.dtype}{list(rows.acts.shape)}, store expects "
+                f"{self.geometry.physical_dtype}[n, {self.geometry.d_model}]"
+            )
+        g = self.root[group]
+        for name, arr in rows.arrays().items():
+            full = np.full((cap, *arr.shape[1:]), 0 if name == "acts" else -1, dtype=arr.dtype)
+            full[:n] = arr
+            g[name][region] = full
+
+    def read_shard(self, group: str, shard: int, n_rows: int, checksums: dict[str, str] | None = None) -> ShardRows:
+        """Read the valid rows of a shard; with checksums, refuse data that does not match its record."""
+        if group not in self.groups:
+            raise StoreError(f"{self.path} has no group {group!r}; it holds {', '.join(self.groups)}")
+        region = self._rows(shard)
+        rows_slice = slice(region.start, region.start + n_rows)
+        g = self.root[group]
+        rows = ShardRows(**{name: g[name][rows_slice] for name in ("acts", *ROW_FIELDS)})
+        if rows.acts.shape != (n_rows, self.geometry.d_model):
+            raise StoreError(f"shard {shard} of {group}: read {rows.acts.shape}, expected ({n_rows}, {self.geometry.d_model})")
+        if checksums is not None:
+            got = rows.checksums()
+            bad = [name for name in checksums if got.get(name) != checksums[name]]
+            if bad:
+                raise StoreError(
+                    f"shard {shard} of {group} in {self.path} is corrupt: checksum mismatch in {', '.join(bad)}. "
+                    f"Delete its record (manifest/shard-{shard:05d}.json) and re-run `ghsae harvest` to rewrite it"
+                )
+        return rows
+
+    def bytes_on_disk(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())

@@ -1,0 +1,3 @@
+from ghsae.cli import main
+
+main()

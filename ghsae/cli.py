@@ -1,0 +1,115 @@
+"""The `ghsae` command line. Each stage is one subcommand; flags override pipeline.toml."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from ghsae.config import PipelineConfig, load_config
+from ghsae.errors import ConfigError, GhsaeError
+
+
+def _user_errors(fn):
+    """Print user errors as one clear line (no traceback) and exit 2; bugs keep their traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GhsaeError as e:
+            click.echo(f"ghsae: error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _parse_groups(text: str | None) -> str | int | list[list[int]] | None:
+    """--groups auto | per-layer | G | 0-3,4-9,... (explicit inclusive ranges)."""
+    if text is None or text in ("auto", "per-layer"):
+        return text
+    if text.isdigit():
+        return int(text)
+    try:
+        return [[int(a), int(b)] for a, b in (part.split("-") for part in text.split(","))]
+    except ValueError:
+        raise ConfigError(f"--groups is {text!r}; expected auto, per-layer, a number, or ranges like 0-3,4-9") from None
+
+
+def _config(config_path: str | None, overrides: dict) -> PipelineConfig:
+    return load_config(config_path, overrides)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+def main(verbose: bool) -> None:
+    """ghsae: Group-SAEs, one sparse autoencoder per group of similar layers."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="pipeline.toml (default: the embedded one).")
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="Run folder to create or resume.")
+@click.option("--model", help="Model folder, .gguf file, hub id or builtin:smollm2-135m.")
+@click.option("--dataset", help="Dataset file, folder or glob (.txt/.jsonl/.parquet) or builtin:python-docs.")
+@click.option("--tokens", type=int, help="Token positions to harvest.")
+@click.option("--seed", type=int, help="Seed of the layer draws and shuffles.")
+@click.option("--groups", help="auto | per-layer | G | ranges like 0-3,4-9.")
+@click.option("--device", help="auto | cpu | cuda | cuda:N.")
+@click.option("--batch-size", type=int, help="Contexts per forward pass.")
+@click.option("--shard", "shard_spec", default="0/1", show_default=True, help="Run shards i, i+n, ... only (cluster array jobs).")
+@click.option("--plan-only", is_flag=True, help="Tokenise, probe and partition, then stop (the first step of an array job).")
+@click.option("--overwrite", is_flag=True, help="Delete a run in --run-dir that has a different config.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@_user_errors
+def harvest(config_path, run_dir, model, dataset, tokens, seed, groups, device, batch_size, shard_spec, plan_only, overwrite, no_progress):
+    """Measure layer similarity, group the layers, and cache group-subsampled activations."""
+    from ghsae.harvest.run import ShardSlice, harvest as run_harvest, summary_line
+
+    cfg = _config(
+        config_path,
+        {
+            "model.path": model,
+            "model.device": device,
+            "data.dataset": dataset,
+            "harvest.tokens": tokens,
+            "harvest.seed": seed,
+            "harvest.batch_size": batch_size,
+            "grouping.groups": _parse_groups(groups),
+        },
+    )
+    summary = run_harvest(cfg, Path(run_dir), ShardSlice.parse(shard_spec), overwrite, plan_only, not no_progress)
+    click.echo(summary_line(summary))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_user_errors
+def info(run_dir, as_json):
+    """What a run folder holds: groups, shards done and missing, sizes."""
+    from ghsae.cache.manifest import run_info
+    from ghsae.layout import RunLayout
+
+    data = run_info(RunLayout(Path(run_dir)))
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    click.echo(f"run {data['run_dir']} ({data['model']})")
+    for name, g in zip(data["group_names"], data["groups"]):
+        click.echo(f"  {name}: layers {g[0]}-{g[-1]} ({len(g)}), {data['rows_per_group'][name]:,} rows")
+    click.echo(f"  shards {data['shards_done']}/{data['shards_total']} done" + (
+        f", missing {data['shards_missing'][:20]}" if data["shards_missing"] else ""))
+    if data["bytes_per_token"]:
+        click.echo(
+            f"  {data['bytes_on_disk'] / 2**20:,.1f} MiB on disk, {data['bytes_per_token']:,.0f} B/token "
+            f"(every layer would take {data['per_layer_bytes_per_token']:,} B/token: {data['storage_ratio']:.1f}x more)"
+        )
+
+
+if __name__ == "__main__":
+    main()

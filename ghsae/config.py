@@ -1,0 +1,283 @@
+"""Typed configuration read from pipeline.toml; CLI flags override it.
+
+One dataclass per section. Validation lives in __post_init__ and does no I/O, so a
+config can be built and checked anywhere (a dask worker, a test) without touching
+disk or network. Unknown keys and wrong types are errors that name the key, the file
+and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from ghsae.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "pipeline.toml"
+
+STORAGE_DTYPES = ("float16", "bfloat16")
+COMPRESSIONS = ("none", "zstd", "blosc")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DISTANCES = ("centred", "raw")
+OBJECTIVES = ("layer-mean", "amad", "max")  # kept in step with harvest.partition.OBJECTIVES (tested)
+
+
+def runtime(default: Any) -> Any:
+    """A field that changes how a run executes but not what it writes.
+
+    Runtime fields are left out of the run's identity, so resuming on another device
+    or with another batch size is allowed.
+    """
+    return field(default=default, metadata={"runtime": True})
+
+
+@dataclass
+class ModelConfig:
+    path: str = "builtin:smollm2-135m"
+    """A local model folder, a .gguf file, a hub id (where a network exists), or builtin:smollm2-135m."""
+    dtype: str = runtime("auto")
+    """Compute dtype of the forward pass: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16."""
+    device: str = runtime("auto")
+    """auto (CUDA when present), cpu, cuda or cuda:N."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("model.path is empty; expected a model folder, .gguf file, hub id or builtin:smollm2-135m")
+        _check_choice("model.dtype", self.dtype, MODEL_DTYPES)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"model.device is {self.device!r}; expected auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "builtin:python-docs"
+    """A .txt/.jsonl/.parquet file, a folder of them, a glob, or builtin:python-docs (CPython's own documentation)."""
+    text_field: str = "text"
+    """The text field of .jsonl records and the text column of .parquet files."""
+    tokens_field: str = "input_ids"
+    """The column of already tokenized .parquet files, used when the text column is absent."""
+    context_length: int = 256
+    """Tokens per packed context, BOS included."""
+    prepend_bos: bool = True
+    """Start every context with the tokenizer's BOS token (when it has one); BOS positions are never stored."""
+
+    def __post_init__(self) -> None:
+        if self.context_length < 2:
+            raise ConfigError(f"data.context_length is {self.context_length}; expected at least 2")
+
+
+@dataclass
+class HarvestConfig:
+    tokens: int = 262_144
+    """Token positions to harvest (rounded up to whole contexts); each group stores one row per non-special token."""
+    eval_tokens: int = 32_768
+    """Token positions held out after the harvested ones, for the report's evals."""
+    probe_tokens: int = 16_384
+    """Token positions (from the start of the harvest, at most harvest.tokens) used to measure layer similarity."""
+    shard_tokens: int = 65_536
+    """Token positions per shard, the unit of work and resumption; a multiple of data.context_length."""
+    seed: int = 0
+    """Seeds the layer draws and in-shard shuffles; shard s depends only on (config, seed, s)."""
+    batch_size: int = runtime(16)
+    """Contexts per forward pass."""
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "probe_tokens", "shard_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"harvest.{name} is {getattr(self, name)}; expected a positive integer")
+        if self.eval_tokens < 0:
+            raise ConfigError(f"harvest.eval_tokens is {self.eval_tokens}; expected 0 or more")
+
+
+GroupsSpec = Union[str, int, list[list[int]]]
+
+
+@dataclass
+class GroupingConfig:
+    groups: GroupsSpec = "auto"
+    """auto (smallest G with AMAD below amad_threshold), per-layer (G = L, the baseline), a number G, or [[first, last], ...] ranges."""
+    amad_threshold: float = 0.2
+    """AMAD threshold for groups = auto; the paper's range is 0.14 to 0.20."""
+    objective: str = "layer-mean"
+    """What the partition minimises for each G: layer-mean (mean over layers of their group's diameter), amad (degenerate: favours singletons) or max."""
+    distance: str = "centred"
+    """Which angular distance the partition uses: centred (each layer minus its mean, as the reference) or raw."""
+    layers: str | list[int] = "all"
+    """Layers to harvest: all, or [first, last] inclusive."""
+
+    def __post_init__(self) -> None:
+        _check_choice("grouping.distance", self.distance, DISTANCES)
+        _check_choice("grouping.objective", self.objective, OBJECTIVES)
+        if not 0.0 < self.amad_threshold < 1.0:
+            raise ConfigError(f"grouping.amad_threshold is {self.amad_threshold}; expected a value in (0, 1)")
+        if isinstance(self.groups, str) and self.groups not in ("auto", "per-layer"):
+            raise ConfigError(
+                f"grouping.groups is {self.groups!r}; expected auto, per-layer, a number of groups, or [[first, last], ...]"
+            )
+        if isinstance(self.groups, int) and self.groups < 1:
+            raise ConfigError(f"grouping.groups is {self.groups}; expected at least 1 group")
+        if isinstance(self.groups, list):
+            for r in self.groups:
+                if len(r) != 2 or r[0] > r[1]:
+                    raise ConfigError(f"grouping.groups has range {r}; expected [first, last] with first <= last")
+        if isinstance(self.layers, str) and self.layers != "all":
+            raise ConfigError(f"grouping.layers is {self.layers!r}; expected all or [first, last]")
+        if isinstance(self.layers, list) and (len(self.layers) != 2 or self.layers[0] > self.layers[1] or self.layers[0] < 0):
+            raise ConfigError(f"grouping.layers is {self.layers}; expected [first, last] with 0 <= first <= last")
+
+
+@dataclass
+class StorageConfig:
+    dtype: str = "float16"
+    """float16, or bfloat16 (kept as uint16 with a logical_dtype attribute: Zarr has no bfloat16)."""
+    compression: str = "none"
+    """none (raw chunks, memory-mappable), zstd or blosc."""
+    chunk_rows: int = 4096
+    """Rows per inner chunk; chunks are full width and divide harvest.shard_tokens."""
+
+    def __post_init__(self) -> None:
+        _check_choice("storage.dtype", self.dtype, STORAGE_DTYPES)
+        _check_choice("storage.compression", self.compression, COMPRESSIONS)
+        if self.chunk_rows < 1:
+            raise ConfigError(f"storage.chunk_rows is {self.chunk_rows}; expected a positive integer")
+
+
+@dataclass
+class PipelineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    grouping: GroupingConfig = field(default_factory=GroupingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self) -> None:
+        ctx = self.data.context_length
+        if self.harvest.shard_tokens % ctx:
+            raise ConfigError(
+                f"harvest.shard_tokens ({self.harvest.shard_tokens}) is not a multiple of data.context_length ({ctx}); "
+                f"try {max(1, self.harvest.shard_tokens // ctx) * ctx}"
+            )
+        if self.harvest.shard_tokens % self.storage.chunk_rows:
+            raise ConfigError(
+                f"storage.chunk_rows ({self.storage.chunk_rows}) does not divide harvest.shard_tokens "
+                f"({self.harvest.shard_tokens}); each shard must hold whole chunks"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """Every field that decides what a run writes (runtime fields left out)."""
+        out: dict[str, Any] = {}
+        for section in dataclasses.fields(self):
+            obj = getattr(self, section.name)
+            out[section.name] = {
+                f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if not f.metadata.get("runtime")
+            }
+        return out
+
+    def identity_hash(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} is {value!r}; expected one of {', '.join(choices)}")
+
+
+# --- reading TOML into the dataclasses -------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read pipeline.toml (the embedded default when path is None) and apply dotted overrides.
+
+    overrides maps "section.key" to a value, e.g. {"harvest.tokens": 4096}; None values are ignored
+    so CLI options that were not given leave the file's value in place.
+    """
+    if path is None and not DEFAULT_CONFIG_PATH.is_file():
+        # An installed (non-editable) copy has no pipeline.toml beside it; the dataclass
+        # defaults are the same embedded default (a test keeps the two in step).
+        raw: dict[str, Any] = {}
+        source = "<defaults>"
+    else:
+        path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; pass --config with a pipeline.toml")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path} is not valid TOML: {e}") from e
+        source = str(path)
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, key = dotted.split(".", 1)
+        raw.setdefault(section, {})[key] = value
+    return config_from_dict(raw, source=source)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> PipelineConfig:
+    sections = {f.name: f for f in dataclasses.fields(PipelineConfig)}
+    kwargs: dict[str, Any] = {}
+    for name, table in raw.items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section [{name}]; expected one of {', '.join(sections)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table, found {type(table).__name__}")
+        cls = typing.get_type_hints(PipelineConfig)[name]
+        kwargs[name] = _build_section(cls, name, table, source)
+    return PipelineConfig(**kwargs)
+
+
+def _build_section(cls: type, section: str, table: dict[str, Any], source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key {section}.{key}; expected one of {', '.join(sorted(known))}")
+        if not _matches(value, hints[key]):
+            raise ConfigError(
+                f"{source}: {section}.{key} is {value!r} ({type(value).__name__}); expected {_type_name(hints[key])}"
+            )
+    return cls(**table)
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(tp, str(tp))
+
+
+def to_toml(cfg: PipelineConfig) -> str:
+    """The resolved config as pipeline.toml text (what `ghsae config` prints)."""
+    lines: list[str] = []
+    for section, table in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in table.items())
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""Every path inside a run folder, built in one place.
+
+    RUN/config.json               resolved config (written once the plan exists)
+    RUN/plan/plan.json            groups, shard geometry, model/tokenizer/dataset fingerprints
+    RUN/plan/tokens.npy           packed contexts [n_contexts, context_length] int32
+    RUN/plan/similarity.npz       angular distances (raw, centred), AMAD curve, probe statistics
+    RUN/acts.zarr/<group>/...     activations and row metadata, one array set per group
+    RUN/manifest/shard-00012.json completion record of shard 12 (temp file, then rename)
+    RUN/manifest/shard-00012.npz  per-layer activation sums of shard 12 (written before the record)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIG_FILE = "config.json"
+PLAN_DIR = "plan"
+PLAN_FILE = "plan.json"
+TOKENS_FILE = "tokens.npy"
+SIMILARITY_FILE = "similarity.npz"
+ACTS_STORE = "acts.zarr"
+MANIFEST_DIR = "manifest"
+STAGING_PREFIX = ".staging-"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def plan_dir(self) -> Path:
+        return self.root / PLAN_DIR
+
+    @property
+    def plan(self) -> Path:
+        return self.plan_dir / PLAN_FILE
+
+    @property
+    def tokens(self) -> Path:
+        return self.plan_dir / TOKENS_FILE
+
+    @property
+    def similarity(self) -> Path:
+        return self.plan_dir / SIMILARITY_FILE
+
+    @property
+    def acts(self) -> Path:
+        return self.root / ACTS_STORE
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST_DIR
+
+    def shard_record(self, shard: int) -> Path:
+        return self.manifest / f"shard-{shard:05d}.json"
+
+    def shard_sums(self, shard: int) -> Path:
+        return self.manifest / f"shard-{shard:05d}.npz"
+
+    def staging(self, tag: str) -> Path:
+        """A private scratch folder; renamed into place when complete, so readers never see half a file."""
+        return self.root / f"{STAGING_PREFIX}{tag}"
+
+
+def group_name(index: int) -> str:
+    return f"group_{index:02d}"

@@ -1,0 +1,1 @@
+"""Stage 1: model loading, token stream, residual capture, similarity probe, partition, shards."""

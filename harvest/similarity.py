@@ -1,0 +1,112 @@
+"""The similarity probe: per-layer statistics and the L x L mean angular distance matrices.
+
+Angular distance between layers i and j is the mean over tokens of arccos(cos(x_i, x_j)) / pi
+(Ghilardi et al. 2025). We report it on raw residuals and on residuals centred by each layer's
+mean (the reference code centres); centring needs the means first, so the probe makes two passes
+over its tokens instead of holding every layer's activations in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ghsae.harvest.capture import capture_layers
+from ghsae.harvest.model import LoadedModel
+
+
+@dataclass
+class LayerStats:
+    """Per-layer statistics over non-special tokens (float64 accumulators)."""
+
+    layers: list[int]
+    count: int
+    mean: np.ndarray  # [L, d]
+    mean_norm: np.ndarray  # [L]  E||x||
+    mean_sq_norm: np.ndarray  # [L]  E||x||^2
+
+
+@dataclass
+class SimilarityResult:
+    layers: list[int]
+    raw: np.ndarray  # [L, L] mean angular distance on raw residuals
+    centred: np.ndarray  # [L, L] the same after subtracting each layer's mean
+    stats: LayerStats
+    tokens: int
+
+
+BatchIter = Callable[[], Iterator[torch.Tensor]]
+"""Yields input_ids batches [B, T]; called once per pass, must give the same batches each time."""
+
+
+def probe_similarity(lm: LoadedModel, batches: BatchIter, layers: list[int], progress=None) -> SimilarityResult:
+    special = torch.tensor(lm.special_ids, dtype=torch.long, device=lm.device)
+    n_layers, d = len(layers), lm.d_model
+    sum_x = torch.zeros(n_layers, d, dtype=torch.float64, device=lm.device)
+    sum_norm = torch.zeros(n_layers, dtype=torch.float64, device=lm.device)
+    sum_sq = torch.zeros(n_layers, dtype=torch.float64, device=lm.device)
+    dist_raw = torch.zeros(n_layers, n_layers, dtype=torch.float64, device=lm.device)
+    count = 0
+    for stacked in _stacked_passes(lm, batches, layers, special, progress):
+        x = stacked.float()
+        sum_x += x.double().sum(dim=1)
+        norms = x.norm(dim=-1).double()
+        sum_norm += norms.sum(dim=1)
+        sum_sq += (norms**2).sum(dim=1)
+        dist_raw += _angular_distance_sums(x)
+        count += x.shape[1]
+    if count == 0:
+        raise ValueError("the probe saw no non-special tokens")
+    mean = sum_x / count
+    dist_centred = torch.zeros_like(dist_raw)
+    for stacked in _stacked_passes(lm, batches, layers, special, progress):
+        dist_centred += _angular_distance_sums(stacked.float() - mean.float()[:, None, :])
+    stats = LayerStats(
+        layers=list(layers),
+        count=count,
+        mean=mean.cpu().numpy(),
+        mean_norm=(sum_norm / count).cpu().numpy(),
+        mean_sq_norm=(sum_sq / count).cpu().numpy(),
+    )
+    return SimilarityResult(
+        layers=list(layers),
+        raw=(dist_raw / count).cpu().numpy(),
+        centred=(dist_centred / count).cpu().numpy(),
+        stats=stats,
+        tokens=count,
+    )
+
+
+def _stacked_passes(lm: LoadedModel, batches: BatchIter, layers: list[int], special: torch.Tensor, progress):
+    """Per batch, the listed layers' residuals at non-special positions, stacked [L, n, d]."""
+    index = {layer: i for i, layer in enumerate(layers)}
+    for input_ids in batches():
+        input_ids = input_ids.to(lm.device)
+        keep = ~torch.isin(input_ids.reshape(-1), special)
+        out = torch.empty(len(layers), int(keep.sum()), lm.d_model, dtype=lm.dtype, device=lm.device)
+
+        def on_layer(layer: int, resid: torch.Tensor) -> None:
+            out[index[layer]] = resid.reshape(-1, resid.shape[-1])[keep]
+
+        capture_layers(lm.model, lm.blocks, input_ids, layers, on_layer)
+        if progress is not None:
+            progress.update(input_ids.numel())
+        yield out
+
+
+def _angular_distance_sums(x_LND: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens of arccos(cos(x_i, x_j)) / pi for every layer pair, [L, L] float64."""
+    unit = x_LND / x_LND.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    n_layers = unit.shape[0]
+    sums = torch.zeros(n_layers, n_layers, dtype=torch.float64, device=x_LND.device)
+    for i in range(n_layers):
+        cos = torch.einsum("nd,lnd->ln", unit[i], unit[i:])  # [L-i, n]
+        # arccos is ill-conditioned near cos = 1 (neighbouring layers): take it in float64.
+        ang = torch.arccos(cos.double().clamp(-1.0, 1.0)).sum(dim=1) / np.pi
+        sums[i, i:] = ang
+        sums[i:, i] = ang
+    sums.fill_diagonal_(0.0)
+    return sums

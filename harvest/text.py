@@ -1,0 +1,226 @@
+"""The token stream: documents from .txt/.jsonl/.parquet (streamed), tokenised, packed into contexts.
+
+Documents are joined with EOS and cut into fixed contexts, each starting with BOS when the
+tokenizer has one and data.prepend_bos is set. Nothing here loads a whole file into memory:
+jsonl and parquet come through pyarrow's batch readers, txt line by line.
+
+The built-in corpus `builtin:python-docs` is CPython's own documentation: the pydoc topics
+(pydoc_data) and the docstrings of the standard library's modules, about 2 MB of English
+prose about code, present wherever Python is.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import hashlib
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ghsae.errors import DatasetError
+
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+BUILTIN_DATASETS = ("builtin:python-docs",)
+_TOKENIZE_BATCH = 256  # documents per tokenizer call: amortises the call overhead of fast tokenizers
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: text to tokenise, or token ids already tokenised (parquet input_ids)."""
+
+    text: str | None = None
+    ids: list[int] | None = None
+
+
+def resolve_files(spec: str) -> list[Path]:
+    """A file, a folder (searched recursively) or a glob, as a sorted list of readable files."""
+    if spec in BUILTIN_DATASETS:
+        return []
+    p = Path(spec).expanduser()
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
+    elif any(ch in spec for ch in "*?["):
+        files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+    elif spec.startswith("builtin:"):
+        raise DatasetError(f"unknown built-in dataset {spec!r}; expected one of {', '.join(BUILTIN_DATASETS)}")
+    else:
+        raise DatasetError(f"dataset {spec!r} not found; expected a file, folder or glob of {'/'.join(SUFFIXES)} files")
+    if not files:
+        raise DatasetError(f"dataset {spec!r} matches no {'/'.join(SUFFIXES)} files")
+    bad = [f for f in files if f.suffix not in SUFFIXES]
+    if bad:
+        raise DatasetError(f"dataset file {bad[0]} has suffix {bad[0].suffix!r}; expected one of {', '.join(SUFFIXES)}")
+    return files
+
+
+def dataset_description(spec: str) -> dict:
+    """Names and sizes of the input files (the token array's hash is the real fingerprint)."""
+    if spec in BUILTIN_DATASETS:
+        import sys
+
+        return {"spec": spec, "python": sys.version.split()[0]}
+    return {"spec": spec, "files": [[str(f), f.stat().st_size] for f in resolve_files(spec)]}
+
+
+def iter_documents(spec: str, text_field: str, tokens_field: str) -> Iterator[Document]:
+    if spec == "builtin:python-docs":
+        yield from _python_docs()
+        return
+    for f in resolve_files(spec):
+        if f.suffix == ".txt":
+            yield from _txt_documents(f)
+        elif f.suffix == ".jsonl":
+            yield from _jsonl_documents(f, text_field)
+        else:
+            yield from _parquet_documents(f, text_field, tokens_field)
+
+
+def _txt_documents(path: Path) -> Iterator[Document]:
+    """Paragraphs (blank-line separated) are documents, so a large file never sits in memory."""
+    lines: list[str] = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if line.strip():
+                lines.append(line)
+            elif lines:
+                yield Document(text="".join(lines))
+                lines = []
+    if lines:
+        yield Document(text="".join(lines))
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
+    import pyarrow.json as pj
+
+    try:
+        reader = pj.open_json(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid for malformed json and empty files
+        if path.stat().st_size == 0:
+            return
+        raise DatasetError(f"{path} is not valid JSON lines: {e}") from e
+    if text_field not in reader.schema.names:
+        raise DatasetError(
+            f"{path} has no field {text_field!r}; found {', '.join(reader.schema.names)}. Set data.text_field"
+        )
+    for batch in reader:
+        for text in batch.column(text_field).to_pylist():
+            if text:
+                yield Document(text=str(text))
+
+
+def _parquet_documents(path: Path, text_field: str, tokens_field: str) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise DatasetError(f"{path} is not a readable parquet file: {e}") from e
+    names = pf.schema_arrow.names
+    if text_field in names:
+        for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+            for text in batch.column(0).to_pylist():
+                if text:
+                    yield Document(text=str(text))
+    elif tokens_field in names:
+        for batch in pf.iter_batches(columns=[tokens_field], batch_size=1024):
+            for ids in batch.column(0).to_pylist():
+                if ids:
+                    yield Document(ids=[int(i) for i in ids])
+    else:
+        raise DatasetError(
+            f"{path} has neither a text column {text_field!r} nor a token column {tokens_field!r}; "
+            f"found {', '.join(names)}. Set data.text_field or data.tokens_field"
+        )
+
+
+def _python_docs() -> Iterator[Document]:
+    """CPython's documentation: pydoc topics, then standard-library docstrings in a fixed order."""
+    from pydoc_data import topics
+
+    for key in sorted(topics.topics):
+        yield Document(text=topics.topics[key])
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "test", "tests", "idlelib", "__pycache__", "lib2to3", "turtledemo"}
+    for path in sorted(stdlib.rglob("*.py")):
+        if skip.intersection(path.relative_to(stdlib).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 40:  # one-liners are mostly "Return x." and add little
+                    yield Document(text=doc)
+
+
+def iter_token_documents(docs: Iterator[Document], tokenizer) -> Iterator[list[int]]:
+    """Token ids per document, tokenising text in batches."""
+    pending: list[str] = []
+    for doc in docs:
+        if doc.ids is not None:
+            yield from _encode(tokenizer, pending)
+            pending = []
+            yield doc.ids
+        else:
+            assert doc.text is not None
+            pending.append(doc.text)
+            if len(pending) >= _TOKENIZE_BATCH:
+                yield from _encode(tokenizer, pending)
+                pending = []
+    yield from _encode(tokenizer, pending)
+
+
+def _encode(tokenizer, texts: list[str]) -> Iterator[list[int]]:
+    if texts:
+        yield from tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def pack_contexts(token_docs: Iterator[list[int]], context_length: int, bos: int | None, eos: int | None) -> Iterator[np.ndarray]:
+    """Join documents with EOS and cut them into contexts of context_length, BOS first when given."""
+    body = context_length - (1 if bos is not None else 0)
+    buf: list[int] = []
+    for ids in token_docs:
+        buf.extend(ids)
+        if eos is not None:
+            buf.append(eos)
+        while len(buf) >= body:
+            chunk, buf = buf[:body], buf[body:]
+            yield np.asarray(([bos] if bos is not None else []) + chunk, dtype=np.int32)
+
+
+def write_contexts(
+    out_path: Path,
+    contexts: Iterator[np.ndarray],
+    n_contexts: int,
+    context_length: int,
+    dataset: str,
+) -> str:
+    """Fill a memory-mapped [n_contexts, context_length] int32 array; return its sha256 (the dataset fingerprint)."""
+    arr = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.int32, shape=(n_contexts, context_length))
+    h = hashlib.sha256()
+    filled = 0
+    for row in contexts:
+        if filled == n_contexts:
+            break
+        arr[filled] = row
+        h.update(row.tobytes())
+        filled += 1
+    arr.flush()
+    del arr
+    if filled < n_contexts:
+        if filled == 0:
+            raise DatasetError(f"dataset {dataset!r} holds no text (no full context of {context_length} tokens)")
+        raise DatasetError(
+            f"dataset {dataset!r} yields {filled} contexts of {context_length} tokens ({filled * context_length} tokens) "
+            f"but harvest.tokens + harvest.eval_tokens need {n_contexts} ({n_contexts * context_length} tokens); "
+            "lower --tokens or add data"
+        )
+    return h.hexdigest()[:16]

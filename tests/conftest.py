@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny random causal LMs saved as local folders, and text generated here.
+
+Nothing is downloaded: the tokenizer is a word-level one built from the generated vocabulary,
+and the models are randomly initialised from small configs of three architecture families.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = [f"w{i}" for i in range(300)]
+SPECIALS = ["<unk>", "<bos>", "<eos>", "<pad>"]
+
+
+def generate_documents(n_docs: int, seed: int = 0, min_words: int = 20, max_words: int = 120) -> list[str]:
+    """Random documents whose word frequencies follow a Zipf-like law, so layers see structure."""
+    rng = random.Random(seed)
+    weights = [1.0 / (i + 1) for i in range(len(WORDS))]
+    return [" ".join(rng.choices(WORDS, weights, k=rng.randint(min_words, max_words))) for _ in range(n_docs)]
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_model(arch: str, n_layers: int = 6, d_model: int = 32, max_positions: int = 128, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    vocab = len(SPECIALS) + len(WORDS)
+    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    if arch == "llama":
+        cfg = LlamaConfig(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions, **common)
+        return LlamaForCausalLM(cfg)
+    if arch == "neox":
+        cfg = GPTNeoXConfig(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+                            num_attention_heads=4, max_position_embeddings=max_positions, **common)
+        return GPTNeoXForCausalLM(cfg)
+    if arch == "gpt2":
+        cfg = GPT2Config(n_embd=d_model, n_layer=n_layers, n_head=4, n_positions=max_positions, **common)
+        return GPT2LMHeadModel(cfg)
+    raise ValueError(arch)
+
+
+def save_tiny_model(folder: Path, arch: str, **kwargs) -> Path:
+    model = build_model(arch, **kwargs)
+    model.save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {arch: save_tiny_model(root / arch, arch) for arch in ("llama", "neox", "gpt2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+@pytest.fixture(scope="session")
+def text_dataset(tmp_path_factory) -> Path:
+    """A jsonl file of generated documents, enough for every harvest in the tests."""
+    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
+    with open(path, "w") as fh:
+        for doc in generate_documents(600):
+            fh.write(json.dumps({"text": doc}) + "\n")
+    return path
+
+
+def tiny_config(model: Path, dataset: Path, **overrides):
+    """A small, fast pipeline config on a tiny model: 4 shards of 512 token positions."""
+    from ghsae.config import config_from_dict
+
+    raw = {
+        "model": {"path": str(model), "device": "cpu"},
+        "data": {"dataset": str(dataset), "context_length": 64},
+        "harvest": {"tokens": 2048, "eval_tokens": 256, "probe_tokens": 512, "shard_tokens": 512, "batch_size": 4},
+        "grouping": {"groups": "auto", "amad_threshold": 0.2},
+        "storage": {"chunk_rows": 128},
+    }
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__", 1) if "__" in dotted else dotted.split(".", 1)
+        raw.setdefault(section, {})[key] = value
+    return config_from_dict(raw)

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ghsae.harvest.capture import capture_layers
+from ghsae.harvest.model import find_blocks
+from ghsae.harvest.similarity import _angular_distance_sums
+
+from conftest import build_model
+
+
+@pytest.mark.parametrize("arch", ["llama", "neox", "gpt2"])
+def test_hooks_capture_resid_post_and_stop_after_the_last_needed_block(arch):
+    model = build_model(arch, n_layers=5).eval()
+    blocks = find_blocks(model)
+    ids = torch.randint(4, 300, (2, 16))
+    with torch.no_grad():
+        reference = model(ids, output_hidden_states=True).hidden_states  # [embeddings, block 0, ..., final]
+    got: dict[int, torch.Tensor] = {}
+    calls: list[int] = []
+    handles = [b.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, b in enumerate(blocks)]
+    capture_layers(model, blocks, ids, [1, 2], lambda layer, x: got.__setitem__(layer, x.clone()))
+    for h in handles:
+        h.remove()
+    assert calls == [0, 1, 2], "blocks after the last needed one must not run"
+    for layer in (1, 2):
+        torch.testing.assert_close(got[layer], reference[layer + 1])
+
+
+def test_last_block_capture_is_before_the_final_norm():
+    # output_hidden_states' last entry has the final norm applied in Llama-family models;
+    # the hook sees the residual stream itself.
+    model = build_model("llama", n_layers=3).eval()
+    blocks = find_blocks(model)
+    ids = torch.randint(4, 300, (1, 8))
+    with torch.no_grad():
+        final = model(ids, output_hidden_states=True).hidden_states[-1]
+    got = {}
+    capture_layers(model, blocks, ids, [2], lambda layer, x: got.__setitem__(layer, x.clone()))
+    with torch.no_grad():
+        torch.testing.assert_close(model.model.norm(got[2]), final)
+    assert not torch.allclose(got[2], final)
+
+
+def test_angular_distance_of_known_angles():
+    e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    diag = torch.tensor([1.0, 1.0]) / math.sqrt(2)
+    x = torch.stack([torch.stack([e0, e0]), torch.stack([e1, -e0]), torch.stack([diag, e0 * 3])])  # [L=3, n=2, d=2]
+    sums = _angular_distance_sums(x).numpy() / 2  # mean over the 2 tokens
+    expected = np.array(
+        [
+            [0.0, (0.5 + 1.0) / 2, (0.25 + 0.0) / 2],
+            [(0.5 + 1.0) / 2, 0.0, (0.25 + 1.0) / 2],
+            [(0.25 + 0.0) / 2, (0.25 + 1.0) / 2, 0.0],
+        ]
+    )
+    np.testing.assert_allclose(sums, expected, atol=1e-6)
