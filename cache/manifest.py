@@ -32,7 +32,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp.npz")
-    np.savez(tmp, **arrays)
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]
     os.replace(tmp, path)
 
 
@@ -82,7 +82,9 @@ class Plan:
 
 def load_plan(layout: RunLayout) -> Plan:
     if not layout.plan.is_file():
-        raise StoreError(f"{layout.root} has no plan ({layout.plan}); run `ghsae harvest --run-dir {layout.root}` first")
+        raise StoreError(
+            f"{layout.root} has no plan ({layout.plan}); run `ghsae harvest --run-dir {layout.root}` first"
+        )
     return Plan(read_json(layout.plan))
 
 
@@ -97,7 +99,9 @@ def done_shards(layout: RunLayout, plan: Plan) -> list[int]:
 def load_shard_record(layout: RunLayout, shard: int, config_hash: str) -> dict:
     path = layout.shard_record(shard)
     if not path.is_file():
-        raise StoreError(f"shard {shard} of {layout.root} is not done (no {path.name}); re-run `ghsae harvest` to finish it")
+        raise StoreError(
+            f"shard {shard} of {layout.root} is not done (no {path.name}); re-run `ghsae harvest` to finish it"
+        )
     record = read_json(path)
     if record.get("config_hash") != config_hash:
         raise StoreError(
@@ -152,6 +156,22 @@ def aggregate_stats(layout: RunLayout, plan: Plan, shards: list[int]) -> NormSta
     return NormStats(layers, count, sum_norm / denom, sum_sq / denom, mean)
 
 
+def write_run_stats(layout: RunLayout, plan: Plan) -> NormStats:
+    """Aggregate every shard's statistics into manifest/stats.json (+ .npz for the means)."""
+    stats = aggregate_stats(layout, plan, list(range(plan.n_shards)))
+    d = int(plan.data["d_model"])
+    scale = stats.scale(d)
+    per_layer = stats.to_json()
+    for i, layer in enumerate(stats.layers):
+        per_layer[str(layer)]["scale"] = float(scale[i])
+    save_npz_atomic(layout.stats_arrays, layers=np.array(stats.layers), mean=stats.mean, scale=scale)
+    write_json_atomic(
+        layout.stats,
+        {"config_hash": plan.data["config_hash"], "d_model": d, "target_norm": float(np.sqrt(d)), "layers": per_layer},
+    )
+    return stats
+
+
 def run_info(layout: RunLayout) -> dict:
     """Everything `ghsae info` reports: progress, sizes, and what a per-layer cache would take."""
     plan = load_plan(layout)
@@ -188,4 +208,5 @@ def run_info(layout: RunLayout) -> dict:
         "bytes_per_token": store_bytes / tokens if tokens else None,
         "per_layer_bytes_per_token": per_layer,
         "storage_ratio": (per_layer / (store_bytes / tokens)) if tokens and store_bytes else None,
+        "layer_norm_stats": read_json(layout.stats)["layers"] if layout.stats.is_file() else None,
     }

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,9 +106,11 @@ class ActivationStore:
     @classmethod
     def create(cls, path: Path, groups: list[str], geometry: StoreGeometry, attributes: dict) -> ActivationStore:
         root = zarr.open_group(str(path), mode="w-")
-        root.attrs.update({**attributes, "format_version": FORMAT_VERSION, "groups": groups, "geometry": geometry.__dict__})
+        root.attrs.update(
+            {**attributes, "format_version": FORMAT_VERSION, "groups": groups, "geometry": geometry.__dict__}
+        )
         rows = geometry.n_shards * geometry.shard_rows
-        config = {"write_empty_chunks": False}  # unused capacity at a shard's end costs no disk
+        config: dict[str, Any] = {"write_empty_chunks": False}  # unused capacity at a shard's end costs no disk
         for name in groups:
             g = root.create_group(name)
             g.create_array(
@@ -119,7 +122,7 @@ class ActivationStore:
                 compressors=_compressors(geometry.compression),
                 fill_value=0,
                 attributes={"logical_dtype": geometry.dtype},
-                config=config,
+                config=config,  # type: ignore[arg-type]
             )
             for field, dtype in ROW_FIELDS.items():
                 g.create_array(
@@ -130,7 +133,7 @@ class ActivationStore:
                     shards=(geometry.shard_rows,),
                     compressors=_compressors(geometry.compression),
                     fill_value=-1,
-                    config=config,
+                    config=config,  # type: ignore[arg-type]
                 )
         return cls(path, root, geometry, groups)
 
@@ -139,11 +142,16 @@ class ActivationStore:
         if not path.is_dir():
             raise StoreError(f"no activation store at {path}; run `ghsae harvest` for this run folder first")
         root = zarr.open_group(str(path), mode="r+")
-        attrs = root.attrs.asdict()
+        attrs: dict[str, Any] = dict(root.attrs.asdict())
         version = attrs.get("format_version")
         if version != FORMAT_VERSION:
             raise StoreError(f"{path} has store format {version}; this ghsae reads format {FORMAT_VERSION}")
         return cls(path, root, StoreGeometry(**attrs["geometry"]), list(attrs["groups"]))
+
+    def array(self, group: str, name: str) -> zarr.Array:
+        arr = self.root[f"{group}/{name}"]
+        assert isinstance(arr, zarr.Array), f"{self.path}/{group}/{name} is not an array"
+        return arr
 
     def _rows(self, shard: int) -> slice:
         if not 0 <= shard < self.geometry.n_shards:
@@ -162,11 +170,10 @@ class ActivationStore:
                 f"shard {shard} of {group}: rows are {rows.acts.dtype}{list(rows.acts.shape)}, store expects "
                 f"{self.geometry.physical_dtype}[n, {self.geometry.d_model}]"
             )
-        g = self.root[group]
         for name, arr in rows.arrays().items():
             full = np.full((cap, *arr.shape[1:]), 0 if name == "acts" else -1, dtype=arr.dtype)
             full[:n] = arr
-            g[name][region] = full
+            self.array(group, name)[region] = full
 
     def read_shard(self, group: str, shard: int, n_rows: int, checksums: dict[str, str] | None = None) -> ShardRows:
         """Read the valid rows of a shard; with checksums, refuse data that does not match its record."""
@@ -174,10 +181,11 @@ class ActivationStore:
             raise StoreError(f"{self.path} has no group {group!r}; it holds {', '.join(self.groups)}")
         region = self._rows(shard)
         rows_slice = slice(region.start, region.start + n_rows)
-        g = self.root[group]
-        rows = ShardRows(**{name: g[name][rows_slice] for name in ("acts", *ROW_FIELDS)})
+        rows = ShardRows(**{name: np.asarray(self.array(group, name)[rows_slice]) for name in ("acts", *ROW_FIELDS)})
         if rows.acts.shape != (n_rows, self.geometry.d_model):
-            raise StoreError(f"shard {shard} of {group}: read {rows.acts.shape}, expected ({n_rows}, {self.geometry.d_model})")
+            raise StoreError(
+                f"shard {shard} of {group}: read {rows.acts.shape}, expected ({n_rows}, {self.geometry.d_model})"
+            )
         if checksums is not None:
             got = rows.checksums()
             bad = [name for name in checksums if got.get(name) != checksums[name]]

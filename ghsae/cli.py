@@ -48,11 +48,15 @@ def _config(config_path: str | None, overrides: dict) -> PipelineConfig:
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 def main(verbose: bool) -> None:
     """ghsae: Group-SAEs, one sparse autoencoder per group of similar layers."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="pipeline.toml (default: the embedded one).")
+@click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), help="pipeline.toml (default: the embedded one)."
+)
 @click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="Run folder to create or resume.")
 @click.option("--model", help="Model folder, .gguf file, hub id or builtin:smollm2-135m.")
 @click.option("--dataset", help="Dataset file, folder or glob (.txt/.jsonl/.parquet) or builtin:python-docs.")
@@ -61,14 +65,33 @@ def main(verbose: bool) -> None:
 @click.option("--groups", help="auto | per-layer | G | ranges like 0-3,4-9.")
 @click.option("--device", help="auto | cpu | cuda | cuda:N.")
 @click.option("--batch-size", type=int, help="Contexts per forward pass.")
-@click.option("--shard", "shard_spec", default="0/1", show_default=True, help="Run shards i, i+n, ... only (cluster array jobs).")
-@click.option("--plan-only", is_flag=True, help="Tokenise, probe and partition, then stop (the first step of an array job).")
+@click.option(
+    "--shard", "shard_spec", default="0/1", show_default=True, help="Run shards i, i+n, ... only (cluster array jobs)."
+)
+@click.option(
+    "--plan-only", is_flag=True, help="Tokenise, probe and partition, then stop (the first step of an array job)."
+)
 @click.option("--overwrite", is_flag=True, help="Delete a run in --run-dir that has a different config.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @_user_errors
-def harvest(config_path, run_dir, model, dataset, tokens, seed, groups, device, batch_size, shard_spec, plan_only, overwrite, no_progress):
+def harvest(
+    config_path,
+    run_dir,
+    model,
+    dataset,
+    tokens,
+    seed,
+    groups,
+    device,
+    batch_size,
+    shard_spec,
+    plan_only,
+    overwrite,
+    no_progress,
+):
     """Measure layer similarity, group the layers, and cache group-subsampled activations."""
-    from ghsae.harvest.run import ShardSlice, harvest as run_harvest, summary_line
+    from ghsae.harvest.run import ShardSlice, summary_line
+    from ghsae.harvest.run import harvest as run_harvest
 
     cfg = _config(
         config_path,
@@ -102,8 +125,10 @@ def info(run_dir, as_json):
     click.echo(f"run {data['run_dir']} ({data['model']})")
     for name, g in zip(data["group_names"], data["groups"]):
         click.echo(f"  {name}: layers {g[0]}-{g[-1]} ({len(g)}), {data['rows_per_group'][name]:,} rows")
-    click.echo(f"  shards {data['shards_done']}/{data['shards_total']} done" + (
-        f", missing {data['shards_missing'][:20]}" if data["shards_missing"] else ""))
+    click.echo(
+        f"  shards {data['shards_done']}/{data['shards_total']} done"
+        + (f", missing {data['shards_missing'][:20]}" if data["shards_missing"] else "")
+    )
     if data["bytes_per_token"]:
         click.echo(
             f"  {data['bytes_on_disk'] / 2**20:,.1f} MiB on disk, {data['bytes_per_token']:,.0f} B/token "

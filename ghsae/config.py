@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
+
+import tomllib
 
 from ghsae.errors import ConfigError
 
@@ -49,7 +50,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not self.path:
-            raise ConfigError("model.path is empty; expected a model folder, .gguf file, hub id or builtin:smollm2-135m")
+            raise ConfigError(
+                "model.path is empty; expected a model folder, .gguf file, hub id or builtin:smollm2-135m"
+            )
         _check_choice("model.dtype", self.dtype, MODEL_DTYPES)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"model.device is {self.device!r}; expected auto, cpu, cuda or cuda:N")
@@ -75,7 +78,7 @@ class DataConfig:
 
 @dataclass
 class HarvestConfig:
-    tokens: int = 262_144
+    tokens: int = 131_072
     """Token positions to harvest (rounded up to whole contexts); each group stores one row per non-special token."""
     eval_tokens: int = 32_768
     """Token positions held out after the harvested ones, for the report's evals."""
@@ -96,7 +99,7 @@ class HarvestConfig:
             raise ConfigError(f"harvest.eval_tokens is {self.eval_tokens}; expected 0 or more")
 
 
-GroupsSpec = Union[str, int, list[list[int]]]
+GroupsSpec = str | int | list[list[int]]
 
 
 @dataclass
@@ -129,7 +132,9 @@ class GroupingConfig:
                     raise ConfigError(f"grouping.groups has range {r}; expected [first, last] with first <= last")
         if isinstance(self.layers, str) and self.layers != "all":
             raise ConfigError(f"grouping.layers is {self.layers!r}; expected all or [first, last]")
-        if isinstance(self.layers, list) and (len(self.layers) != 2 or self.layers[0] > self.layers[1] or self.layers[0] < 0):
+        if isinstance(self.layers, list) and (
+            len(self.layers) != 2 or self.layers[0] > self.layers[1] or self.layers[0] < 0
+        ):
             raise ConfigError(f"grouping.layers is {self.layers}; expected [first, last] with 0 <= first <= last")
 
 

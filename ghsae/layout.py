@@ -1,12 +1,12 @@
 """Every path inside a run folder, built in one place.
 
-    RUN/config.json               resolved config (written once the plan exists)
-    RUN/plan/plan.json            groups, shard geometry, model/tokenizer/dataset fingerprints
-    RUN/plan/tokens.npy           packed contexts [n_contexts, context_length] int32
-    RUN/plan/similarity.npz       angular distances (raw, centred), AMAD curve, probe statistics
-    RUN/acts.zarr/<group>/...     activations and row metadata, one array set per group
-    RUN/manifest/shard-00012.json completion record of shard 12 (temp file, then rename)
-    RUN/manifest/shard-00012.npz  per-layer activation sums of shard 12 (written before the record)
+RUN/config.json               resolved config (written once the plan exists)
+RUN/plan/plan.json            groups, shard geometry, model/tokenizer/dataset fingerprints
+RUN/plan/tokens.npy           packed contexts [n_contexts, context_length] int32
+RUN/plan/similarity.npz       angular distances (raw, centred), AMAD curve, probe statistics
+RUN/acts.zarr/<group>/...     activations and row metadata, one array set per group
+RUN/manifest/shard-00012.json completion record of shard 12 (temp file, then rename)
+RUN/manifest/shard-00012.npz  per-layer activation sums of shard 12 (written before the record)
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ TOKENS_FILE = "tokens.npy"
 SIMILARITY_FILE = "similarity.npz"
 ACTS_STORE = "acts.zarr"
 MANIFEST_DIR = "manifest"
+STATS_FILE = "stats.json"
+STATS_ARRAYS = "stats.npz"
 STAGING_PREFIX = ".staging-"
 
 
@@ -55,6 +57,14 @@ class RunLayout:
     @property
     def manifest(self) -> Path:
         return self.root / MANIFEST_DIR
+
+    @property
+    def stats(self) -> Path:
+        return self.manifest / STATS_FILE
+
+    @property
+    def stats_arrays(self) -> Path:
+        return self.manifest / STATS_ARRAYS
 
     def shard_record(self, shard: int) -> Path:
         return self.manifest / f"shard-{shard:05d}.json"

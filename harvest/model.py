@@ -71,7 +71,9 @@ def resolve_source(path: str) -> ModelSource:
     if path.startswith("builtin:"):
         name = path.removeprefix("builtin:")
         if name not in BUILTIN_MODELS:
-            raise ModelError(f"unknown built-in model {path!r}; expected one of builtin:{', builtin:'.join(BUILTIN_MODELS)}")
+            raise ModelError(
+                f"unknown built-in model {path!r}; expected one of builtin:{', builtin:'.join(BUILTIN_MODELS)}"
+            )
         package, filename, install = BUILTIN_MODELS[name]
         spec = importlib.util.find_spec(package)
         if spec is None or spec.origin is None:
@@ -90,7 +92,9 @@ def resolve_source(path: str) -> ModelSource:
             ggufs = sorted(p.glob("*.gguf"))
             if len(ggufs) == 1:
                 return ModelSource(str(p), ggufs[0].name, str(ggufs[0]))
-            raise ModelError(f"model folder {p} has no config.json; expected a transformers model folder or one .gguf file")
+            raise ModelError(
+                f"model folder {p} has no config.json; expected a transformers model folder or one .gguf file"
+            )
         return ModelSource(str(p), None, str(p))
     if _looks_like_path(path):
         raise ModelError(
@@ -137,10 +141,11 @@ def load_model(path: str, device_name: str = "auto", dtype_name: str = "auto") -
             f"could not load model {source.description!r}: {e}. A hub id needs a network; offline, pass a local "
             "folder or .gguf file"
         ) from e
-    model.to(device).eval().requires_grad_(False)
+    model = model.to(device)  # type: ignore[arg-type]
+    model.eval().requires_grad_(False)
     blocks = find_blocks(model)
     cfg = model.config
-    d_model = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
+    d_model = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
     max_context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     return LoadedModel(
         model=model,
@@ -181,8 +186,10 @@ def model_fingerprint(source: ModelSource, config_json: str) -> str:
     h = hashlib.sha256(config_json.encode())
     folder = Path(source.location)
     if folder.is_dir():
-        names = [source.gguf_file] if source.gguf_file else sorted(
-            p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")
+        names = (
+            [source.gguf_file]
+            if source.gguf_file
+            else sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
         )
         for name in names:
             f = folder / name

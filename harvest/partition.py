@@ -129,7 +129,9 @@ def complete_linkage(dist: np.ndarray, n_groups: int) -> Partition:
     return sorted(clusters, key=lambda c: c[0])
 
 
-def choose_groups(solution: PartitionSolution, spec: str | int | list[list[int]], threshold: float, layers: list[int]) -> list[list[int]]:
+def choose_groups(
+    solution: PartitionSolution, spec: str | int | list[list[int]], threshold: float, layers: list[int]
+) -> list[list[int]]:
     """Resolve grouping.groups against the AMAD solution; returns groups of model layer indices."""
     n = len(layers)
     if spec == "per-layer":
@@ -141,8 +143,10 @@ def choose_groups(solution: PartitionSolution, spec: str | int | list[list[int]]
         if spec > n:
             raise ConfigError(f"grouping.groups is {spec} but only {n} layers are harvested; expected at most {n}")
         positions = solution.partitions[spec - 1]
-    else:
+    elif isinstance(spec, list):
         return _explicit_groups(spec, layers)
+    else:
+        raise ConfigError(f"grouping.groups is {spec!r}; expected auto, per-layer, a number or [[first, last], ...]")
     return [[layers[i] for i in g] for g in positions]
 
 

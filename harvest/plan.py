@@ -24,19 +24,19 @@ from tqdm.auto import tqdm
 from ghsae.cache.manifest import Plan, load_plan, write_json_atomic
 from ghsae.config import PipelineConfig
 from ghsae.errors import ConfigError, ModelError
-from ghsae.layout import RunLayout, group_name
 from ghsae.harvest.model import LoadedModel
 from ghsae.harvest.partition import amad, choose_groups, solve_partitions
 from ghsae.harvest.similarity import probe_similarity
 from ghsae.harvest.text import dataset_description, iter_documents, iter_token_documents, pack_contexts, write_contexts
+from ghsae.layout import RunLayout, group_name
 
 log = logging.getLogger(__name__)
 
 
 def resolve_layers(spec: str | list[int], n_layers: int) -> list[int]:
-    if spec == "all":
+    if isinstance(spec, str):  # "all": the only string GroupingConfig accepts
         return list(range(n_layers))
-    first, last = spec  # validated as [first, last] by GroupingConfig
+    first, last = spec
     if last >= n_layers:
         raise ConfigError(f"grouping.layers is [{first}, {last}] but the model has layers 0..{n_layers - 1}")
     return list(range(first, last + 1))

@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ghsae.cache.manifest import Plan, read_json, run_info, shard_done, write_json_atomic
+from ghsae.cache.manifest import Plan, read_json, run_info, shard_done, write_json_atomic, write_run_stats
 from ghsae.cache.store import ActivationStore, StoreGeometry
 from ghsae.config import PipelineConfig
 from ghsae.errors import ConfigError, RunDirError
-from ghsae.layout import STAGING_PREFIX, RunLayout
 from ghsae.harvest.model import LoadedModel, load_model
 from ghsae.harvest.plan import ensure_plan
 from ghsae.harvest.shards import ShardProducer, commit_shard
 from ghsae.harvest.text import resolve_files
+from ghsae.layout import STAGING_PREFIX, RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,9 @@ def _config_diffs(old: dict, new: dict) -> list[str]:
 
 def write_run_config(layout: RunLayout, cfg: PipelineConfig) -> None:
     if not layout.config.is_file():
-        write_json_atomic(layout.config, {"identity": cfg.identity(), "resolved": cfg.to_dict(), "hash": cfg.identity_hash()})
+        write_json_atomic(
+            layout.config, {"identity": cfg.identity(), "resolved": cfg.to_dict(), "hash": cfg.identity_hash()}
+        )
 
 
 def ensure_store(layout: RunLayout, plan: Plan, cfg: PipelineConfig) -> ActivationStore:
@@ -173,6 +175,8 @@ def harvest(
     t0 = time.perf_counter()
     tokens = write_shards(lm, cfg, layout, plan, store, todo, progress)
     seconds = time.perf_counter() - t0
+    if all(shard_done(layout, s) for s in range(plan.n_shards)) and (todo or not layout.stats.is_file()):
+        write_run_stats(layout, plan)
     summary = HarvestSummary(str(layout.root), len(todo), tokens, seconds, run_info(layout))
     _clean_staging(layout)
     return summary

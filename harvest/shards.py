@@ -19,9 +19,9 @@ import torch
 from ghsae.cache.manifest import Plan, save_npz_atomic, write_json_atomic
 from ghsae.cache.store import ActivationStore, ShardRows, to_storage
 from ghsae.errors import HarvestError
-from ghsae.layout import RunLayout
 from ghsae.harvest.capture import capture_layers
 from ghsae.harvest.model import LoadedModel
+from ghsae.layout import RunLayout
 
 FLOAT16_MAX = 65504.0
 
@@ -82,7 +82,7 @@ class ShardProducer:
             index = self._batch_index(draws, inverse, k0, k1, b0 * T)
             input_ids = torch.from_numpy(tokens_CT[b0:b1]).long().to(dev)
 
-            def on_layer(layer: int, resid: torch.Tensor) -> None:
+            def on_layer(layer: int, resid: torch.Tensor, index=index) -> None:
                 src, dst = index[layer]
                 rows = resid.reshape(-1, d).index_select(0, src).float()
                 outs[self.group_of[layer]].index_copy_(0, dst, rows.to(self.torch_storage))
@@ -135,7 +135,7 @@ class ShardProducer:
             if not np.isfinite(peak) or peak > FLOAT16_MAX:
                 raise HarvestError(
                     f"shard {shard}: an activation of magnitude {peak:.4g} does not fit float16 (max {FLOAT16_MAX:g}); "
-                    "set storage.dtype = \"bfloat16\" in pipeline.toml (same range as float32) and re-run with --overwrite"
+                    'set storage.dtype = "bfloat16" in pipeline.toml (same range as float32) and re-run with --overwrite'
                 )
 
     def _assemble(self, outs, draws: ShardDraws, tokens_CT: np.ndarray, start: int) -> dict[str, ShardRows]:
@@ -169,7 +169,15 @@ class ShardProducer:
         }
 
 
-def commit_shard(layout: RunLayout, store: ActivationStore, plan: Plan, shard: int, rows: dict[str, ShardRows], stats: dict, seconds: float) -> dict:
+def commit_shard(
+    layout: RunLayout,
+    store: ActivationStore,
+    plan: Plan,
+    shard: int,
+    rows: dict[str, ShardRows],
+    stats: dict,
+    seconds: float,
+) -> dict:
     """Write a shard's rows, then its sums, then (last, atomically) its completion record."""
     for name, group_rows in rows.items():
         store.write_shard(name, shard, group_rows)

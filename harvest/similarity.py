@@ -88,7 +88,7 @@ def _stacked_passes(lm: LoadedModel, batches: BatchIter, layers: list[int], spec
         keep = ~torch.isin(input_ids.reshape(-1), special)
         out = torch.empty(len(layers), int(keep.sum()), lm.d_model, dtype=lm.dtype, device=lm.device)
 
-        def on_layer(layer: int, resid: torch.Tensor) -> None:
+        def on_layer(layer: int, resid: torch.Tensor, out=out, keep=keep) -> None:
             out[index[layer]] = resid.reshape(-1, resid.shape[-1])[keep]
 
         capture_layers(lm.model, lm.blocks, input_ids, layers, on_layer)

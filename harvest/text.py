@@ -183,7 +183,9 @@ def _encode(tokenizer, texts: list[str]) -> Iterator[list[int]]:
         yield from tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def pack_contexts(token_docs: Iterator[list[int]], context_length: int, bos: int | None, eos: int | None) -> Iterator[np.ndarray]:
+def pack_contexts(
+    token_docs: Iterator[list[int]], context_length: int, bos: int | None, eos: int | None
+) -> Iterator[np.ndarray]:
     """Join documents with EOS and cut them into contexts of context_length, BOS first when given."""
     body = context_length - (1 if bos is not None else 0)
     buf: list[int] = []

@@ -37,18 +37,38 @@ def build_tokenizer():
 
 
 def build_model(arch: str, n_layers: int = 6, d_model: int = 32, max_positions: int = 128, seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(seed)
     vocab = len(SPECIALS) + len(WORDS)
     common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     if arch == "llama":
-        cfg = LlamaConfig(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions, **common)
+        cfg = LlamaConfig(
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=max_positions,
+            **common,
+        )
         return LlamaForCausalLM(cfg)
     if arch == "neox":
-        cfg = GPTNeoXConfig(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
-                            num_attention_heads=4, max_position_embeddings=max_positions, **common)
+        cfg = GPTNeoXConfig(
+            hidden_size=d_model,
+            intermediate_size=2 * d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            max_position_embeddings=max_positions,
+            **common,
+        )
         return GPTNeoXForCausalLM(cfg)
     if arch == "gpt2":
         cfg = GPT2Config(n_embd=d_model, n_layer=n_layers, n_head=4, n_positions=max_positions, **common)

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import build_model
 from ghsae.harvest.capture import capture_layers
 from ghsae.harvest.model import find_blocks
 from ghsae.harvest.similarity import _angular_distance_sums
-
-from conftest import build_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "neox", "gpt2"])

@@ -24,12 +24,16 @@ def all_rows(layout: RunLayout):
         for s in range(plan.n_shards):
             rec = load_shard_record(layout, s, plan.data["config_hash"])
             parts.append(store.read_shard(name, s, rec["groups"][name]["rows"], rec["groups"][name]["checksums"]))
-        out[name] = {k: np.concatenate([getattr(p, k) for p in parts]) for k in ("acts", "layer", "token", "seq", "pos")}
+        out[name] = {
+            k: np.concatenate([getattr(p, k) for p in parts]) for k in ("acts", "layer", "token", "seq", "pos")
+        }
     return plan, store, out
 
 
 @pytest.mark.parametrize("arch", ["llama", "neox", "gpt2"])
-def test_harvest_stores_one_row_per_token_per_group_with_the_drawn_layers_activation(arch, tiny_models, text_dataset, tmp_path):
+def test_harvest_stores_one_row_per_token_per_group_with_the_drawn_layers_activation(
+    arch, tiny_models, text_dataset, tmp_path
+):
     # Harvest layers 0..4 of a 6-layer model, so every stored layer can be checked against
     # output_hidden_states (whose last entry would have the final norm applied).
     cfg = tiny_config(tiny_models[arch], text_dataset, **{"grouping.layers": [0, 4], "grouping.groups": 2})
@@ -43,7 +47,9 @@ def test_harvest_stores_one_row_per_token_per_group_with_the_drawn_layers_activa
 
     lm = load_model(str(tiny_models[arch]), "cpu", "float32")
     with torch.no_grad():
-        hidden = lm.model(torch.from_numpy(tokens[: plan.n_contexts_harvest]).long(), output_hidden_states=True).hidden_states
+        hidden = lm.model(
+            torch.from_numpy(tokens[: plan.n_contexts_harvest]).long(), output_hidden_states=True
+        ).hidden_states
     for name, group in zip(plan.group_names, plan.groups):
         r = rows[name]
         assert len(r["acts"]) == n_kept
@@ -75,7 +81,15 @@ def test_info_reports_sizes_and_the_saving_against_a_per_layer_cache(tiny_llama,
     cfg = tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 2})
     harvest(cfg, tmp_path / "run", progress=False)
     info = run_info(RunLayout(tmp_path / "run"))
-    for key in ("groups", "shards_done", "shards_total", "rows", "bytes_on_disk", "bytes_per_token", "per_layer_bytes_per_token"):
+    for key in (
+        "groups",
+        "shards_done",
+        "shards_total",
+        "rows",
+        "bytes_on_disk",
+        "bytes_per_token",
+        "per_layer_bytes_per_token",
+    ):
         assert key in info
     assert info["shards_done"] == info["shards_total"] == 4
     assert info["rows"] == 2 * info["tokens"]
@@ -133,3 +147,24 @@ def test_resolved_config_round_trips_through_toml(tmp_path, tiny_llama, text_dat
     path.write_text(to_toml(cfg))
     assert load_config(path) == cfg
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_normalisation_statistics_match_the_stored_rows(tiny_llama, text_dataset, tmp_path):
+    cfg = tiny_config(tiny_llama, text_dataset, **{"grouping.groups": [[0, 2], [3, 5]]})
+    harvest(cfg, tmp_path / "run", progress=False)
+    layout = RunLayout(tmp_path / "run")
+    plan, _, rows = all_rows(layout)
+    info = run_info(layout)
+    with np.load(layout.stats_arrays) as z:
+        means, scales = z["mean"], z["scale"]
+    d = plan.data["d_model"]
+    for name in plan.group_names:
+        acts = to_float32(rows[name]["acts"], "float16")
+        for layer in np.unique(rows[name]["layer"]):
+            x = acts[rows[name]["layer"] == layer]
+            st = info["layer_norm_stats"][str(layer)]
+            assert st["count"] == len(x)
+            # statistics are taken before the cast to float16: agree to float16 precision
+            assert st["mean_norm"] == pytest.approx(np.linalg.norm(x, axis=1).mean(), rel=2e-3)
+            np.testing.assert_allclose(means[layer], x.mean(axis=0), atol=2e-3 * np.abs(x).max())
+            assert scales[layer] == pytest.approx(np.sqrt(d) / st["mean_norm"])

@@ -13,7 +13,9 @@ from ghsae.harvest.text import iter_documents, iter_token_documents, pack_contex
 
 
 def texts(spec, **kw):
-    return [d.text for d in iter_documents(str(spec), kw.get("text_field", "text"), kw.get("tokens_field", "input_ids"))]
+    return [
+        d.text for d in iter_documents(str(spec), kw.get("text_field", "text"), kw.get("tokens_field", "input_ids"))
+    ]
 
 
 def test_txt_paragraphs_are_documents(tmp_path):

