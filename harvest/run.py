@@ -77,13 +77,19 @@ def prepare_run_dir(layout: RunLayout, cfg: PipelineConfig, overwrite: bool) -> 
     entries = [p for p in root.iterdir() if not p.name.startswith(STAGING_PREFIX)]
     if not entries:
         return
-    if not layout.config.is_file():
+    if layout.config.is_file():
+        diffs = _config_diffs(read_json(layout.config).get("identity", {}), cfg.identity())
+    elif layout.plan.is_file():
+        # killed between the plan's rename and config.json: the plan's hash still identifies the run
+        planned = read_json(layout.plan)["config_hash"]
+        diffs = (
+            [] if planned == cfg.identity_hash() else [f"config hash {planned} in the run, {cfg.identity_hash()} now"]
+        )
+    else:
         raise RunDirError(
             f"{root} is not empty and holds no {layout.config.name}: not a ghsae run folder. "
             "Choose an empty or new folder for --run-dir"
         )
-    old = read_json(layout.config)
-    diffs = _config_diffs(old.get("identity", {}), cfg.identity())
     if not diffs:
         return
     if overwrite:
@@ -165,6 +171,12 @@ def harvest(
         lm = load_model(cfg.model.path, cfg.model.device, cfg.model.dtype)
     layout.root.mkdir(parents=True, exist_ok=True)
     plan = ensure_plan(cfg, lm, layout, progress)
+    if plan.data["config_hash"] != cfg.identity_hash():
+        # prepare_run_dir checked before planning; a job of another config may have planned since
+        raise RunDirError(
+            f"{layout.plan} was made by config {plan.data['config_hash']}, this command's is {cfg.identity_hash()}; "
+            "use another --run-dir or pass --overwrite"
+        )
     check_model_matches_plan(lm, plan)
     write_run_config(layout, cfg)
     store = ensure_store(layout, plan, cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -123,3 +124,20 @@ def test_malformed_flags(tmp_path, tiny_llama, text_dataset, flag, value, messag
 def test_info_on_a_folder_without_a_plan(tmp_path):
     (tmp_path / "empty").mkdir()
     assert_refused(run_cli(["info", str(tmp_path / "empty")]), "has no plan")
+
+
+def test_a_run_killed_before_config_json_resumes_and_refuses_other_configs(tmp_path, tiny_llama, text_dataset):
+    cfg = write_config(tmp_path, tiny_config(tiny_llama, text_dataset))
+    run = tmp_path / "run"
+    assert (
+        run_cli(["harvest", "--config", str(cfg), "--run-dir", str(run), "--plan-only", "--no-progress"]).exit_code == 0
+    )
+    (run / "config.json").unlink()  # as if killed between the plan's rename and config.json
+    for p in list(run.iterdir()):
+        if p.name != "plan":
+            shutil.rmtree(p)
+    r = run_cli(["harvest", "--config", str(cfg), "--run-dir", str(run), "--seed", "9", "--no-progress"])
+    assert_refused(r, "config hash")
+    # the same config resumes from that plan
+    r = run_cli(["harvest", "--config", str(cfg), "--run-dir", str(run), "--no-progress"])
+    assert r.exit_code == 0, r.output
