@@ -154,6 +154,61 @@ class StorageConfig:
             raise ConfigError(f"storage.chunk_rows is {self.chunk_rows}; expected a positive integer")
 
 
+ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")  # kept in step with train.sae.REGISTRY (tested)
+LR_DECAYS = ("none", "linear", "cosine")
+
+
+@dataclass
+class FitConfig:
+    architecture: str = "topk"
+    """SAE architecture: topk (the Group-SAE reference), batchtopk, jumprelu or relu."""
+    expansion: int = 16
+    """Latents per residual dimension: m = expansion * d."""
+    k: int = 128
+    """Active latents per token (topk, batchtopk)."""
+    tokens: int = 0
+    """Training tokens per SAE (T); 0 means one pass over the group's stored rows."""
+    batch_size: int = 4096
+    """Rows per optimiser step."""
+    lr: float = 0.0
+    """Adam learning rate; 0 means 2e-4 / sqrt(m / 2^14), the reference's scaling."""
+    warmup_tokens: int = 0
+    """Linear learning-rate warm-up over this many tokens."""
+    decay: str = "none"
+    """Learning-rate decay over the last decay_fraction of training: none, linear or cosine."""
+    decay_fraction: float = 0.2
+    """Share of training, at the end, over which the learning rate decays to zero."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this (0: no clipping)."""
+    aux_coef: float = 0.03125
+    """AuxK loss weight (topk, batchtopk)."""
+    dead_tokens: int = 10_000_000
+    """A latent is dead after this many training tokens without firing."""
+    sparsity_coef: float = 0.001
+    """L0 (jumprelu) or L1 (relu) weight."""
+    centre: bool = False
+    """Also subtract each layer's mean before scaling (the scale alone is the paper's normalisation)."""
+    checkpoint_tokens: int = 1_048_576
+    """Write a checkpoint every this many training tokens (and at the end)."""
+    seed: int = 0
+    """Seeds the SAE initialisation and the loader's order."""
+    init_from: str = ""
+    """Start from this trained SAE folder (transfer: Ghilardi et al., BlackboxNLP 2024) instead of random."""
+    device: str = runtime("auto")
+    """auto (CUDA when present), cpu, cuda or cuda:N."""
+
+    def __post_init__(self) -> None:
+        _check_choice("fit.architecture", self.architecture, ARCHITECTURES)
+        _check_choice("fit.decay", self.decay, LR_DECAYS)
+        for name in ("expansion", "k", "batch_size", "checkpoint_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"fit.{name} is {getattr(self, name)}; expected a positive integer")
+        if self.tokens < 0 or self.lr < 0 or self.warmup_tokens < 0:
+            raise ConfigError("fit.tokens, fit.lr and fit.warmup_tokens must be 0 or more")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ConfigError(f"fit.decay_fraction is {self.decay_fraction}; expected a value in [0, 1]")
+
+
 @dataclass
 class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -161,6 +216,7 @@ class PipelineConfig:
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
     grouping: GroupingConfig = field(default_factory=GroupingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
 
     def __post_init__(self) -> None:
         ctx = self.data.context_length
@@ -178,10 +234,16 @@ class PipelineConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def identity(self) -> dict[str, Any]:
-        """Every field that decides what a run writes (runtime fields left out)."""
+    def identity(self, sections: tuple[str, ...] = ("model", "data", "harvest", "grouping", "storage")) -> dict[str, Any]:
+        """Every field of `sections` that decides what is written (runtime fields left out).
+
+        The default is the harvest's sections: the activation cache does not depend on [fit], so
+        changing a training setting never invalidates a harvest.
+        """
         out: dict[str, Any] = {}
         for section in dataclasses.fields(self):
+            if section.name not in sections:
+                continue
             obj = getattr(self, section.name)
             out[section.name] = {
                 f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if not f.metadata.get("runtime")

@@ -21,6 +21,7 @@ TOKENS_FILE = "tokens.npy"
 SIMILARITY_FILE = "similarity.npz"
 ACTS_STORE = "acts.zarr"
 MANIFEST_DIR = "manifest"
+SAES_DIR = "saes"
 STATS_FILE = "stats.json"
 STATS_ARRAYS = "stats.npz"
 STAGING_PREFIX = ".staging-"
@@ -65,6 +66,13 @@ class RunLayout:
     @property
     def stats_arrays(self) -> Path:
         return self.manifest / STATS_ARRAYS
+
+    @property
+    def saes(self) -> Path:
+        return self.root / SAES_DIR
+
+    def sae_dir(self, group: str) -> Path:
+        return self.saes / group
 
     def shard_record(self, shard: int) -> Path:
         return self.manifest / f"shard-{shard:05d}.json"

@@ -1,0 +1,216 @@
+"""The training loader: one group's rows, shuffled across shards, normalised on the device.
+
+Order per epoch (a pure function of (seed, epoch), so a resumed run sees the same batches):
+random shard order, random chunk order inside each shard, then a permutation inside a buffer of
+`buffer_chunks` chunks (rows were already shuffled inside each shard at write time). Leftover rows
+of a buffer carry into the next; the epoch's last batch may be short. Every stored row is
+delivered exactly once per epoch.
+
+Reading: raw (uncompressed) stores are memory-mapped straight out of the Zarr shard files (a
+sharded array keeps its inner chunks end to end and an index of (offset, nbytes) pairs at the
+end); compressed stores go through zarr. Buffers are read one ahead in a background thread.
+
+Device step: on CUDA, each host batch is copied into one of two reused pinned staging buffers and
+sent with a non-blocking copy on a side stream while the previous batch trains; on the device one
+fused step widens float16/bfloat16 to float32 and applies each row's layer normalisation
+(x - mean[layer]) * scale[layer]. On CPU the same API runs the same arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ghsae.cache.store import ActivationStore
+from ghsae.errors import StoreError
+
+_EMPTY_CHUNK = np.uint64(2**64 - 1)
+_INDEX_CRC_BYTES = 4  # the shard index is followed by its crc32c
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Valid rows [start, stop) of one shard, inside one inner chunk."""
+
+    shard: int
+    start: int
+    stop: int
+
+
+@dataclass
+class LoaderBatch:
+    x: torch.Tensor  # [n, d] float32, normalised, on the loader's device
+    layer: torch.Tensor  # [n] model layer of each row, on the device
+
+
+class GroupReader:
+    """Reads one group's valid rows (acts and layer ids) piece by piece."""
+
+    def __init__(self, store: ActivationStore, group: str, shard_rows: dict[int, int]):
+        self.store = store
+        self.group = group
+        self.shard_rows = dict(sorted(shard_rows.items()))
+        self.geometry = store.geometry
+        self.mmap = store.geometry.compression == "none"
+        self._maps: dict[tuple[str, int], np.ndarray] = {}
+
+    @property
+    def rows(self) -> int:
+        return sum(self.shard_rows.values())
+
+    def pieces(self, shard: int) -> list[Piece]:
+        n, c = self.shard_rows[shard], self.geometry.chunk_rows
+        return [Piece(shard, a, min(a + c, n)) for a in range(0, n, c)]
+
+    def read(self, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
+        if self.mmap:
+            return self._mmap_rows("acts", piece), self._mmap_rows("layer", piece)
+        base = piece.shard * self.geometry.shard_rows
+        rows = slice(base + piece.start, base + piece.stop)
+        return np.asarray(self.store.array(self.group, "acts")[rows]), np.asarray(self.store.array(self.group, "layer")[rows])
+
+    def _mmap_rows(self, name: str, piece: Piece) -> np.ndarray:
+        g = self.geometry
+        arr = self.store.array(self.group, name)
+        width = arr.shape[1:]
+        inner = piece.start // g.chunk_rows
+        local = slice(piece.start - inner * g.chunk_rows, piece.stop - inner * g.chunk_rows)
+        mm = self._shard_map(name, piece.shard, len(width))
+        n_inner = g.shard_rows // g.chunk_rows
+        index_bytes = n_inner * 16
+        index = mm[mm.size - _INDEX_CRC_BYTES - index_bytes : mm.size - _INDEX_CRC_BYTES].view("<u8").reshape(n_inner, 2)
+        offset, nbytes = index[inner]
+        if offset == _EMPTY_CHUNK:
+            raise StoreError(f"{self.store.path}/{self.group}/{name}: shard {piece.shard} chunk {inner} is empty but its record lists rows there")
+        dtype = arr.dtype
+        chunk = mm[int(offset) : int(offset + nbytes)].view(dtype).reshape(g.chunk_rows, *width)
+        return chunk[local]
+
+    def _shard_map(self, name: str, shard: int, ndim_extra: int) -> np.ndarray:
+        key = (name, shard)
+        if key not in self._maps:
+            folder = Path(self.store.path) / self.group / name / "c"
+            path = folder / str(shard) / "0" if ndim_extra else folder / str(shard)
+            if not path.is_file():
+                raise StoreError(f"{path} is missing: shard {shard} of {self.group} is recorded done but has no data file")
+            self._maps[key] = np.memmap(path, dtype=np.uint8, mode="r")
+        return self._maps[key]
+
+
+class ActivationLoader:
+    def __init__(
+        self,
+        reader: GroupReader,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        layers: list[int],
+        scale: torch.Tensor,
+        mean: torch.Tensor | None = None,
+        buffer_chunks: int = 16,
+    ):
+        self.reader = reader
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = device
+        self.logical_dtype = reader.geometry.dtype
+        lookup = torch.full((max(layers) + 1,), -1, dtype=torch.long)
+        lookup[torch.tensor(layers)] = torch.arange(len(layers))
+        self.layer_lookup = lookup.to(device)
+        self.scale = scale.float().to(device)
+        self.mean = (mean if mean is not None else torch.zeros(len(layers), reader.geometry.d_model)).float().to(device)
+        self.buffer_chunks = buffer_chunks
+        self.cuda = device.type == "cuda"
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return self.reader.rows
+
+    def batches_per_epoch(self) -> int:
+        return -(-self.rows_per_epoch // self.batch_size)
+
+    def epoch_pieces(self, epoch: int) -> list[Piece]:
+        rng = np.random.default_rng([self.seed, epoch])
+        shards = list(self.reader.shard_rows)
+        order: list[Piece] = []
+        for i in rng.permutation(len(shards)):
+            pieces = self.reader.pieces(shards[i])
+            order.extend(pieces[j] for j in rng.permutation(len(pieces)))
+        return order
+
+    def host_batches(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(acts [n, d] stored dtype, layer [n]) host batches of one epoch."""
+        pieces = self.epoch_pieces(epoch)
+        buffers = [pieces[i : i + self.buffer_chunks] for i in range(0, len(pieces), self.buffer_chunks)]
+        carry_x = np.empty((0, self.reader.geometry.d_model), dtype=self.reader.geometry.physical_dtype)
+        carry_l = np.empty((0,), dtype=np.int16)
+
+        def read(buf: list[Piece]):
+            parts = [self.reader.read(p) for p in buf]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-read") as pool:
+            future = pool.submit(read, buffers[0]) if buffers else None
+            for b in range(len(buffers)):
+                assert future is not None
+                x, layer = future.result()
+                future = pool.submit(read, buffers[b + 1]) if b + 1 < len(buffers) else None
+                x, layer = np.concatenate([carry_x, x]), np.concatenate([carry_l, layer])
+                perm = np.random.default_rng([self.seed, epoch, b]).permutation(len(x))
+                x, layer = x[perm], layer[perm]
+                full = len(x) // self.batch_size * self.batch_size
+                for i in range(0, full, self.batch_size):
+                    yield x[i : i + self.batch_size], layer[i : i + self.batch_size]
+                carry_x, carry_l = x[full:], layer[full:]
+        if len(carry_x):
+            yield carry_x, carry_l
+
+    def batches(self, epoch: int, skip: int = 0) -> Iterator[LoaderBatch]:
+        """Device batches of one epoch, after skipping the first `skip` (for resuming)."""
+        host = (hb for i, hb in enumerate(self.host_batches(epoch)) if i >= skip)
+        if self.cuda:
+            yield from self._cuda_batches(host)
+        else:
+            for x, layer in host:
+                yield self._device_step(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(layer.astype(np.int64)))
+
+    def _device_step(self, raw: torch.Tensor, layer: torch.Tensor) -> LoaderBatch:
+        """Widen to float32 and normalise each row by its layer's factors, on the device."""
+        if self.logical_dtype == "bfloat16":
+            x = raw.view(torch.bfloat16).float()  # the stored uint16 are bfloat16 bits
+        else:
+            x = raw.float()
+        pos = self.layer_lookup[layer]
+        return LoaderBatch(x=(x - self.mean[pos]) * self.scale[pos, None], layer=layer)
+
+    def _cuda_batches(self, host: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[LoaderBatch]:
+        d = self.reader.geometry.d_model
+        storage = torch.int16 if self.logical_dtype == "bfloat16" else torch.float16
+        staging = [torch.empty((self.batch_size, d), dtype=storage, pin_memory=True) for _ in range(2)]
+        staging_layer = [torch.empty((self.batch_size,), dtype=torch.long, pin_memory=True) for _ in range(2)]
+        copied = [torch.cuda.Event(), torch.cuda.Event()]
+        stream = torch.cuda.Stream(device=self.device)
+        main = torch.cuda.current_stream(self.device)
+        pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        for i, (x, layer) in enumerate(host):
+            slot, n = i % 2, len(x)
+            copied[slot].synchronize()  # the copy that last read this staging buffer has finished
+            staging[slot][:n].copy_(torch.from_numpy(np.ascontiguousarray(x).view(np.int16 if storage == torch.int16 else np.float16)))
+            staging_layer[slot][:n].copy_(torch.from_numpy(layer.astype(np.int64)))
+            with torch.cuda.stream(stream):
+                dev_x = staging[slot][:n].to(self.device, non_blocking=True)
+                dev_l = staging_layer[slot][:n].to(self.device, non_blocking=True)
+                copied[slot].record(stream)
+            if pending is not None:
+                yield self._device_step(*pending)
+            main.wait_event(copied[slot])
+            dev_x.record_stream(main)
+            dev_l.record_stream(main)
+            pending = (dev_x, dev_l)
+        if pending is not None:
+            yield self._device_step(*pending)

@@ -1,0 +1,1 @@
+"""Stage 2: SAE architectures (one registry), the trainer, checkpoints, export and load."""

@@ -1,0 +1,132 @@
+"""`ghsae fit`: one SAE per group, trained from the run's activation store.
+
+Each group's SAE serves the layers of its group: it carries one normalisation factor per layer
+(sqrt(d) / E||x||, from the harvest's statistics over every stored row), and its loader
+normalises each row by the factor of the layer it was drawn from.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ghsae.cache.loader import ActivationLoader, GroupReader
+from ghsae.cache.manifest import Plan, aggregate_stats, done_shards, load_plan, load_shard_record
+from ghsae.cache.store import ActivationStore
+from ghsae.config import PipelineConfig
+from ghsae.errors import ConfigError, StoreError
+from ghsae.harvest.model import pick_device
+from ghsae.layout import RunLayout
+from ghsae.train.io import load_sae, save_sae
+from ghsae.train.sae import SAEConfig, SparseAutoencoder, build_sae
+from ghsae.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    group: str
+    layers: list[int]
+    tokens: int
+    steps: int
+    final_fvu: float | None
+    folder: str
+
+
+def fit(cfg: PipelineConfig, run_dir: str | Path, groups: list[str] | None = None, allow_partial: bool = False, progress: bool = True) -> list[FitResult]:
+    layout = RunLayout(Path(run_dir))
+    plan = load_plan(layout)
+    done = done_shards(layout, plan)
+    if len(done) < plan.n_shards and not allow_partial:
+        missing = [s for s in range(plan.n_shards) if s not in set(done)]
+        raise StoreError(
+            f"{layout.root} is incomplete: shards {missing[:10]}{' ...' if len(missing) > 10 else ''} "
+            f"({len(missing)} of {plan.n_shards}) are not harvested. Finish `ghsae harvest`, or pass --allow-partial"
+        )
+    if not done:
+        raise StoreError(f"{layout.root} has no harvested shard; run `ghsae harvest` first")
+    names = groups or plan.group_names
+    unknown = [g for g in names if g not in plan.group_names]
+    if unknown:
+        raise ConfigError(f"--group {unknown[0]} is not in this run; it has {', '.join(plan.group_names)}")
+    return [fit_group(cfg, layout, plan, name, done, progress) for name in names]
+
+
+def fit_group(cfg: PipelineConfig, layout: RunLayout, plan: Plan, group: str, shards: list[int], progress: bool) -> FitResult:
+    fc = cfg.fit
+    device = pick_device(fc.device)
+    gi = plan.group_names.index(group)
+    layers = plan.groups[gi]
+    d = int(plan.data["d_model"])
+    stats = aggregate_stats(layout, plan, shards)
+    pos = [plan.layers.index(layer) for layer in layers]
+    scale = torch.from_numpy(stats.scale(d)[pos]).float()
+    mean = torch.from_numpy(stats.mean[pos]).float() if fc.centre else None
+
+    torch.manual_seed(fc.seed * 1_000_003 + gi)  # distinct, reproducible initialisation per group
+    sae = build_sae(
+        SAEConfig(
+            architecture=fc.architecture,
+            d_model=d,
+            n_latents=fc.expansion * d,
+            layers=layers,
+            k=min(fc.k, fc.expansion * d),
+            aux_coef=fc.aux_coef,
+            dead_tokens=fc.dead_tokens,
+            sparsity_coef=fc.sparsity_coef,
+            extra={"run": str(layout.root), "group": group, "config_hash": plan.data["config_hash"]},
+        )
+    )
+    sae.set_normalisation(scale, mean)
+    store = ActivationStore.open(layout.acts)
+    rows = {s: load_shard_record(layout, s, plan.data["config_hash"])["groups"][group]["rows"] for s in shards}
+    loader = ActivationLoader(GroupReader(store, group, rows), fc.batch_size, fc.seed, device, layers, scale, mean)
+    sae.to(device)
+    if fc.init_from:
+        _init_from(sae, Path(fc.init_from))
+    else:
+        _init_b_dec(sae, loader)
+    total = fc.tokens or loader.rows_per_epoch
+    out_dir = layout.sae_dir(group)
+    trainer = Trainer(fc, sae, loader, out_dir, total, name=f"fit {group}")
+    state = trainer.run(progress)
+    save_sae(sae, out_dir, {"fit": cfg.to_dict()["fit"], "tokens": state.tokens, "steps": state.step})
+    final = state.metrics[-1]["fvu"] if state.metrics else None
+    return FitResult(group, layers, state.tokens, state.step, final, str(out_dir))
+
+
+@torch.no_grad()
+def _init_b_dec(sae: SparseAutoencoder, loader: ActivationLoader) -> None:
+    """b_dec starts at the mean of the first batch (in normalised space), so early latents model deviations."""
+    first = next(loader.batches(0), None)
+    if first is not None:
+        sae.b_dec.copy_(first.x.mean(dim=0))
+
+
+@torch.no_grad()
+def _init_from(sae: SparseAutoencoder, folder: Path) -> None:
+    """Transfer: copy another trained SAE's weights, keep this group's normalisation."""
+    source = load_sae(folder, device=sae.W_dec.device)
+    if (source.cfg.d_model, source.cfg.n_latents, source.cfg.architecture) != (sae.cfg.d_model, sae.cfg.n_latents, sae.cfg.architecture):
+        raise ConfigError(
+            f"fit.init_from {folder} is a {source.cfg.architecture} SAE with d={source.cfg.d_model}, m={source.cfg.n_latents}; "
+            f"this group needs {sae.cfg.architecture} with d={sae.cfg.d_model}, m={sae.cfg.n_latents}"
+        )
+    own = {k: v for k, v in sae.state_dict().items() if k.startswith("norm_") or k == "layer_lookup"}
+    state = {k: v for k, v in source.state_dict().items() if k in sae.state_dict() and k not in own}
+    state["tokens_since_fired"] = torch.zeros_like(sae.tokens_since_fired)
+    sae.load_state_dict({**sae.state_dict(), **state})
+    log.info("initialised from %s (layers %s)", folder, source.cfg.layers)
+
+
+def summary_lines(results: list[FitResult]) -> list[str]:
+    return [
+        f"{r.group} (layers {r.layers[0]}-{r.layers[-1]}): {r.tokens:,} tokens, {r.steps} steps, "
+        f"final batch FVU {r.final_fvu:.3f} -> {r.folder}" if r.final_fvu is not None else f"{r.group}: no steps"
+        for r in results
+    ]
+
