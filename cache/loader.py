@@ -72,7 +72,9 @@ class GroupReader:
             return self._mmap_rows("acts", piece), self._mmap_rows("layer", piece)
         base = piece.shard * self.geometry.shard_rows
         rows = slice(base + piece.start, base + piece.stop)
-        return np.asarray(self.store.array(self.group, "acts")[rows]), np.asarray(self.store.array(self.group, "layer")[rows])
+        return np.asarray(self.store.array(self.group, "acts")[rows]), np.asarray(
+            self.store.array(self.group, "layer")[rows]
+        )
 
     def _mmap_rows(self, name: str, piece: Piece) -> np.ndarray:
         g = self.geometry
@@ -83,10 +85,14 @@ class GroupReader:
         mm = self._shard_map(name, piece.shard, len(width))
         n_inner = g.shard_rows // g.chunk_rows
         index_bytes = n_inner * 16
-        index = mm[mm.size - _INDEX_CRC_BYTES - index_bytes : mm.size - _INDEX_CRC_BYTES].view("<u8").reshape(n_inner, 2)
+        index = (
+            mm[mm.size - _INDEX_CRC_BYTES - index_bytes : mm.size - _INDEX_CRC_BYTES].view("<u8").reshape(n_inner, 2)
+        )
         offset, nbytes = index[inner]
         if offset == _EMPTY_CHUNK:
-            raise StoreError(f"{self.store.path}/{self.group}/{name}: shard {piece.shard} chunk {inner} is empty but its record lists rows there")
+            raise StoreError(
+                f"{self.store.path}/{self.group}/{name}: shard {piece.shard} chunk {inner} is empty but its record lists rows there"
+            )
         dtype = arr.dtype
         chunk = mm[int(offset) : int(offset + nbytes)].view(dtype).reshape(g.chunk_rows, *width)
         return chunk[local]
@@ -97,7 +103,9 @@ class GroupReader:
             folder = Path(self.store.path) / self.group / name / "c"
             path = folder / str(shard) / "0" if ndim_extra else folder / str(shard)
             if not path.is_file():
-                raise StoreError(f"{path} is missing: shard {shard} of {self.group} is recorded done but has no data file")
+                raise StoreError(
+                    f"{path} is missing: shard {shard} of {self.group} is recorded done but has no data file"
+                )
             self._maps[key] = np.memmap(path, dtype=np.uint8, mode="r")
         return self._maps[key]
 
@@ -177,7 +185,9 @@ class ActivationLoader:
             yield from self._cuda_batches(host)
         else:
             for x, layer in host:
-                yield self._device_step(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(layer.astype(np.int64)))
+                yield self._device_step(
+                    torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(layer.astype(np.int64))
+                )
 
     def _device_step(self, raw: torch.Tensor, layer: torch.Tensor) -> LoaderBatch:
         """Widen to float32 and normalise each row by its layer's factors, on the device."""
@@ -200,7 +210,9 @@ class ActivationLoader:
         for i, (x, layer) in enumerate(host):
             slot, n = i % 2, len(x)
             copied[slot].synchronize()  # the copy that last read this staging buffer has finished
-            staging[slot][:n].copy_(torch.from_numpy(np.ascontiguousarray(x).view(np.int16 if storage == torch.int16 else np.float16)))
+            staging[slot][:n].copy_(
+                torch.from_numpy(np.ascontiguousarray(x).view(np.int16 if storage == torch.int16 else np.float16))
+            )
             staging_layer[slot][:n].copy_(torch.from_numpy(layer.astype(np.int64)))
             with torch.cuda.stream(stream):
                 dev_x = staging[slot][:n].to(self.device, non_blocking=True)

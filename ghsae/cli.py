@@ -110,7 +110,9 @@ def harvest(
 
 
 @main.command()
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="pipeline.toml (default: the embedded one).")
+@click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), help="pipeline.toml (default: the embedded one)."
+)
 @click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False), help="A harvested run folder.")
 @click.option("--group", "groups", multiple=True, help="Train only this group (repeatable); default: every group.")
 @click.option("--device", help="auto | cpu | cuda | cuda:N.")
@@ -121,7 +123,8 @@ def harvest(
 @_user_errors
 def fit(config_path, run_dir, groups, device, architecture, tokens, allow_partial, no_progress):
     """Train one SAE per layer group from the run's activation store."""
-    from ghsae.train.fit import fit as run_fit, summary_lines
+    from ghsae.train.fit import fit as run_fit
+    from ghsae.train.fit import summary_lines
 
     cfg = _config(config_path, {"fit.device": device, "fit.architecture": architecture, "fit.tokens": tokens})
     for line in summary_lines(run_fit(cfg, Path(run_dir), list(groups) or None, allow_partial, not no_progress)):

@@ -234,7 +234,9 @@ class PipelineConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def identity(self, sections: tuple[str, ...] = ("model", "data", "harvest", "grouping", "storage")) -> dict[str, Any]:
+    def identity(
+        self, sections: tuple[str, ...] = ("model", "data", "harvest", "grouping", "storage")
+    ) -> dict[str, Any]:
         """Every field of `sections` that decides what is written (runtime fields left out).
 
         The default is the harvest's sections: the activation cache does not depend on [fit], so

@@ -37,7 +37,13 @@ class FitResult:
     folder: str
 
 
-def fit(cfg: PipelineConfig, run_dir: str | Path, groups: list[str] | None = None, allow_partial: bool = False, progress: bool = True) -> list[FitResult]:
+def fit(
+    cfg: PipelineConfig,
+    run_dir: str | Path,
+    groups: list[str] | None = None,
+    allow_partial: bool = False,
+    progress: bool = True,
+) -> list[FitResult]:
     layout = RunLayout(Path(run_dir))
     plan = load_plan(layout)
     done = done_shards(layout, plan)
@@ -56,7 +62,9 @@ def fit(cfg: PipelineConfig, run_dir: str | Path, groups: list[str] | None = Non
     return [fit_group(cfg, layout, plan, name, done, progress) for name in names]
 
 
-def fit_group(cfg: PipelineConfig, layout: RunLayout, plan: Plan, group: str, shards: list[int], progress: bool) -> FitResult:
+def fit_group(
+    cfg: PipelineConfig, layout: RunLayout, plan: Plan, group: str, shards: list[int], progress: bool
+) -> FitResult:
     fc = cfg.fit
     device = pick_device(fc.device)
     gi = plan.group_names.index(group)
@@ -111,7 +119,11 @@ def _init_b_dec(sae: SparseAutoencoder, loader: ActivationLoader) -> None:
 def _init_from(sae: SparseAutoencoder, folder: Path) -> None:
     """Transfer: copy another trained SAE's weights, keep this group's normalisation."""
     source = load_sae(folder, device=sae.W_dec.device)
-    if (source.cfg.d_model, source.cfg.n_latents, source.cfg.architecture) != (sae.cfg.d_model, sae.cfg.n_latents, sae.cfg.architecture):
+    if (source.cfg.d_model, source.cfg.n_latents, source.cfg.architecture) != (
+        sae.cfg.d_model,
+        sae.cfg.n_latents,
+        sae.cfg.architecture,
+    ):
         raise ConfigError(
             f"fit.init_from {folder} is a {source.cfg.architecture} SAE with d={source.cfg.d_model}, m={source.cfg.n_latents}; "
             f"this group needs {sae.cfg.architecture} with d={sae.cfg.d_model}, m={sae.cfg.n_latents}"
@@ -126,7 +138,8 @@ def _init_from(sae: SparseAutoencoder, folder: Path) -> None:
 def summary_lines(results: list[FitResult]) -> list[str]:
     return [
         f"{r.group} (layers {r.layers[0]}-{r.layers[-1]}): {r.tokens:,} tokens, {r.steps} steps, "
-        f"final batch FVU {r.final_fvu:.3f} -> {r.folder}" if r.final_fvu is not None else f"{r.group}: no steps"
+        f"final batch FVU {r.final_fvu:.3f} -> {r.folder}"
+        if r.final_fvu is not None
+        else f"{r.group}: no steps"
         for r in results
     ]
-

@@ -24,7 +24,9 @@ REGISTRY: dict[str, type[SparseAutoencoder]] = {}
 def register(name: str):
     def wrap(cls: type[SparseAutoencoder]) -> type[SparseAutoencoder]:
         if name in REGISTRY:
-            raise ValueError(f"SAE architecture {name!r} is registered twice ({REGISTRY[name].__name__}, {cls.__name__})")
+            raise ValueError(
+                f"SAE architecture {name!r} is registered twice ({REGISTRY[name].__name__}, {cls.__name__})"
+            )
         cls.architecture = name
         REGISTRY[name] = cls
         return cls
@@ -91,6 +93,12 @@ def fvu(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
 
 class SparseAutoencoder(nn.Module):
     architecture: ClassVar[str] = ""
+    # buffers (registered in __init__), declared for the type checker
+    norm_layers: torch.Tensor
+    norm_scale: torch.Tensor
+    norm_mean: torch.Tensor
+    layer_lookup: torch.Tensor
+    tokens_since_fired: torch.Tensor
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -169,7 +177,8 @@ class SparseAutoencoder(nn.Module):
         z = self.activate(pre)
         recon = self.decode(z)
         losses = self.loss_terms(x, pre, z, recon)
-        return SAEOutput(recon, z, losses, sum(losses.values()), fvu(x, recon.detach()))
+        total = torch.stack(list(losses.values())).sum()
+        return SAEOutput(recon, z, losses, total, fvu(x, recon.detach()))
 
     def loss_terms(self, x, pre, z, recon) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -187,7 +196,7 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def normalise_decoder(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
@@ -230,6 +239,9 @@ class BatchTopKSAE(SparseAutoencoder):
     At inference one learned threshold replaces the batch (an average of the smallest kept
     activation per batch), so a token's latents do not depend on its batch-mates.
     """
+
+    threshold: torch.Tensor
+    threshold_steps: torch.Tensor
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
@@ -298,7 +310,9 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
-        self.log_threshold = nn.Parameter(torch.full((cfg.n_latents,), float(torch.tensor(cfg.jump_init_threshold).log())))
+        self.log_threshold = nn.Parameter(
+            torch.full((cfg.n_latents,), float(torch.tensor(cfg.jump_init_threshold).log()))
+        )
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return _JumpReLU.apply(pre, self.log_threshold, self.cfg.jump_bandwidth)

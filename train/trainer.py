@@ -48,7 +48,15 @@ def reference_lr(n_latents: int) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: FitConfig, sae: SparseAutoencoder, loader: ActivationLoader, out_dir: Path, total_tokens: int, name: str = "sae"):
+    def __init__(
+        self,
+        cfg: FitConfig,
+        sae: SparseAutoencoder,
+        loader: ActivationLoader,
+        out_dir: Path,
+        total_tokens: int,
+        name: str = "sae",
+    ):
         self.cfg = cfg
         self.sae = sae
         self.loader = loader
@@ -76,7 +84,14 @@ class Trainer:
 
     def run(self, progress: bool = True) -> TrainState:
         self.resume()
-        bar = tqdm(total=self.total_tokens, initial=self.state.tokens, unit="tok", unit_scale=True, desc=self.name, disable=not progress)
+        bar = tqdm(
+            total=self.total_tokens,
+            initial=self.state.tokens,
+            unit="tok",
+            unit_scale=True,
+            desc=self.name,
+            disable=not progress,
+        )
         t0, tokens0 = time.perf_counter(), self.state.tokens
         while self.state.tokens < self.total_tokens:
             for batch in self.loader.batches(self.state.epoch, skip=self.state.batch_in_epoch):
@@ -134,7 +149,12 @@ class Trainer:
 
     def log(self, metrics: dict, bar) -> None:
         self.state.metrics.append(metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", fvu=f"{metrics['fvu']:.3f}", l0=f"{metrics['l0']:.0f}", dead=f"{metrics['dead_pct']:.1f}%")
+        bar.set_postfix(
+            loss=f"{metrics['loss']:.4f}",
+            fvu=f"{metrics['fvu']:.3f}",
+            l0=f"{metrics['l0']:.0f}",
+            dead=f"{metrics['dead_pct']:.1f}%",
+        )
 
     # --- checkpoints ---------------------------------------------------------------------
 
@@ -167,7 +187,11 @@ class Trainer:
             return False
         payload = torch.load(self.checkpoint_path, map_location=self.loader.device, weights_only=False)
         saved, now = payload["sae_cfg"], self.sae.cfg.to_json()
-        diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in ("architecture", "d_model", "n_latents", "layers", "k") if saved.get(k) != now.get(k)]
+        diffs = [
+            f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+            for k in ("architecture", "d_model", "n_latents", "layers", "k")
+            if saved.get(k) != now.get(k)
+        ]
         if diffs:
             raise GhsaeError(
                 f"{self.checkpoint_path} does not match this SAE ({'; '.join(diffs)}); "

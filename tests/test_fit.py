@@ -1,0 +1,204 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from ghsae.cache.loader import ActivationLoader, GroupReader
+from ghsae.cache.manifest import load_plan, load_shard_record
+from ghsae.cache.store import ActivationStore, to_float32
+from ghsae.config import to_toml
+from ghsae.errors import GhsaeError, StoreError
+from ghsae.harvest.model import load_model
+from ghsae.harvest.run import ShardSlice, harvest
+from ghsae.layout import RunLayout
+from ghsae.train.fit import fit
+from ghsae.train.io import load_sae
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_llama):
+    return load_model(str(tiny_llama), "cpu", "float32")
+
+
+def harvested(tmp_path, tiny_llama, text_dataset, lm, **overrides):
+    cfg = tiny_config(tiny_llama, text_dataset, **{"grouping.groups": [[0, 2], [3, 5]], **overrides})
+    harvest(cfg, tmp_path / "run", progress=False, lm=lm)
+    return cfg, RunLayout(tmp_path / "run")
+
+
+def reader_for(layout: RunLayout, group: str) -> GroupReader:
+    plan = load_plan(layout)
+    rows = {
+        s: load_shard_record(layout, s, plan.data["config_hash"])["groups"][group]["rows"] for s in range(plan.n_shards)
+    }
+    return GroupReader(ActivationStore.open(layout.acts), group, rows)
+
+
+@pytest.mark.parametrize("storage", [("float16", "none"), ("float16", "zstd"), ("bfloat16", "none")])
+def test_the_loader_delivers_every_row_exactly_once_per_epoch_normalised(
+    tmp_path, tiny_llama, text_dataset, tiny_lm, storage
+):
+    dtype, compression = storage
+    _, layout = harvested(
+        tmp_path,
+        tiny_llama,
+        text_dataset,
+        tiny_lm,
+        **{"storage.dtype": dtype, "storage.compression": compression, "storage.chunk_rows": 128},
+    )
+    reader = reader_for(layout, "group_01")
+    assert reader.mmap == (compression == "none")
+    scale = torch.tensor([2.0, 3.0, 5.0])
+    loader = ActivationLoader(
+        reader, batch_size=100, seed=0, device=torch.device("cpu"), layers=[3, 4, 5], scale=scale, buffer_chunks=3
+    )
+    expected = []
+    for s in sorted(reader.shard_rows):
+        acts, layer = zip(*(reader.read(p) for p in reader.pieces(s)))
+        expected.append(to_float32(np.concatenate(acts), dtype) * scale.numpy()[np.concatenate(layer) - 3][:, None])
+    expected_rows = np.concatenate(expected)
+    for epoch in (0, 1):
+        got = torch.cat([b.x for b in loader.batches(epoch)]).numpy()
+        assert got.shape == expected_rows.shape
+        # same multiset of rows: sort both by their bytes
+        key = lambda a: a[np.lexsort(a.T[::-1])]  # noqa: E731
+        np.testing.assert_array_equal(key(got), key(expected_rows))
+    first = [b.x for b in loader.batches(0)]
+    assert not torch.equal(first[0], next(loader.batches(1)).x), "epochs must be shuffled differently"
+    resumed = list(loader.batches(0, skip=2))
+    assert all(torch.equal(a, b.x) for a, b in zip(first[2:], resumed)) and len(resumed) == len(first) - 2
+
+
+def test_fit_trains_one_sae_per_group_that_loads_and_reconstructs(tmp_path, tiny_llama, text_dataset, tiny_lm):
+    cfg, layout = harvested(
+        tmp_path,
+        tiny_llama,
+        text_dataset,
+        tiny_lm,
+        **{"fit.expansion": 4, "fit.k": 8, "fit.batch_size": 128, "fit.tokens": 8192, "fit.lr": 3e-3},
+    )
+    results = fit(cfg, layout.root, progress=False)
+    assert [r.group for r in results] == ["group_00", "group_01"]
+    for r in results:
+        sae = load_sae(r.folder)
+        assert sae.cfg.layers == r.layers and sae.cfg.n_latents == 4 * 32
+        curve = __import__("pyarrow.parquet", fromlist=["x"]).read_table(Path(r.folder) / "metrics.parquet").to_pylist()
+        assert curve[-1]["fvu"] < 0.5 * curve[0]["fvu"], "the SAE should learn"
+        # the SAE reconstructs raw activations of each of its layers in raw units
+        reader = reader_for(layout, r.group)
+        acts, layer = reader.read(reader.pieces(0)[0])
+        x = torch.from_numpy(to_float32(acts, "float16"))
+        recon = sae.reconstruct(x, torch.from_numpy(layer.astype(np.int64)))
+        assert ((recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()) < 0.6
+
+
+def test_fit_refuses_an_incomplete_store_unless_allowed(tmp_path, tiny_llama, text_dataset, tiny_lm):
+    cfg = tiny_config(
+        tiny_llama, text_dataset, **{"fit.expansion": 2, "fit.k": 4, "fit.batch_size": 64, "fit.tokens": 256}
+    )
+    harvest(cfg, tmp_path / "run", ShardSlice(0, 2), progress=False, lm=tiny_lm)
+    with pytest.raises(StoreError, match=r"shards \[1, 3\] .* not harvested.*--allow-partial"):
+        fit(cfg, tmp_path / "run", progress=False)
+    assert fit(cfg, tmp_path / "run", ["group_00"], allow_partial=True, progress=False)[0].tokens >= 256
+    with pytest.raises(GhsaeError, match="--group group_99 is not in this run"):
+        fit(cfg, tmp_path / "run", ["group_99"], allow_partial=True, progress=False)
+
+
+def test_a_checkpoint_of_another_sae_shape_is_refused(tmp_path, tiny_llama, text_dataset, tiny_lm):
+    cfg, layout = harvested(
+        tmp_path,
+        tiny_llama,
+        text_dataset,
+        tiny_lm,
+        **{"fit.expansion": 2, "fit.k": 4, "fit.batch_size": 64, "fit.tokens": 256},
+    )
+    fit(cfg, layout.root, ["group_00"], progress=False)
+    (layout.sae_dir("group_00") / "sae.safetensors").unlink()
+    bigger = tiny_config(
+        tiny_llama,
+        text_dataset,
+        **{
+            "grouping.groups": [[0, 2], [3, 5]],
+            "fit.expansion": 4,
+            "fit.k": 4,
+            "fit.batch_size": 64,
+            "fit.tokens": 512,
+        },
+    )
+    with pytest.raises(GhsaeError, match="n_latents: 64 in the checkpoint, 128 now"):
+        fit(bigger, layout.root, ["group_00"], progress=False)
+
+
+def test_a_nan_loss_stops_training_and_names_the_step(tmp_path, tiny_llama, text_dataset, tiny_lm):
+    cfg, layout = harvested(
+        tmp_path,
+        tiny_llama,
+        text_dataset,
+        tiny_lm,
+        **{
+            "fit.expansion": 2,
+            "fit.k": 4,
+            "fit.batch_size": 64,
+            "fit.tokens": 1024,
+            "fit.lr": 1e30,
+            "fit.grad_clip": 0.0,
+        },
+    )
+    with pytest.raises(GhsaeError, match=r"loss became .* at step \d+"):
+        fit(cfg, layout.root, ["group_00"], progress=False)
+
+
+def test_fit_killed_and_resumed_ends_with_the_same_weights(tmp_path, tiny_llama, text_dataset, tiny_lm):
+    overrides = {
+        "fit.expansion": 8,
+        "fit.k": 8,
+        "fit.batch_size": 32,
+        "fit.tokens": 12288,
+        "fit.checkpoint_tokens": 512,
+        "fit.device": "cpu",
+    }
+    cfg, layout = harvested(tmp_path, tiny_llama, text_dataset, tiny_lm, **overrides)
+    config = tmp_path / "pipeline.toml"
+    config.write_text(to_toml(cfg))
+    cmd = [
+        sys.executable,
+        "-m",
+        "ghsae",
+        "fit",
+        "--config",
+        str(config),
+        "--run-dir",
+        str(layout.root),
+        "--group",
+        "group_00",
+        "--no-progress",
+    ]
+    subprocess.run(cmd, check=True, capture_output=True)
+    whole = {k: v.clone() for k, v in load_sae(layout.sae_dir("group_00")).state_dict().items()}
+    import shutil
+
+    shutil.rmtree(layout.saes)
+    checkpoint = layout.sae_dir("group_00") / "checkpoint.pt"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.perf_counter() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists() and not (layout.sae_dir("group_00") / "sae.safetensors").exists(), (
+        "killed too late to test resuming"
+    )
+    subprocess.run(cmd, check=True, capture_output=True)
+    resumed = load_sae(layout.sae_dir("group_00")).state_dict()
+    for name, value in whole.items():
+        assert torch.equal(value, resumed[name]), name
