@@ -1,0 +1,121 @@
+"""Fit throughput against its limit: the same SAE trained on the same rows already in memory.
+
+    python bench/fit.py --run-dir RUN [--group group_00] [--tokens 65536] [--device auto]
+                        [--expansion 16] [--k 128] [--batch-size 4096]
+
+RUN is a harvested run folder (for example runs/default from the README's command). Prints one
+JSON line:
+- `store_tok_s`: training tokens/s with batches from the Zarr store through ActivationLoader;
+- `memory_tok_s`: the same SAE, same initialisation, on the same rows already normalised and
+  resident as one tensor on the device (the limit the loader can approach);
+- `ratio` = store / memory (aim: >= 0.95);
+- `loader_gb_s`: the loader alone (read, shuffle, widen, normalise, copy to the device), in GB
+  of stored bytes per second, beside `raw_read_gb_s`: a sequential read of the same shard files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ghsae.cache.loader import ActivationLoader, GroupReader, LoaderBatch
+from ghsae.cache.manifest import aggregate_stats, done_shards, load_plan, load_shard_record
+from ghsae.cache.store import ActivationStore
+from ghsae.config import load_config
+from ghsae.harvest.model import pick_device
+from ghsae.layout import RunLayout
+from ghsae.train.sae import SAEConfig, build_sae
+from ghsae.train.trainer import Trainer
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_tok_s(trainer: Trainer, batches, device: torch.device) -> float:
+    n = 0
+    t0 = time.perf_counter()
+    for batch in batches:
+        trainer.step(batch)
+        n += batch.x.shape[0]
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--group", default="group_00")
+    ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--expansion", type=int, default=16)
+    ap.add_argument("--k", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=4096)
+    args = ap.parse_args()
+    device = pick_device(args.device)
+    layout = RunLayout(Path(args.run_dir))
+    plan = load_plan(layout)
+    shards = done_shards(layout, plan)
+    layers = plan.groups[plan.group_names.index(args.group)]
+    d = int(plan.data["d_model"])
+    stats = aggregate_stats(layout, plan, shards)
+    scale = torch.from_numpy(stats.scale(d)[[plan.layers.index(x) for x in layers]]).float()
+    store = ActivationStore.open(layout.acts)
+    rows = {s: load_shard_record(layout, s, plan.data["config_hash"])["groups"][args.group]["rows"] for s in shards}
+    loader = ActivationLoader(GroupReader(store, args.group, rows), args.batch_size, 0, device, layers, scale)
+    n_batches = max(1, min(args.tokens, loader.rows_per_epoch) // args.batch_size)
+
+    # loader alone over a whole epoch (keeping the first n_batches for the in-memory run),
+    # and a raw sequential read of the same files
+    t0 = time.perf_counter()
+    resident, delivered = [], 0
+    for i, b in enumerate(loader.batches(0)):
+        if i < n_batches:
+            resident.append(b)
+        delivered += b.x.shape[0]
+    sync(device)
+    loader_s = time.perf_counter() - t0
+    stored_bytes = delivered * store.geometry.act_bytes_per_row
+    t0 = time.perf_counter()
+    raw = sum(len(p.read_bytes()) for p in (layout.acts / args.group / "acts" / "c").rglob("*") if p.is_file())
+    raw_s = time.perf_counter() - t0
+
+    fit_cfg = load_config(None).fit
+
+    def fresh_trainer() -> Trainer:
+        torch.manual_seed(0)
+        sae = build_sae(SAEConfig("topk", d, args.expansion * d, layers, k=args.k)).to(device)
+        sae.set_normalisation(scale)
+        return Trainer(fit_cfg, sae, loader, layout.root / "bench-unused", total_tokens=10**12)
+
+    warm = fresh_trainer()
+    train_tok_s(warm, resident[:2], device)  # warm-up: kernels, allocator
+    memory = train_tok_s(fresh_trainer(), (LoaderBatch(b.x, b.layer) for b in resident), device)
+    store_rate = train_tok_s(fresh_trainer(), (b for i, b in zip(range(n_batches), loader.batches(0))), device)
+    print(
+        json.dumps(
+            {
+                "device": str(device),
+                "group": args.group,
+                "d": d,
+                "n_latents": args.expansion * d,
+                "k": args.k,
+                "batch_size": args.batch_size,
+                "tokens": n_batches * args.batch_size,
+                "store_tok_s": round(store_rate, 1),
+                "memory_tok_s": round(memory, 1),
+                "ratio": round(store_rate / memory, 3),
+                "loader_gb_s": round(stored_bytes / loader_s / 1e9, 3),
+                "raw_read_gb_s": round(raw / raw_s / 1e9, 3),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
