@@ -202,3 +202,39 @@ def test_fit_killed_and_resumed_ends_with_the_same_weights(tmp_path, tiny_llama,
     resumed = load_sae(layout.sae_dir("group_00")).state_dict()
     for name, value in whole.items():
         assert torch.equal(value, resumed[name]), name
+
+
+def test_transfer_init_from_copies_a_neighbours_weights_and_keeps_its_own_normalisation(
+    tmp_path, tiny_llama, text_dataset, tiny_lm
+):
+    small = {"fit.expansion": 2, "fit.k": 4, "fit.batch_size": 64, "fit.tokens": 512}
+    cfg, layout = harvested(tmp_path, tiny_llama, text_dataset, tiny_lm, **small)
+    source = fit(cfg, layout.root, ["group_00"], progress=False)[0]
+    donor = load_sae(source.folder)
+    transfer = tiny_config(
+        tiny_llama,
+        text_dataset,
+        **{
+            "grouping.groups": [[0, 2], [3, 5]],
+            **small,
+            "fit.tokens": 64,
+            "fit.lr": 1e-12,
+            "fit.init_from": source.folder,
+        },
+    )
+    result = fit(transfer, layout.root, ["group_01"], progress=False)[0]
+    sae = load_sae(result.folder)
+    assert sae.cfg.layers == [3, 4, 5]
+    # with a vanishing learning rate one step leaves the copied decoder in place
+    torch.testing.assert_close(sae.W_dec, donor.W_dec, rtol=0, atol=1e-6)
+    assert not torch.equal(sae.norm_scale, torch.ones(3)) and sae.norm_scale.shape == (3,)
+    wrong = tiny_config(
+        tiny_llama,
+        text_dataset,
+        **{"grouping.groups": [[0, 2], [3, 5]], **small, "fit.expansion": 4, "fit.init_from": source.folder},
+    )
+    import shutil
+
+    shutil.rmtree(layout.sae_dir("group_01"))
+    with pytest.raises(GhsaeError, match=r"init_from .* m=64; this group needs topk with d=32, m=128"):
+        fit(wrong, layout.root, ["group_01"], progress=False)
