@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ghsae.cache.loader import ActivationLoader, GroupReader, LoaderBatch
-from ghsae.cache.manifest import aggregate_stats, done_shards, load_plan, load_shard_record
+from ghsae.cache.manifest import aggregate_stats, done_shards, group_shard_rows, load_plan
 from ghsae.cache.store import ActivationStore
 from ghsae.config import load_config
 from ghsae.harvest.model import pick_device
@@ -64,9 +64,9 @@ def main() -> None:
     layers = plan.groups[plan.group_names.index(args.group)]
     d = int(plan.data["d_model"])
     stats = aggregate_stats(layout, plan, shards)
-    scale = torch.from_numpy(stats.scale(d)[[plan.layers.index(x) for x in layers]]).float()
+    scale = torch.from_numpy(stats.for_layers(layers, d)[0]).float()
     store = ActivationStore.open(layout.acts)
-    rows = {s: load_shard_record(layout, s, plan.data["config_hash"])["groups"][args.group]["rows"] for s in shards}
+    rows = group_shard_rows(layout, plan, args.group, shards)
     loader = ActivationLoader(GroupReader(store, args.group, rows), args.batch_size, 0, device, layers, scale)
     n_batches = max(1, min(args.tokens, loader.rows_per_epoch) // args.batch_size)
 

@@ -48,6 +48,13 @@ class LoaderBatch:
     layer: torch.Tensor  # [n] model layer of each row, on the device
 
 
+def layer_lookup_table(layers: list[int]) -> torch.Tensor:
+    """lookup[layer] = position of `layer` in `layers` (-1 for layers not listed)."""
+    lookup = torch.full((max(layers) + 1,), -1, dtype=torch.long)
+    lookup[torch.tensor(layers)] = torch.arange(len(layers))
+    return lookup
+
+
 class GroupReader:
     """Reads one group's valid rows (acts and layer ids) piece by piece."""
 
@@ -127,9 +134,7 @@ class ActivationLoader:
         self.seed = seed
         self.device = device
         self.logical_dtype = reader.geometry.dtype
-        lookup = torch.full((max(layers) + 1,), -1, dtype=torch.long)
-        lookup[torch.tensor(layers)] = torch.arange(len(layers))
-        self.layer_lookup = lookup.to(device)
+        self.layer_lookup = layer_lookup_table(layers).to(device)
         self.scale = scale.float().to(device)
         self.mean = (mean if mean is not None else torch.zeros(len(layers), reader.geometry.d_model)).float().to(device)
         self.buffer_chunks = buffer_chunks
@@ -138,9 +143,6 @@ class ActivationLoader:
     @property
     def rows_per_epoch(self) -> int:
         return self.reader.rows
-
-    def batches_per_epoch(self) -> int:
-        return -(-self.rows_per_epoch // self.batch_size)
 
     def epoch_pieces(self, epoch: int) -> list[Piece]:
         rng = np.random.default_rng([self.seed, epoch])

@@ -125,6 +125,11 @@ class NormStats:
         """Per-layer factor that makes E||x|| = sqrt(d) (the Group-SAE per-layer normalisation)."""
         return np.sqrt(d_model) / np.maximum(self.mean_norm, 1e-12)
 
+    def for_layers(self, layers: list[int], d_model: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scale [len(layers)], mean [len(layers), d]) for a group's layers, in that order."""
+        pos = [self.layers.index(layer) for layer in layers]
+        return self.scale(d_model)[pos], self.mean[pos]
+
     def to_json(self) -> dict:
         return {
             str(layer): {
@@ -154,6 +159,12 @@ def aggregate_stats(layout: RunLayout, plan: Plan, shards: list[int]) -> NormSta
     denom = np.maximum(count, 1)
     mean = sum_x / denom[:, None] if sum_x is not None else np.zeros((len(layers), 0))
     return NormStats(layers, count, sum_norm / denom, sum_sq / denom, mean)
+
+
+def group_shard_rows(layout: RunLayout, plan: Plan, group: str, shards: list[int]) -> dict[int, int]:
+    """Valid rows of `group` in each of `shards`, from their completion records."""
+    config_hash = plan.data["config_hash"]
+    return {s: load_shard_record(layout, s, config_hash)["groups"][group]["rows"] for s in shards}
 
 
 def write_run_stats(layout: RunLayout, plan: Plan) -> NormStats:

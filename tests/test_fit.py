@@ -13,7 +13,7 @@ import torch
 
 from conftest import tiny_config
 from ghsae.cache.loader import ActivationLoader, GroupReader
-from ghsae.cache.manifest import load_plan, load_shard_record
+from ghsae.cache.manifest import group_shard_rows, load_plan
 from ghsae.cache.store import ActivationStore, to_float32
 from ghsae.config import to_toml
 from ghsae.errors import GhsaeError, StoreError
@@ -37,9 +37,7 @@ def harvested(tmp_path, tiny_llama, text_dataset, lm, **overrides):
 
 def reader_for(layout: RunLayout, group: str) -> GroupReader:
     plan = load_plan(layout)
-    rows = {
-        s: load_shard_record(layout, s, plan.data["config_hash"])["groups"][group]["rows"] for s in range(plan.n_shards)
-    }
+    rows = group_shard_rows(layout, plan, group, list(range(plan.n_shards)))
     return GroupReader(ActivationStore.open(layout.acts), group, rows)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ghsae.cache.loader import ActivationLoader, GroupReader
-from ghsae.cache.manifest import Plan, aggregate_stats, done_shards, load_plan, load_shard_record
+from ghsae.cache.manifest import NormStats, Plan, aggregate_stats, done_shards, group_shard_rows, load_plan
 from ghsae.cache.store import ActivationStore
 from ghsae.config import PipelineConfig
 from ghsae.errors import ConfigError, StoreError
@@ -59,21 +59,27 @@ def fit(
     unknown = [g for g in names if g not in plan.group_names]
     if unknown:
         raise ConfigError(f"--group {unknown[0]} is not in this run; it has {', '.join(plan.group_names)}")
-    return [fit_group(cfg, layout, plan, name, done, progress) for name in names]
+    stats = aggregate_stats(layout, plan, done)  # once: every group's SAE takes its layers' rows of it
+    return [fit_group(cfg, layout, plan, name, done, stats, progress) for name in names]
 
 
 def fit_group(
-    cfg: PipelineConfig, layout: RunLayout, plan: Plan, group: str, shards: list[int], progress: bool
+    cfg: PipelineConfig,
+    layout: RunLayout,
+    plan: Plan,
+    group: str,
+    shards: list[int],
+    stats: NormStats,
+    progress: bool,
 ) -> FitResult:
     fc = cfg.fit
     device = pick_device(fc.device)
     gi = plan.group_names.index(group)
     layers = plan.groups[gi]
     d = int(plan.data["d_model"])
-    stats = aggregate_stats(layout, plan, shards)
-    pos = [plan.layers.index(layer) for layer in layers]
-    scale = torch.from_numpy(stats.scale(d)[pos]).float()
-    mean = torch.from_numpy(stats.mean[pos]).float() if fc.centre else None
+    scale_np, mean_np = stats.for_layers(layers, d)
+    scale = torch.from_numpy(scale_np).float()
+    mean = torch.from_numpy(mean_np).float() if fc.centre else None
 
     torch.manual_seed(fc.seed * 1_000_003 + gi)  # distinct, reproducible initialisation per group
     sae = build_sae(
@@ -91,7 +97,7 @@ def fit_group(
     )
     sae.set_normalisation(scale, mean)
     store = ActivationStore.open(layout.acts)
-    rows = {s: load_shard_record(layout, s, plan.data["config_hash"])["groups"][group]["rows"] for s in shards}
+    rows = group_shard_rows(layout, plan, group, shards)
     loader = ActivationLoader(GroupReader(store, group, rows), fc.batch_size, fc.seed, device, layers, scale, mean)
     sae.to(device)
     if fc.init_from:

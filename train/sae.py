@@ -18,6 +18,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ghsae.cache.loader import layer_lookup_table
+
 REGISTRY: dict[str, type[SparseAutoencoder]] = {}
 
 
@@ -114,15 +116,9 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("norm_layers", torch.tensor(cfg.layers, dtype=torch.long))
         self.register_buffer("norm_scale", torch.ones(L))
         self.register_buffer("norm_mean", torch.zeros(L, d))
-        self.register_buffer("layer_lookup", self._lookup(cfg.layers))
+        self.register_buffer("layer_lookup", layer_lookup_table(cfg.layers))
         # tokens since each latent last fired, for dead-latent tracking and AuxK
         self.register_buffer("tokens_since_fired", torch.zeros(m, dtype=torch.long))
-
-    @staticmethod
-    def _lookup(layers: list[int]) -> torch.Tensor:
-        lookup = torch.full((max(layers) + 1,), -1, dtype=torch.long)
-        lookup[torch.tensor(layers)] = torch.arange(len(layers))
-        return lookup
 
     # --- normalisation ----------------------------------------------------------------
 
