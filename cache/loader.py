@@ -55,6 +55,14 @@ def layer_lookup_table(layers: list[int]) -> torch.Tensor:
     return lookup
 
 
+@dataclass(frozen=True)
+class _ShardFile:
+    data: np.ndarray  # the whole file, memory-mapped as bytes
+    index: np.ndarray  # [n_inner, 2] (offset, nbytes) of each inner chunk
+    dtype: np.dtype
+    width: tuple[int, ...]  # () for row metadata, (d,) for activations
+
+
 class GroupReader:
     """Reads one group's valid rows (acts and layer ids) piece by piece."""
 
@@ -64,7 +72,7 @@ class GroupReader:
         self.shard_rows = dict(sorted(shard_rows.items()))
         self.geometry = store.geometry
         self.mmap = store.geometry.compression == "none"
-        self._maps: dict[tuple[str, int], np.ndarray] = {}
+        self._files: dict[tuple[str, int], _ShardFile] = {}
 
     @property
     def rows(self) -> int:
@@ -84,37 +92,34 @@ class GroupReader:
         )
 
     def _mmap_rows(self, name: str, piece: Piece) -> np.ndarray:
-        g = self.geometry
-        arr = self.store.array(self.group, name)
-        width = arr.shape[1:]
-        inner = piece.start // g.chunk_rows
-        local = slice(piece.start - inner * g.chunk_rows, piece.stop - inner * g.chunk_rows)
-        mm = self._shard_map(name, piece.shard, len(width))
-        n_inner = g.shard_rows // g.chunk_rows
-        index_bytes = n_inner * 16
-        index = (
-            mm[mm.size - _INDEX_CRC_BYTES - index_bytes : mm.size - _INDEX_CRC_BYTES].view("<u8").reshape(n_inner, 2)
-        )
-        offset, nbytes = index[inner]
+        c = self.geometry.chunk_rows
+        inner = piece.start // c
+        shard_file = self._shard_file(name, piece.shard)
+        offset, nbytes = shard_file.index[inner]
         if offset == _EMPTY_CHUNK:
             raise StoreError(
                 f"{self.store.path}/{self.group}/{name}: shard {piece.shard} chunk {inner} is empty but its record lists rows there"
             )
-        dtype = arr.dtype
-        chunk = mm[int(offset) : int(offset + nbytes)].view(dtype).reshape(g.chunk_rows, *width)
-        return chunk[local]
+        chunk = shard_file.data[int(offset) : int(offset + nbytes)].view(shard_file.dtype).reshape(c, *shard_file.width)
+        return chunk[piece.start - inner * c : piece.stop - inner * c]
 
-    def _shard_map(self, name: str, shard: int, ndim_extra: int) -> np.ndarray:
+    def _shard_file(self, name: str, shard: int) -> _ShardFile:
+        """The memory-mapped Zarr shard file of one array, with its chunk index parsed (once)."""
         key = (name, shard)
-        if key not in self._maps:
+        if key not in self._files:
+            arr = self.store.array(self.group, name)
             folder = Path(self.store.path) / self.group / name / "c"
-            path = folder / str(shard) / "0" if ndim_extra else folder / str(shard)
+            path = folder / str(shard) / "0" if arr.ndim == 2 else folder / str(shard)
             if not path.is_file():
                 raise StoreError(
                     f"{path} is missing: shard {shard} of {self.group} is recorded done but has no data file"
                 )
-            self._maps[key] = np.memmap(path, dtype=np.uint8, mode="r")
-        return self._maps[key]
+            data = np.memmap(path, dtype=np.uint8, mode="r")
+            n_inner = self.geometry.shard_rows // self.geometry.chunk_rows
+            end = data.size - _INDEX_CRC_BYTES
+            index = data[end - n_inner * 16 : end].view("<u8").reshape(n_inner, 2)
+            self._files[key] = _ShardFile(data, index, arr.dtype, arr.shape[1:])
+        return self._files[key]
 
 
 class ActivationLoader:
