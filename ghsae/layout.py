@@ -7,6 +7,9 @@ RUN/plan/similarity.npz       angular distances (raw, centred), AMAD curve, prob
 RUN/acts.zarr/<group>/...     activations and row metadata, one array set per group
 RUN/manifest/shard-00012.json completion record of shard 12 (temp file, then rename)
 RUN/manifest/shard-00012.npz  per-layer activation sums of shard 12 (written before the record)
+RUN/manifest/stats.json       per-layer normalisation statistics over all shards (once complete)
+RUN/manifest/stats.npz        per-layer mean vectors and scales over all shards (once complete)
+RUN/saes/<group>/             cfg.json + sae.safetensors, checkpoint.pt, metrics.parquet
 """
 
 from __future__ import annotations
