@@ -133,6 +133,20 @@ def fit(config_path, run_dir, groups, device, architecture, tokens, allow_partia
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", default="saelens", show_default=True, help="Target format: saelens.")
+@click.option("--overwrite", is_flag=True, help="Replace layer folders that already exist in OUT.")
+@_user_errors
+def export(run_dir, out, fmt, overwrite):
+    """Write the run's SAEs for another library: one SAELens folder per layer, normalisation folded in."""
+    from ghsae.train.export import export_run
+
+    folders = export_run(Path(run_dir), Path(out), fmt, overwrite)
+    click.echo(f"wrote {len(folders)} {fmt} SAE folders to {out} ({folders[0].name} .. {folders[-1].name})")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_user_errors
 def info(run_dir, as_json):

