@@ -132,6 +132,85 @@ def fit(config_path, run_dir, groups, device, architecture, tokens, allow_partia
 
 
 @main.command()
+@click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), help="pipeline.toml (default: the embedded one)."
+)
+@click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False), help="A fitted run folder.")
+@click.option(
+    "--baseline",
+    type=click.Path(exists=True, file_okay=False),
+    help="A fitted per-layer run of the same model (harvest --groups per-layer) to compare with.",
+)
+@click.option("--allow-partial", is_flag=True, help="Report on the SAEs that exist when some are missing.")
+@click.option("--device", help="auto | cpu | cuda | cuda:N.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@_user_errors
+def report(config_path, run_dir, baseline, allow_partial, device, no_progress):
+    """Evaluate the run's SAEs on held-out tokens and write RUN/report/ (report.html, metrics.parquet, summary.md)."""
+    from ghsae.analysis.report import write_report
+
+    cfg = _config(config_path, {"report.device": device})
+    out = write_report(cfg, Path(run_dir), Path(baseline) if baseline else None, allow_partial, not no_progress)
+    click.echo(f"report: {out / 'report.html'}")
+
+
+@main.command(name="run")
+@click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), help="pipeline.toml (default: the embedded one)."
+)
+@click.option(
+    "--run-dir", default="runs/default", show_default=True, type=click.Path(file_okay=False), help="Run folder."
+)
+@click.option("--model", help="Model folder, .gguf file, hub id or builtin:smollm2-135m.")
+@click.option("--dataset", help="Dataset file, folder or glob (.txt/.jsonl/.parquet) or builtin:python-docs.")
+@click.option("--tokens", type=int, help="Token positions to harvest.")
+@click.option("--groups", help="auto | per-layer | G | ranges like 0-3,4-9.")
+@click.option("--device", help="auto | cpu | cuda | cuda:N (every stage).")
+@click.option(
+    "--baseline", type=click.Path(exists=True, file_okay=False), help="A fitted per-layer run to compare with."
+)
+@click.option("--overwrite", is_flag=True, help="Delete a run in --run-dir that has a different config.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@_user_errors
+def run_pipeline(config_path, run_dir, model, dataset, tokens, groups, device, baseline, overwrite, no_progress):
+    """The whole pipeline: harvest, fit every group's SAE, report. Each stage resumes where it stopped."""
+    import time
+
+    from ghsae.analysis.report import write_report
+    from ghsae.harvest.model import load_model
+    from ghsae.harvest.run import ShardSlice, prepare_run_dir, summary_line
+    from ghsae.harvest.run import harvest as run_harvest
+    from ghsae.harvest.text import resolve_files
+    from ghsae.layout import RunLayout
+    from ghsae.train.fit import fit as run_fit
+    from ghsae.train.fit import summary_lines
+
+    cfg = _config(
+        config_path,
+        {
+            "model.path": model,
+            "model.device": device,
+            "fit.device": device,
+            "report.device": device,
+            "data.dataset": dataset,
+            "harvest.tokens": tokens,
+            "grouping.groups": _parse_groups(groups),
+        },
+    )
+    t0 = time.perf_counter()
+    progress = not no_progress
+    # a refused run folder or a missing dataset fails before the slow model load
+    prepare_run_dir(RunLayout(Path(run_dir)), cfg, overwrite)
+    resolve_files(cfg.data.dataset)
+    lm = load_model(cfg.model.path, cfg.model.device, cfg.model.dtype)  # loaded once, for harvest and report
+    click.echo(summary_line(run_harvest(cfg, Path(run_dir), ShardSlice(), overwrite, False, progress, lm=lm)))
+    for line in summary_lines(run_fit(cfg, Path(run_dir), None, False, progress)):
+        click.echo(line)
+    out = write_report(cfg, Path(run_dir), Path(baseline) if baseline else None, False, progress, lm=lm)
+    click.echo(f"report: {out / 'report.html'} ({time.perf_counter() - t0:,.0f} s in all)")
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--format", "fmt", default="saelens", show_default=True, help="Target format: saelens.")

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -84,6 +85,7 @@ def ensure_plan(cfg: PipelineConfig, lm: LoadedModel, layout: RunLayout, progres
 
 
 def _build_plan(cfg: PipelineConfig, lm: LoadedModel, layers: list[int], staging, progress: bool) -> None:
+    t0 = time.perf_counter()
     ctx, hv = cfg.data.context_length, cfg.harvest
     n_harvest = math.ceil(hv.tokens / ctx)
     n_eval = math.ceil(hv.eval_tokens / ctx)
@@ -150,6 +152,7 @@ def _build_plan(cfg: PipelineConfig, lm: LoadedModel, layers: list[int], staging
             "chosen_amad": _amad_of(dist, layers, groups),
         },
         "probe_tokens": sim.tokens,
+        "seconds": time.perf_counter() - t0,  # tokenise + probe + partition: part of the report's harvest cost A
     }
     write_json_atomic(staging / "plan.json", plan)
     log.info("plan: %d layers in %d groups %s", len(layers), len(groups), [f"{g[0]}-{g[-1]}" for g in groups])

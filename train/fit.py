@@ -108,7 +108,11 @@ def fit_group(
     out_dir = layout.sae_dir(group)
     trainer = Trainer(fc, sae, loader, out_dir, total, name=f"fit {group}")
     state = trainer.run(progress)
-    save_sae(sae, out_dir, {"fit": cfg.to_dict()["fit"], "tokens": state.tokens, "steps": state.step})
+    save_sae(
+        sae,
+        out_dir,
+        {"fit": cfg.to_dict()["fit"], "tokens": state.tokens, "steps": state.step, "seconds": state.seconds},
+    )
     final = state.metrics[-1]["fvu"] if state.metrics else None
     return FitResult(group, layers, state.tokens, state.step, final, str(out_dir))
 

@@ -39,6 +39,7 @@ class TrainState:
     tokens: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    seconds: float = 0.0  # wall time spent training, summed over resumed sessions (the report's T)
     metrics: list[dict] = field(default_factory=list)
 
 
@@ -67,6 +68,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.base_lr)
         self.state = TrainState()
         self._last_checkpoint_tokens = 0
+        self._clock = time.perf_counter()
 
     # --- schedule ------------------------------------------------------------------------
 
@@ -84,6 +86,7 @@ class Trainer:
 
     def run(self, progress: bool = True) -> TrainState:
         self.resume()
+        self._clock = time.perf_counter()
         bar = tqdm(
             total=self.total_tokens,
             initial=self.state.tokens,
@@ -164,6 +167,9 @@ class Trainer:
 
     def checkpoint(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        now = time.perf_counter()
+        self.state.seconds += now - self._clock
+        self._clock = now
         payload = {
             "sae_cfg": self.sae.cfg.to_json(),
             "sae": self.sae.state_dict(),

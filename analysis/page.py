@@ -1,0 +1,369 @@
+"""Render the report's data as one self-contained HTML page (PNG figures inlined) and as Markdown."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from datetime import UTC, datetime
+
+import numpy as np
+
+from ghsae.analysis import plots
+
+# (column, heading, format) of the per-layer eval tables
+METRICS = [
+    ("l0", "L0", "{:.1f}"),
+    ("mse", "MSE", "{:.4g}"),
+    ("fvu", "FVU", "{:.3f}"),
+    ("explained_variance", "expl. var.", "{:.3f}"),
+    ("cosine", "cosine", "{:.3f}"),
+    ("delta_ce", "ΔCE (nats)", "{:.4f}"),
+    ("delta_ce_pct", "ΔCE %", "{:.2f}"),
+    ("ce_score", "CE score", "{:.3f}"),
+    ("kl", "KL (nats)", "{:.4f}"),
+    ("dead_pct", "dead % (this layer)", "{:.1f}"),
+]
+PLOTTED = ["fvu", "delta_ce_pct", "kl", "ce_score", "l0", "explained_variance", "cosine", "dead_pct"]
+SECTIONS = [
+    ("summary", "Summary"),
+    ("evals", "Evals per layer"),
+    ("baseline", "Against per-layer SAEs"),
+    ("latents-density", "Latent density and dead latents"),
+    ("clustering", "Layer clustering"),
+    ("compute", "Compute and storage"),
+    ("training", "Training curves"),
+    ("latents", "Looking at latents"),
+]
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _fmt(value, spec: str = "{:.3f}") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return spec.format(value) if isinstance(value, (int, float, np.floating)) else html.escape(str(value))
+
+
+def _table(headers: list[str], rows: list[list[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _by_layer(rows: list[dict], kind: str) -> dict[int, dict]:
+    return {r["layer"]: r for r in rows if r["kind"] == kind}
+
+
+def _mean(by_layer: dict[int, dict], layers: list[int], key: str) -> float:
+    vals = [by_layer[x][key] for x in layers if x in by_layer and key in by_layer[x]]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def headline(data: dict) -> list[dict]:
+    """Mean of each metric over all layers and over layers 0..L-2 (as the paper reports), per kind."""
+    layers = data["run"].plan.layers
+    out = []
+    for kind, label in (("group", "group SAEs"), ("baseline", "per-layer SAEs")):
+        by = _by_layer(data["result"].rows, kind)
+        if not by:
+            continue
+        for span, ls in (("all layers", layers), (f"layers {layers[0]}..{layers[-2]}", layers[:-1] or layers)):
+            out.append({"saes": label, "over": span, **{k: _mean(by, ls, k) for k, _, _ in METRICS}})
+    return out
+
+
+def render_page(data: dict) -> str:
+    run, base, result, rc = data["run"], data["base"], data["result"], data["report_cfg"]
+    plan = run.plan
+    layers, groups = plan.layers, plan.groups
+    ours, theirs = _by_layer(result.rows, "group"), _by_layer(result.rows, "baseline")
+    parts: list[str] = []
+
+    # --- summary
+    parts.append(_section_open("summary"))
+    parts.append(
+        f"<p>Run <code>{html.escape(str(run.layout.root))}</code>: model <b>{html.escape(plan.data['model']['source'])}</b>, "
+        f"{len(layers)} layers in <b>{len(groups)} groups</b> "
+        f"({', '.join(f'{g[0]}–{g[-1]}' if len(g) > 1 else str(g[0]) for g in groups)}). "
+        f"Evals on {result.eval_tokens:,} held-out tokens (harvest never stored them); spliced CE and KL on the first "
+        f"{result.ce_tokens:,} predictions. Clean CE {result.clean_ce:.4f} nats/token."
+        + (
+            f" Baseline: <code>{html.escape(str(base.layout.root))}</code> (per-layer SAEs)."
+            if base
+            else " No baseline given (<code>--baseline RUN</code> adds per-layer SAEs)."
+        )
+        + "</p>"
+    )
+    heads = ["SAEs", "over"] + [h for _, h, _ in METRICS]
+    parts.append(
+        _table(heads, [[r["saes"], r["over"]] + [_fmt(r[k], f) for k, _, f in METRICS] for r in headline(data)])
+    )
+    missing = [g for g in plan.group_names if g not in {t.name for t in run.targets}]
+    if missing:
+        parts.append(f'<p class="warn">Partial report: no SAE for {", ".join(missing)}.</p>')
+    parts.append("</section>")
+
+    # --- evals per layer
+    parts.append(_section_open("evals"))
+    parts.append(
+        "<p>Each layer's rows are reconstructed by the SAE of its group (normalised by that layer's factor, "
+        "reconstructed in raw units). ΔCE: CE with the reconstruction spliced in at that layer alone, minus clean CE; "
+        "CE score: 1 − ΔCE / (CE with the layer zeroed − clean CE); KL: from the clean next-token distribution. "
+        "Special tokens (BOS/EOS) are neither evaluated nor replaced, as harvest never stores them.</p>"
+    )
+    rows = []
+    for layer in layers:
+        r = ours.get(layer)
+        if r:
+            rows.append([str(layer), r["sae"]] + [_fmt(r.get(k), f) for k, _, f in METRICS])
+    parts.append(_table(["layer", "SAE"] + [h for _, h, _ in METRICS], rows))
+    for key in PLOTTED:
+        if not any(key in r for r in ours.values()):
+            continue
+        heading = dict((k, h) for k, h, _ in METRICS)[key]
+        parts.append(
+            _img(
+                plots.per_layer_metric(
+                    layers,
+                    [ours.get(x, {}).get(key, np.nan) for x in layers],
+                    groups,
+                    heading,
+                    [theirs.get(x, {}).get(key, np.nan) for x in layers] if theirs else None,
+                ),
+                f"{heading} per layer",
+            )
+        )
+    parts.append("</section>")
+
+    # --- baseline
+    parts.append(_section_open("baseline"))
+    if theirs:
+        cmp_keys = ["fvu", "delta_ce_pct", "kl", "ce_score", "l0", "dead_pct"]
+        names = dict((k, h) for k, h, _ in METRICS)
+        mm = {r["layer"]: r["mmcs"] for r in data["mmcs"]}
+        heads = ["layer"] + [f"{names[k]} {side}" for k in cmp_keys for side in ("group", "per-layer")] + ["MMCS"]
+        rows = []
+        for layer in layers:
+            a, b = ours.get(layer, {}), theirs.get(layer, {})
+            row = [str(layer)]
+            for k in cmp_keys:
+                spec = dict((kk, f) for kk, _, f in METRICS)[k]
+                row += [_fmt(a.get(k), spec), _fmt(b.get(k), spec)]
+            rows.append(row + [_fmt(mm.get(layer))])
+        parts.append(_table(heads, rows, "wide"))
+        if data["mmcs"]:
+            parts.append(
+                _img(
+                    plots.per_layer_metric(
+                        layers, [mm.get(x, np.nan) for x in layers], groups, "MMCS: group decoder vs per-layer decoder"
+                    ),
+                    "MMCS per layer",
+                )
+            )
+        parts.append(
+            "<p>MMCS: for each latent of the group SAE, the best cosine similarity with a decoder row of that "
+            "layer's per-layer SAE, averaged.</p>"
+        )
+    else:
+        parts.append(
+            "<p>No baseline. Harvest the same model with <code>--groups per-layer</code>, fit it with the same "
+            "<code>fit.tokens</code>, and pass it as <code>ghsae report --baseline BASE_RUN</code>.</p>"
+        )
+    parts.append("</section>")
+
+    # --- density
+    parts.append(_section_open("latents-density"))
+    dens = result.densities
+    group_d = {t.name: dens[t.name] for t in run.targets}
+    parts.append(_img(plots.density_histogram(group_d, "group SAEs"), "latent density, group SAEs"))
+    if base:
+        base_d = {t.name: dens[t.name] for t in base.targets}
+        parts.append(_img(plots.density_histogram(base_d, "per-layer SAEs"), "latent density, per-layer SAEs"))
+    drows = [
+        [
+            html.escape(t.name),
+            str(t.sae.cfg.n_latents),
+            _fmt(100.0 * float((dens[t.name] == 0).mean()), "{:.1f}"),
+            _fmt(100.0 * float((dens[t.name] > 0.1).mean()), "{:.1f}"),
+        ]
+        for t in run.targets + (base.targets if base else [])
+    ]
+    parts.append(_table(["SAE", "latents", "dead % (never active on eval)", "dense % (> 10% of tokens)"], drows))
+    parts.append("</section>")
+
+    # --- clustering
+    cl = data["clustering"]
+    parts.append(_section_open("clustering"))
+    parts.append(
+        f"<p>Angular distance arccos(cos)/π between layers' residual streams on {cl['probe_tokens']:,} probe tokens; "
+        f"the partition used <b>{cl['distance']}</b> distances, objective <code>{cl['objective']}</code>, "
+        f"threshold {cl['threshold']:g}. White squares: the groups.</p>"
+    )
+    parts.append(_img(plots.distance_heatmap(cl["raw"], cl["layers"], groups, "raw angular distance"), "raw heatmap"))
+    parts.append(
+        _img(plots.distance_heatmap(cl["centred"], cl["layers"], groups, "centred angular distance"), "centred heatmap")
+    )
+    parts.append(_img(plots.amad_curve(cl["dp_amad"], cl["linkage_amad"], cl["threshold"], len(groups)), "AMAD curve"))
+
+    def spans(gs):
+        return ", ".join(f"{g[0]}–{g[-1]}" if len(g) > 1 and g == list(range(g[0], g[-1] + 1)) else str(g) for g in gs)
+
+    parts.append(
+        _table(
+            ["method", "groups", "AMAD"],
+            [
+                ["dynamic programme (contiguous, used)", spans(cl["chosen_groups"]), _fmt(cl["chosen_amad"])],
+                ["complete linkage (reference method)", spans(cl["linkage_groups"]), _fmt(cl["linkage_chosen_amad"])],
+            ],
+        )
+    )
+    parts.append("</section>")
+
+    # --- compute
+    c = data["compute"]
+    parts.append(_section_open("compute"))
+    A, T, TL = c["harvest_seconds"], c["fit_seconds_per_sae"], c["per_layer_fit_seconds_per_sae"]
+    mib = 2**20
+    parts.append(
+        _table(
+            ["", "grouped (this run)", f"per-layer ({c['per_layer_source']})"],
+            [
+                ["SAEs", str(c["groups"]), str(c["layers"])],
+                ["harvest A (s, measured)", _fmt(A, "{:.1f}"), _fmt(c["per_layer_harvest_seconds"], "{:.1f}")],
+                ["fit T per SAE (s)", _fmt(T, "{:.1f}"), _fmt(TL, "{:.1f}")],
+                ["training tokens per SAE", f"{c['fit_tokens_per_sae']:,}", ""],
+                [
+                    "A + G·T vs A + L·T (s)",
+                    _fmt(c["grouped_total_seconds"], "{:.1f}"),
+                    _fmt(c["per_layer_total_seconds"], "{:.1f}"),
+                ],
+                ["speed-up", "", _fmt(c["speedup"], "{:.2f}×")],
+                [
+                    "activation store on disk",
+                    _fmt(c["bytes_on_disk"] / mib, "{:,.1f} MiB"),
+                    _fmt(c["per_layer_bytes_on_disk"] / mib if c["per_layer_bytes_on_disk"] else None, "{:,.1f} MiB"),
+                ],
+                [
+                    "bytes per token",
+                    _fmt(c["bytes_per_token"], "{:,.0f}"),
+                    _fmt(c["per_layer_bytes_per_token"], "{:,.0f}") + " (every layer)",
+                ],
+            ],
+        )
+    )
+    parts.append("</section>")
+
+    # --- training curves
+    parts.append(_section_open("training"))
+    if data["curves"]:
+        parts.append(_img(plots.training_curves(data["curves"]), "training curves"))
+    parts.append("</section>")
+
+    # --- latents
+    parts.append(_section_open("latents"))
+    parts.append(
+        f"<p>For a random sample of each SAE's latents that fired on the eval tokens: the {rc.examples_per_latent} "
+        "held-out contexts where each fires hardest, the firing token <mark>marked</mark>, and the layer the row "
+        "came from.</p>"
+    )
+    for t in run.targets + (base.targets if base else []):
+        parts.append(_latent_block(t.name, result.examples[t.name], data, rc))
+    parts.append("</section>")
+
+    toc = "".join(f'<li><a href="#{sid}">{html.escape(title)}</a></li>' for sid, title in SECTIONS)
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>ghsae report</title>"
+        f"<style>{_CSS}</style></head><body><h1>ghsae report</h1><p class='small'>written {stamp}</p>"
+        f"<nav><ol>{toc}</ol></nav>{''.join(parts)}</body></html>"
+    )
+
+
+def _section_open(sid: str) -> str:
+    return f'<section id="{sid}"><h2>{html.escape(dict(SECTIONS)[sid])}</h2>'
+
+
+def _latent_block(name: str, ex, data: dict, rc) -> str:
+    contexts, text = data["contexts"], data["token_text"]
+    shown = 0
+    blocks = [f"<h3>{html.escape(name)}</h3>"]
+    for i, latent in enumerate(ex.latents.tolist()):
+        if shown >= rc.latents_shown:
+            break
+        vals = ex.values[i]
+        live = [j for j in range(vals.numel()) if float(vals[j]) > 0]
+        if not live:
+            continue
+        shown += 1
+        lines = []
+        for j in live:
+            ctx, pos, layer = ex.where[i, j].tolist()
+            lo, hi = max(0, pos - rc.window), min(contexts.shape[1], pos + rc.window // 4 + 1)
+            toks = []
+            for p in range(lo, hi):
+                s = html.escape(text.get(int(contexts[ctx, p]), "?")).replace("\n", "↵")
+                toks.append(f"<mark>{s}</mark>" if p == pos else s)
+            lines.append(
+                f"<li><span class='act'>{float(vals[j]):.2f}</span> <span class='small'>layer {layer}</span> "
+                f"<span class='ctx'>{''.join(toks)}</span></li>"
+            )
+        blocks.append(f"<p>latent {latent}</p><ul class='examples'>{''.join(lines)}</ul>")
+    if shown == 0:
+        blocks.append("<p>none of the sampled latents fired on the eval tokens.</p>")
+    return "".join(blocks)
+
+
+def render_summary(data: dict) -> str:
+    run, result, c = data["run"], data["result"], data["compute"]
+    plan = run.plan
+    lines = [
+        f"# ghsae report: {plan.data['model']['source']}",
+        "",
+        f"{len(plan.layers)} layers, {len(plan.groups)} groups: "
+        + ", ".join(f"{g[0]}-{g[-1]}" for g in plan.groups)
+        + f". Eval: {result.eval_tokens:,} held-out tokens; spliced CE on {result.ce_tokens:,}; "
+        f"clean CE {result.clean_ce:.4f}.",
+        "",
+        "| SAEs | over | " + " | ".join(h for _, h, _ in METRICS) + " |",
+        "|---|---|" + "---|" * len(METRICS),
+    ]
+    for r in headline(data):
+        lines.append(f"| {r['saes']} | {r['over']} | " + " | ".join(_fmt(r[k], f) for k, _, f in METRICS) + " |")
+    lines += [
+        "",
+        "| layer | SAE | FVU | ΔCE % | KL | L0 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted((r for r in result.rows if r["kind"] == "group"), key=lambda r: r["layer"]):
+        lines.append(
+            f"| {r['layer']} | {r['sae']} | {r['fvu']:.3f} | {_fmt(r.get('delta_ce_pct'), '{:.2f}')} | "
+            f"{_fmt(r.get('kl'), '{:.4f}')} | {r['l0']:.1f} |"
+        )
+    lines += [
+        "",
+        f"Compute: A = {_fmt(c['harvest_seconds'], '{:.1f}')} s, T = {c['fit_seconds_per_sae']:.1f} s per SAE; "
+        f"A + G·T = {c['grouped_total_seconds']:.1f} s against A + L·T = {c['per_layer_total_seconds']:.1f} s "
+        f"({c['per_layer_source']}): {c['speedup']:.2f}x. Storage {c['bytes_per_token']:,.0f} B/token against "
+        f"{c['per_layer_bytes_per_token']:,} for every layer.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+table{border-collapse:collapse;margin:.8em 0;font-size:.85em}
+th,td{border:1px solid #ccc;padding:.2em .5em;text-align:right}
+th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
+table.wide{font-size:.75em}
+img{max-width:100%;display:block;margin:.5em 0}
+section{border-top:2px solid #ddd;margin-top:2em}
+.small{color:#777;font-size:.85em} .warn{color:#a00}
+mark{background:#ffd54f;font-weight:bold}
+.ctx{font-family:ui-monospace,monospace;white-space:pre-wrap;font-size:.85em}
+.act{display:inline-block;min-width:3.5em;font-family:ui-monospace,monospace}
+ul.examples{list-style:none;padding-left:.5em}
+"""

@@ -1,0 +1,105 @@
+"""The report's figures, each returned as PNG bytes so the HTML page can embed them."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on cluster nodes; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+GROUP_COLOUR, BASE_COLOUR = "#1f77b4", "#d62728"
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _shade_groups(ax, groups: list[list[int]]) -> None:
+    for i, g in enumerate(groups):
+        if i % 2:
+            ax.axvspan(g[0] - 0.5, g[-1] + 0.5, color="0.93", zorder=0)
+
+
+def per_layer_metric(
+    layers: list[int],
+    ours: list[float],
+    groups: list[list[int]],
+    title: str,
+    baseline: list[float] | None = None,
+    log: bool = False,
+) -> bytes:
+    fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    _shade_groups(ax, groups)
+    ax.plot(layers, ours, "o-", color=GROUP_COLOUR, ms=3, label="group SAEs")
+    if baseline is not None:
+        ax.plot(layers, baseline, "s--", color=BASE_COLOUR, ms=3, label="per-layer SAEs")
+        ax.legend(fontsize=8)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("layer (shaded bands: groups)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def density_histogram(densities: dict[str, np.ndarray], title: str) -> bytes:
+    """log10 firing rate per latent; latents that never fired are counted at the left edge."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    floor = -7.0
+    bins = np.linspace(floor, 0, 57).tolist()
+    for name, d in densities.items():
+        logd = np.where(d > 0, np.log10(np.maximum(d, 1e-30)), floor)
+        ax.hist(np.clip(logd, floor, 0), bins=bins, histtype="step", label=f"{name} ({int((d == 0).sum())} dead)")
+    ax.set_xlabel(f"log10 firing rate on the eval tokens (dead latents at {floor:g})")
+    ax.set_ylabel("latents")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def distance_heatmap(dist: np.ndarray, layers: list[int], groups: list[list[int]], title: str) -> bytes:
+    fig, ax = plt.subplots(figsize=(4.6, 4.0))
+    im = ax.imshow(dist, cmap="viridis", origin="upper", extent=(-0.5, len(layers) - 0.5, len(layers) - 0.5, -0.5))
+    pos = {layer: i for i, layer in enumerate(layers)}
+    for g in groups:
+        a, b = pos[g[0]] - 0.5, pos[g[-1]] + 0.5
+        ax.plot([a, b, b, a, a], [a, a, b, b, a], color="white", lw=1.2)
+    ticks = list(range(0, len(layers), max(1, len(layers) // 10)))
+    ax.set_xticks(ticks, [str(layers[i]) for i in ticks])
+    ax.set_yticks(ticks, [str(layers[i]) for i in ticks])
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="angular distance")
+    return _png(fig)
+
+
+def amad_curve(dp_amad: np.ndarray, linkage_amad: np.ndarray, threshold: float, chosen: int) -> bytes:
+    g = np.arange(1, len(dp_amad) + 1)
+    fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    ax.plot(g, dp_amad, "o-", ms=3, label="contiguous partition (dynamic programme)")
+    ax.plot(g, linkage_amad, "x--", ms=4, label="complete linkage (not contiguous)")
+    ax.axhline(threshold, color="0.4", ls=":", label=f"threshold {threshold:g}")
+    ax.axvline(chosen, color=GROUP_COLOUR, lw=1, label=f"chosen G = {chosen}")
+    ax.set_xlabel("number of groups G")
+    ax.set_ylabel("AMAD")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def training_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """FVU of each SAE's training batches against training tokens."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.0))
+    for name, (tokens, fvu) in curves.items():
+        ax.plot(tokens, fvu, label=name, lw=1)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("batch FVU")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return _png(fig)

@@ -1,0 +1,80 @@
+"""The report's metric functions against values worked out by hand, and the spliced forward pass."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ghsae.analysis.metrics import ReconstructionSums, ce_loss_score, mmcs, token_cross_entropy, token_kl
+from ghsae.analysis.splice import Splicer
+from ghsae.harvest.model import load_model
+
+
+def test_reconstruction_metrics_by_hand():
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0]])  # mean (2, 0); total squared deviation 2
+    r = torch.tensor([[1.0, 0.0], [2.0, 0.0]])  # errors (0,0), (1,0): SSE 1
+    z = torch.tensor([[1.0, 0.0, 0.0], [2.0, 3.0, 0.0]])  # L0 1 and 2; latent 2 never fires
+    sums = ReconstructionSums(d_model=2)
+    sums.add(x[:1], r[:1], z[:1])  # in two batches: the sums must not care
+    sums.add(x[1:], r[1:], z[1:])
+    m = sums.finish()
+    assert m["rows"] == 2 and m["l0"] == 1.5
+    assert m["mse"] == pytest.approx(1 / 4)  # SSE / (rows * d)
+    assert m["fvu"] == pytest.approx(0.5)  # 1 / 2
+    # errors have mean (0.5, 0): residual variance 2 * 0.25 = 0.5, explained variance 1 - 0.5/2
+    assert m["explained_variance"] == pytest.approx(0.75)
+    assert m["cosine"] == pytest.approx(1.0)  # reconstructions are parallel to x
+    assert m["dead_pct"] == pytest.approx(100 / 3)
+    assert sums.density().tolist() == [1.0, 0.5, 0.0]
+
+
+def test_cross_entropy_kl_and_ce_score_by_hand():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+    assert token_cross_entropy(logits, torch.tensor([1])).item() == pytest.approx(math.log(4))
+    clean = torch.log_softmax(logits, -1)
+    assert token_kl(clean, logits).item() == pytest.approx(0.0, abs=1e-7)
+    other = torch.log(torch.tensor([[0.25, 0.5, 0.25]]))
+    expected = 0.5 * math.log(2) + 0.25 * math.log(0.5)  # sum p log(p/q)
+    assert token_kl(clean, other).item() == pytest.approx(expected)
+    assert ce_loss_score(clean_ce=2.0, spliced_ce=2.0, zero_ce=6.0) == 1.0
+    assert ce_loss_score(clean_ce=2.0, spliced_ce=6.0, zero_ce=6.0) == 0.0
+    assert ce_loss_score(clean_ce=2.0, spliced_ce=3.0, zero_ce=6.0) == 0.75
+
+
+def test_mmcs_by_hand():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    b = torch.tensor([[1.0, 1.0], [0.0, -1.0]])
+    # row 1 best matches (1,1) at cos 1/sqrt2; row 2 also (1,1) at 1/sqrt2 ((0,-1) is -1)
+    assert mmcs(a, b) == pytest.approx(1 / math.sqrt(2))
+    assert mmcs(a, a) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "neox", "gpt2"])
+def test_a_spliced_pass_equals_a_full_pass_with_the_layer_replaced(tiny_models, arch):
+    lm = load_model(str(tiny_models[arch]), "cpu", "float32")
+    ids = torch.randint(4, 300, (2, 24))
+    splicer = Splicer(lm)
+    resid, clean_logits = splicer.clean(ids)
+    assert sorted(resid) == list(range(lm.n_layers))
+    for layer in (0, 2, lm.n_layers - 1):
+        # replaying the clean state reproduces the clean logits without running blocks 0..layer
+        torch.testing.assert_close(splicer.spliced(ids, layer, resid[layer]), clean_logits, rtol=1e-5, atol=1e-5)
+        # a perturbed state gives what a full forward with that block's output overwritten gives
+        new = resid[layer] * 0.5 + 1.0
+
+        def overwrite(module, args, output, new=new):
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        handle = lm.blocks[layer].register_forward_hook(overwrite)
+        try:
+            with torch.inference_mode():
+                expected = lm.model(input_ids=ids, use_cache=False).logits
+        finally:
+            handle.remove()
+        got = splicer.spliced(ids, layer, new)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, clean_logits, atol=1e-3), "the splice must change the output"
+    # the blocks are restored afterwards
+    assert all(type(b).__name__ != "_StandIn" for b in lm.blocks)

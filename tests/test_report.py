@@ -1,0 +1,159 @@
+"""`ghsae report` end to end on tiny runs: the page holds every section with its figures, the
+numbers are consistent with the metric definitions, and bad input is refused with the reason."""
+
+from __future__ import annotations
+
+import shutil
+from html.parser import HTMLParser
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import tiny_config
+from ghsae.analysis.evals import EvalTarget, evaluate
+from ghsae.analysis.page import SECTIONS
+from ghsae.analysis.report import write_report
+from ghsae.cli import main
+from ghsae.errors import ConfigError, StoreError
+from ghsae.harvest.model import load_model
+from ghsae.harvest.run import harvest
+from ghsae.train.fit import fit
+from ghsae.train.sae import SAEConfig, build_sae
+
+FIT = {"fit.expansion": 2, "fit.k": 4, "fit.batch_size": 128, "fit.tokens": 1024, "fit.lr": 3e-3}
+REPORT = {"report.ce_tokens": 128, "report.latents_shown": 2, "report.examples_per_latent": 2}
+
+
+@pytest.fixture(scope="module")
+def fitted_runs(tmp_path_factory, tiny_llama, text_dataset, tiny_lm):
+    """A grouped run (0-2, 3-5) and a per-layer baseline of the same model and data, both fitted."""
+    root = tmp_path_factory.mktemp("report")
+    runs = {}
+    for name, groups in (("grouped", [[0, 2], [3, 5]]), ("per_layer", "per-layer")):
+        cfg = tiny_config(tiny_llama, text_dataset, **{"grouping.groups": groups, **FIT, **REPORT})
+        harvest(cfg, root / name, progress=False, lm=tiny_lm)
+        fit(cfg, root / name, progress=False)
+        runs[name] = (cfg, root / name)
+    return runs
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sections: dict[str, int] = {}  # section id -> inline images in it
+        self.current = None
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.current = attrs["id"]
+            self.sections[self.current] = 0
+        if tag == "img":
+            assert attrs["src"].startswith("data:image/png;base64,"), "images must be embedded"
+            assert len(attrs["src"]) > 2000
+            self.sections[self.current] += 1
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_report_with_a_baseline_holds_every_section_and_figure(fitted_runs, tiny_lm):
+    cfg, run = fitted_runs["grouped"]
+    _, base = fitted_runs["per_layer"]
+    out = write_report(cfg, run, base, progress=False, lm=tiny_lm)
+    page = _Page()
+    page.feed((out / "report.html").read_text())
+    assert list(page.sections) == [sid for sid, _ in SECTIONS]
+    images = page.sections
+    assert images["evals"] >= 8 and images["baseline"] == 1 and images["latents-density"] == 2
+    assert images["clustering"] == 3 and images["training"] == 1
+    text = " ".join(page.text)
+    assert "complete linkage" in text and "A + G·T" in text and "latent " in text
+    rows = pq.read_table(out / "metrics.parquet").to_pylist()
+    # one row per (SAE, layer): 2 group SAEs over 6 layers, 6 per-layer SAEs
+    assert sorted((r["kind"], r["layer"]) for r in rows) == sorted(
+        [("group", x) for x in range(6)] + [("baseline", x) for x in range(6)]
+    )
+    for r in rows:
+        assert 0 <= r["fvu"] < 1.5 and r["l0"] <= 4 + 1e-9  # (a random model: zeroing may not hurt)
+        assert r["delta_ce"] == pytest.approx(r["ce_spliced"] - r["ce_clean"])
+        assert r["kl"] >= -1e-6
+    summary = (out / "summary.md").read_text()
+    assert "per-layer SAEs" in summary and "A + G·T" in summary
+
+
+def test_delta_ce_is_zero_for_an_exact_reconstruction_and_large_for_zero(tiny_llama):
+    """An SAE that reconstructs exactly splices in with zero delta CE and KL; one that outputs 0 is the ablation."""
+    # A random model barely depends on its input; sharpen its unembedding and evaluate it on its own greedy
+    # continuations, so the clean CE is low and destroying a layer shows.
+    lm = load_model(str(tiny_llama), "cpu", "float32")
+    with torch.no_grad():
+        lm.model.lm_head.weight.mul_(40.0)
+        ids = torch.randint(4, 300, (4, 8))
+        while ids.shape[1] < 32:
+            ids = torch.cat([ids, lm.model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+    contexts = ids.numpy()
+    contexts[:, 0] = 1  # a BOS, never replaced
+    d = lm.d_model
+    identity = build_sae(SAEConfig(architecture="relu", d_model=d, n_latents=2 * d, layers=[2]))
+    zero = build_sae(SAEConfig(architecture="relu", d_model=d, n_latents=2 * d, layers=[2]))
+    with torch.no_grad():
+        # latents [relu(x), relu(-x)] decode back to x exactly
+        identity.W_enc.copy_(torch.cat([torch.eye(d), -torch.eye(d)], dim=1))
+        identity.W_dec.copy_(torch.cat([torch.eye(d), -torch.eye(d)], dim=0))
+        zero.W_dec.zero_()
+        zero.W_enc.zero_()
+    result = evaluate(
+        lm,
+        contexts,
+        [EvalTarget("identity", "group", identity), EvalTarget("zero", "group", zero)],
+        special_ids=[0, 1, 2, 3],
+        ce_contexts=4,
+        batch_contexts=2,
+        progress=False,
+    )
+    by = {r["sae"]: r for r in result.rows}
+    assert by["identity"]["fvu"] == pytest.approx(0.0, abs=1e-10)
+    assert by["identity"]["delta_ce"] == pytest.approx(0.0, abs=1e-5)
+    assert by["identity"]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert by["identity"]["ce_score"] == pytest.approx(1.0, abs=1e-4)
+    assert by["zero"]["ce_spliced"] == pytest.approx(by["zero"]["ce_zero_ablation"], rel=1e-6)
+    assert by["zero"]["ce_score"] == pytest.approx(0.0, abs=1e-6)
+    assert by["zero"]["delta_ce"] > 1.0 and by["zero"]["kl"] > 1.0, by["zero"]
+    assert by["zero"]["fvu"] > 0.9 and by["zero"]["dead_pct"] == 100.0
+
+
+def test_missing_saes_are_named_and_allow_partial_reports_the_rest(fitted_runs, tmp_path, tiny_lm):
+    cfg, run = fitted_runs["grouped"]
+    partial = tmp_path / "partial"
+    shutil.copytree(run, partial)
+    shutil.rmtree(partial / "saes" / "group_01")
+    shutil.rmtree(partial / "report", ignore_errors=True)
+    result = CliRunner().invoke(main, ["report", "--run-dir", str(partial)])
+    assert result.exit_code == 2
+    assert "no trained SAE for group_01" in result.output and "--allow-partial" in result.output
+    out = write_report(cfg, partial, allow_partial=True, progress=False, lm=tiny_lm)
+    rows = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert sorted(r["layer"] for r in rows) == [0, 1, 2]
+    assert "Partial report: no SAE for group_01" in (out / "report.html").read_text()
+
+
+def test_a_mismatched_baseline_is_refused_with_the_reason(fitted_runs, tmp_path, tiny_models, text_dataset):
+    cfg, run = fitted_runs["grouped"]
+    # a grouped run is not a per-layer baseline
+    with pytest.raises(ConfigError, match="not per-layer"):
+        write_report(cfg, run, run, progress=False)
+    # another model
+    other_cfg = tiny_config(tiny_models["neox"], text_dataset, **{"grouping.groups": "per-layer", **FIT})
+    harvest(other_cfg, tmp_path / "other", progress=False)
+    with pytest.raises(ConfigError, match="its model is"):
+        write_report(cfg, run, tmp_path / "other", progress=False)
+    # a baseline with no SAEs at all
+    _, base = fitted_runs["per_layer"]
+    bare = tmp_path / "bare"
+    shutil.copytree(base, bare, ignore=shutil.ignore_patterns("saes"))
+    with pytest.raises(StoreError, match="baseline run .* has no trained SAE"):
+        write_report(cfg, run, bare, progress=False)
