@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ghsae.analysis.metrics import ReconstructionSums, ce_loss_score, token_cross_entropy, token_kl
+from ghsae.analysis.metrics import ReconstructionSums, ce_loss_score, token_ce_and_kl, token_cross_entropy
 from ghsae.analysis.splice import Splicer
 from ghsae.harvest.model import LoadedModel
 from ghsae.train.sae import SparseAutoencoder
@@ -47,16 +47,29 @@ class TopExamples:
         self.where = torch.zeros((s, self.per_latent, 3), dtype=torch.long)
 
     def add(self, z: torch.Tensor, coords: torch.Tensor, layer: int) -> None:
-        """z [N, m] latents of rows at coords [N, 2] (context, position) drawn from `layer`."""
+        """z [N, m] latents of rows at coords [N, 2] (context, position) drawn from `layer`.
+
+        A token is evaluated at every layer its SAE serves; it is kept once, at its strongest layer.
+        """
         vals = z[:, self.latents].T.float().cpu()  # [S, N]
         e = min(self.per_latent, vals.shape[1])
         top, idx = vals.topk(e, dim=1)
         where = torch.cat([coords[idx], torch.full((*idx.shape, 1), layer, dtype=torch.long)], dim=-1)
         all_vals = torch.cat([self.values, top], dim=1)
         all_where = torch.cat([self.where, where], dim=1)
-        keep = all_vals.topk(self.per_latent, dim=1).indices
-        self.values = all_vals.gather(1, keep)
-        self.where = all_where.gather(1, keep[..., None].expand(-1, -1, 3))
+        order = all_vals.argsort(dim=1, descending=True)
+        for s in range(all_vals.shape[0]):
+            seen: set[tuple[int, int]] = set()
+            kept = []
+            for j in order[s].tolist():
+                key = (int(all_where[s, j, 0]), int(all_where[s, j, 1]))
+                if all_vals[s, j] == -float("inf") or key not in seen:
+                    seen.add(key)
+                    kept.append(j)
+                if len(kept) == self.per_latent:
+                    break
+            self.values[s] = all_vals[s, kept]
+            self.where[s] = all_where[s, kept]
 
 
 @dataclass
@@ -74,6 +87,7 @@ class _CleanBatch:
         self.n_predictions = self.targets.numel()
         clean = logits[:, :-1].reshape(self.n_predictions, -1)
         self.clean_logprobs = torch.log_softmax(clean.float(), dim=-1)
+        self.clean_probs = self.clean_logprobs.exp()  # shared by every spliced pass of the batch
         self.clean_ce_sum = float(token_cross_entropy(clean, self.targets).sum())
 
     def spliced(self, layer: int, values: torch.Tensor) -> tuple[float, float]:
@@ -81,7 +95,8 @@ class _CleanBatch:
         new = self.resid[layer].clone()
         new[self.keep] = values.to(new.dtype)
         out = self.splicer.spliced(self.ids, layer, new)[:, :-1].reshape(self.n_predictions, -1)
-        return float(token_cross_entropy(out, self.targets).sum()), float(token_kl(self.clean_logprobs, out).sum())
+        ce, kl = token_ce_and_kl(self.clean_logprobs, out, self.targets, self.clean_probs)
+        return float(ce.sum()), float(kl.sum())
 
 
 @dataclass

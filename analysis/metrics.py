@@ -78,6 +78,20 @@ def token_kl(clean_logprobs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor
     return (clean_logprobs.exp() * (clean_logprobs - spliced)).sum(-1)
 
 
+def token_ce_and_kl(
+    clean_logprobs: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, clean_probs: torch.Tensor | None = None
+):
+    """Per-position CE of the targets and KL(clean || these logits), from one log-softmax over the vocabulary.
+
+    clean_probs (= clean_logprobs.exp()) may be passed in when many passes share one clean batch.
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    ce = -logprobs.gather(-1, targets[:, None])[:, 0]
+    p = clean_logprobs.exp() if clean_probs is None else clean_probs
+    kl = (p * (clean_logprobs - logprobs)).sum(-1)
+    return ce, kl
+
+
 def ce_loss_score(clean_ce: float, spliced_ce: float, zero_ce: float) -> float:
     """1 when splicing in the SAE costs nothing, 0 when it is as bad as zeroing the layer."""
     denom = zero_ce - clean_ce

@@ -29,11 +29,9 @@ from ghsae.errors import ConfigError, StoreError
 from ghsae.harvest.model import LoadedModel, load_model
 from ghsae.harvest.partition import amad, complete_linkage
 from ghsae.layout import RunLayout
-from ghsae.train.io import METRICS, SAE_CONFIG, SAE_WEIGHTS, load_sae
+from ghsae.train.io import METRICS, SAE_CONFIG, load_sae
 
 log = logging.getLogger(__name__)
-
-REPORT_DIR = "report"
 
 
 @dataclass
@@ -50,7 +48,7 @@ class RunSide:
 def load_side(run_dir: Path, kind: str, allow_partial: bool) -> RunSide:
     layout = RunLayout(run_dir)
     plan = load_plan(layout)
-    have = [g for g in plan.group_names if (layout.sae_dir(g) / SAE_WEIGHTS).is_file()]
+    have = [g for g in plan.group_names if layout.sae_trained(g)]
     missing = [g for g in plan.group_names if g not in have]
     what = "run" if kind == "group" else "baseline run"
     if not have:
@@ -242,7 +240,7 @@ def write_report(
         seed=cfg.fit.seed,
         progress=progress,
     )
-    out = run.layout.root / REPORT_DIR
+    out = run.layout.report
     out.mkdir(exist_ok=True)
     _write_parquet(out / "metrics.parquet", result)
     data = {

@@ -219,5 +219,7 @@ def run_info(layout: RunLayout) -> dict:
         "bytes_per_token": store_bytes / tokens if tokens else None,
         "per_layer_bytes_per_token": per_layer,
         "storage_ratio": (per_layer / (store_bytes / tokens)) if tokens and store_bytes else None,
+        "saes_trained": [g for g in plan.group_names if layout.sae_trained(g)],
+        "saes_missing": [g for g in plan.group_names if not layout.sae_trained(g)],
         "layer_norm_stats": read_json(layout.stats)["layers"] if layout.stats.is_file() else None,
     }

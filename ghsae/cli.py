@@ -44,6 +44,14 @@ def _config(config_path: str | None, overrides: dict) -> PipelineConfig:
     return load_config(config_path, overrides)
 
 
+def _quiet_libraries(no_progress: bool) -> None:
+    """--no-progress also silences transformers' own bars (model loading, GGUF de-quantising)."""
+    if no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 def main(verbose: bool) -> None:
@@ -72,6 +80,8 @@ def main(verbose: bool) -> None:
     "--plan-only", is_flag=True, help="Tokenise, probe and partition, then stop (the first step of an array job)."
 )
 @click.option("--overwrite", is_flag=True, help="Delete a run in --run-dir that has a different config.")
+@click.option("--workers", type=int, help="Spread the shards over a local dask cluster of N worker processes.")
+@click.option("--scheduler", help="Spread the shards over the dask cluster at this address (e.g. tcp://host:8786).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @_user_errors
 def harvest(
@@ -87,9 +97,12 @@ def harvest(
     shard_spec,
     plan_only,
     overwrite,
+    workers,
+    scheduler,
     no_progress,
 ):
     """Measure layer similarity, group the layers, and cache group-subsampled activations."""
+    _quiet_libraries(no_progress)
     from ghsae.harvest.run import ShardSlice, summary_line
     from ghsae.harvest.run import harvest as run_harvest
 
@@ -105,7 +118,15 @@ def harvest(
             "grouping.groups": _parse_groups(groups),
         },
     )
-    summary = run_harvest(cfg, Path(run_dir), ShardSlice.parse(shard_spec), overwrite, plan_only, not no_progress)
+    if workers or scheduler:
+        from ghsae.distributed import cluster_client, harvest_on_cluster
+
+        if shard_spec != "0/1" or plan_only:
+            raise ConfigError("--shard and --plan-only split work by hand; with --workers/--scheduler dask does it")
+        with cluster_client(workers, scheduler) as client:
+            summary = harvest_on_cluster(cfg, Path(run_dir), client, overwrite, not no_progress)
+    else:
+        summary = run_harvest(cfg, Path(run_dir), ShardSlice.parse(shard_spec), overwrite, plan_only, not no_progress)
     click.echo(summary_line(summary))
 
 
@@ -119,15 +140,24 @@ def harvest(
 @click.option("--architecture", help="topk | batchtopk | jumprelu | relu.")
 @click.option("--tokens", type=int, help="Training tokens per SAE (0: one pass over the group's rows).")
 @click.option("--allow-partial", is_flag=True, help="Train on the shards harvested so far.")
+@click.option("--workers", type=int, help="Train the groups in parallel on a local dask cluster of N processes.")
+@click.option("--scheduler", help="Train the groups on the dask cluster at this address.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @_user_errors
-def fit(config_path, run_dir, groups, device, architecture, tokens, allow_partial, no_progress):
+def fit(config_path, run_dir, groups, device, architecture, tokens, allow_partial, workers, scheduler, no_progress):
     """Train one SAE per layer group from the run's activation store."""
     from ghsae.train.fit import fit as run_fit
     from ghsae.train.fit import summary_lines
 
     cfg = _config(config_path, {"fit.device": device, "fit.architecture": architecture, "fit.tokens": tokens})
-    for line in summary_lines(run_fit(cfg, Path(run_dir), list(groups) or None, allow_partial, not no_progress)):
+    if workers or scheduler:
+        from ghsae.distributed import cluster_client, fit_on_cluster
+
+        with cluster_client(workers, scheduler) as client:
+            results = fit_on_cluster(cfg, Path(run_dir), client, list(groups) or None, allow_partial, not no_progress)
+    else:
+        results = run_fit(cfg, Path(run_dir), list(groups) or None, allow_partial, not no_progress)
+    for line in summary_lines(results):
         click.echo(line)
 
 
@@ -147,6 +177,7 @@ def fit(config_path, run_dir, groups, device, architecture, tokens, allow_partia
 @_user_errors
 def report(config_path, run_dir, baseline, allow_partial, device, no_progress):
     """Evaluate the run's SAEs on held-out tokens and write RUN/report/ (report.html, metrics.parquet, summary.md)."""
+    _quiet_libraries(no_progress)
     from ghsae.analysis.report import write_report
 
     cfg = _config(config_path, {"report.device": device})
@@ -174,6 +205,7 @@ def report(config_path, run_dir, baseline, allow_partial, device, no_progress):
 @_user_errors
 def run_pipeline(config_path, run_dir, model, dataset, tokens, groups, device, baseline, overwrite, no_progress):
     """The whole pipeline: harvest, fit every group's SAE, report. Each stage resumes where it stopped."""
+    _quiet_libraries(no_progress)
     import time
 
     from ghsae.analysis.report import write_report
@@ -243,6 +275,10 @@ def info(run_dir, as_json):
     click.echo(
         f"  shards {data['shards_done']}/{data['shards_total']} done"
         + (f", missing {data['shards_missing'][:20]}" if data["shards_missing"] else "")
+    )
+    click.echo(
+        f"  SAEs {len(data['saes_trained'])}/{len(data['group_names'])} trained"
+        + (f", missing {', '.join(data['saes_missing'])}" if data["saes_missing"] else "")
     )
     if data["bytes_per_token"]:
         click.echo(

@@ -77,7 +77,7 @@ class DataConfig:
 
 @dataclass
 class HarvestConfig:
-    tokens: int = 131_072
+    tokens: int = 98_304
     """Token positions to harvest (rounded up to whole contexts); each group stores one row per non-special token."""
     eval_tokens: int = 8_192
     """Token positions held out after the harvested ones, for the report's evals."""
@@ -213,7 +213,7 @@ class FitConfig:
 
 @dataclass
 class ReportConfig:
-    ce_tokens: int = 4_096
+    ce_tokens: int = 2_048
     """Held-out tokens (from the start of the eval split) over which spliced CE and KL are measured;
     every (SAE, layer) costs one pass of the blocks after its layer over them."""
     latents_shown: int = 8

@@ -25,6 +25,8 @@ SIMILARITY_FILE = "similarity.npz"
 ACTS_STORE = "acts.zarr"
 MANIFEST_DIR = "manifest"
 SAES_DIR = "saes"
+SAE_WEIGHTS = "sae.safetensors"  # written last by `ghsae fit`, beside cfg.json
+REPORT_DIR = "report"
 STATS_FILE = "stats.json"
 STATS_ARRAYS = "stats.npz"
 STAGING_PREFIX = ".staging-"
@@ -76,6 +78,14 @@ class RunLayout:
 
     def sae_dir(self, group: str) -> Path:
         return self.saes / group
+
+    def sae_trained(self, group: str) -> bool:
+        """A group's SAE is done once its final weights exist (checkpoints alone do not count)."""
+        return (self.sae_dir(group) / SAE_WEIGHTS).is_file()
+
+    @property
+    def report(self) -> Path:
+        return self.root / REPORT_DIR
 
     def shard_record(self, shard: int) -> Path:
         return self.manifest / f"shard-{shard:05d}.json"

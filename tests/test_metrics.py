@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from ghsae.analysis.metrics import ReconstructionSums, ce_loss_score, mmcs, token_cross_entropy, token_kl
+from ghsae.analysis.metrics import (
+    ReconstructionSums,
+    ce_loss_score,
+    mmcs,
+    token_ce_and_kl,
+    token_cross_entropy,
+    token_kl,
+)
 from ghsae.analysis.splice import Splicer
 from ghsae.harvest.model import load_model
 
@@ -38,6 +45,8 @@ def test_cross_entropy_kl_and_ce_score_by_hand():
     other = torch.log(torch.tensor([[0.25, 0.5, 0.25]]))
     expected = 0.5 * math.log(2) + 0.25 * math.log(0.5)  # sum p log(p/q)
     assert token_kl(clean, other).item() == pytest.approx(expected)
+    ce, kl = token_ce_and_kl(clean, other, torch.tensor([1]))  # the fused form used by the evals
+    assert ce.item() == pytest.approx(math.log(2)) and kl.item() == pytest.approx(expected)
     assert ce_loss_score(clean_ce=2.0, spliced_ce=2.0, zero_ce=6.0) == 1.0
     assert ce_loss_score(clean_ce=2.0, spliced_ce=6.0, zero_ce=6.0) == 0.0
     assert ce_loss_score(clean_ce=2.0, spliced_ce=3.0, zero_ce=6.0) == 0.75

@@ -16,6 +16,7 @@ from ghsae.analysis.evals import EvalTarget, evaluate
 from ghsae.analysis.page import SECTIONS
 from ghsae.analysis.report import write_report
 from ghsae.cli import main
+from ghsae.config import to_toml
 from ghsae.errors import ConfigError, StoreError
 from ghsae.harvest.model import load_model
 from ghsae.harvest.run import harvest
@@ -157,3 +158,18 @@ def test_a_mismatched_baseline_is_refused_with_the_reason(fitted_runs, tmp_path,
     shutil.copytree(base, bare, ignore=shutil.ignore_patterns("saes"))
     with pytest.raises(StoreError, match="baseline run .* has no trained SAE"):
         write_report(cfg, run, bare, progress=False)
+
+
+def test_ghsae_run_chains_harvest_fit_and_report(tiny_llama, text_dataset, tmp_path):
+    config = tmp_path / "pipeline.toml"
+    config.write_text(to_toml(tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 2, **FIT, **REPORT})))
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", "--config", str(config), "--run-dir", str(run), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    starts = [line.split(" ")[0] for line in lines]
+    assert starts.index("harvested") < starts.index("group_00") < starts.index("group_01") < starts.index("report:")
+    assert (run / "report" / "report.html").is_file() and (run / "saes" / "group_01" / "sae.safetensors").is_file()
+    # a second run resumes everything: nothing harvested or trained again
+    again = CliRunner().invoke(main, ["run", "--config", str(config), "--run-dir", str(run), "--no-progress"])
+    assert again.exit_code == 0 and "in 0 shards" in again.output

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from ghsae.cache.manifest import load_plan
 from ghsae.errors import ConfigError, StoreError
 from ghsae.layout import RunLayout
-from ghsae.train.io import SAE_WEIGHTS, load_sae
+from ghsae.train.io import load_sae
 from ghsae.train.sae import BatchTopKSAE, JumpReLUSAE, SparseAutoencoder
 
 FORMATS = ("saelens",)
@@ -106,7 +106,7 @@ def export_run(run_dir: Path, out: Path, fmt: str = "saelens", overwrite: bool =
         raise ConfigError(f"--format {fmt!r} is not supported; expected one of {', '.join(FORMATS)}")
     layout = RunLayout(run_dir)
     plan = load_plan(layout)
-    missing = [g for g in plan.group_names if not (layout.sae_dir(g) / SAE_WEIGHTS).is_file()]
+    missing = [g for g in plan.group_names if not layout.sae_trained(g)]
     if missing:
         raise StoreError(f"{run_dir} has no trained SAE for {', '.join(missing)}; run `ghsae fit --run-dir {run_dir}`")
     width = len(str(max(plan.layers)))

@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from ghsae.cache.manifest import write_json_atomic
 from ghsae.errors import GhsaeError
+from ghsae.layout import SAE_WEIGHTS
 from ghsae.train.sae import SAEConfig, SparseAutoencoder, build_sae
 
 SAE_CONFIG = "cfg.json"
-SAE_WEIGHTS = "sae.safetensors"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.parquet"
 
@@ -30,12 +30,13 @@ class SAELoadError(GhsaeError):
 
 
 def save_sae(sae: SparseAutoencoder, folder: Path, extra: dict | None = None) -> None:
+    """cfg.json first, the weights last: the weights file's presence is what marks the SAE as trained."""
     folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / SAE_CONFIG, {"sae": sae.cfg.to_json(), **(extra or {})})
     tmp = folder / f".{SAE_WEIGHTS}.{uuid.uuid4().hex[:8]}.tmp"
     state = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
     save_file(state, str(tmp))
     os.replace(tmp, folder / SAE_WEIGHTS)
-    write_json_atomic(folder / SAE_CONFIG, {"sae": sae.cfg.to_json(), **(extra or {})})
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
