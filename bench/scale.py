@@ -1,0 +1,92 @@
+"""Harvest throughput on dask: one process, then LocalClusters of 1 and 2 worker processes, on the
+same small random Llama and generated text, in the same run.
+
+    python bench/scale.py [--tokens 65536] [--layers 8] [--d-model 256]
+
+Prints one JSON line of tokens/s per setting (the shard phase only: the clock starts after the plan
+step, which runs once in every setting) and the stores' equality. On a 2-core machine the speed-up
+from a second worker is bounded by the cores; the 1-worker figure against one process shows the
+engine's own overhead (task dispatch, the worker's model load, process start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny-model builders
+
+from conftest import generate_documents, save_tiny_model  # noqa: E402
+
+from ghsae.config import config_from_dict  # noqa: E402
+from ghsae.distributed import cluster_client, harvest_on_cluster  # noqa: E402
+from ghsae.harvest.model import load_model  # noqa: E402
+from ghsae.harvest.run import harvest  # noqa: E402
+
+
+def store_bytes(run: Path) -> dict[str, bytes]:
+    root = run / "acts.zarr"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--d-model", type=int, default=256)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="ghsae-bench-scale-"))
+    model = save_tiny_model(tmp / "model", "llama", n_layers=args.layers, d_model=args.d_model)
+    data = tmp / "docs.txt"
+    random.seed(0)
+    data.write_text("\n\n".join(generate_documents(args.tokens // 40, seed=1, min_words=60, max_words=200)))
+    cfg = config_from_dict(
+        {
+            "model": {"path": str(model), "device": "cpu"},
+            "data": {"dataset": str(data), "context_length": 128},
+            "harvest": {"tokens": args.tokens, "eval_tokens": 0, "probe_tokens": 2048, "shard_tokens": 8192},
+            "grouping": {"groups": 2},
+            "storage": {"chunk_rows": 1024},
+        }
+    )
+    results = {}
+    # the plan once, copied to every setting, so each timing covers the shards only
+    lm = load_model(str(model), "cpu", "float32")
+    harvest(cfg, tmp / "planned", plan_only=True, progress=False, lm=lm)
+
+    def fresh(name: str) -> Path:
+        import shutil
+
+        shutil.copytree(tmp / "planned", tmp / name)
+        return tmp / name
+
+    run = fresh("one_process")
+    t0 = time.perf_counter()
+    harvest(cfg, run, progress=False, lm=lm)
+    results["one_process_tok_s"] = args.tokens / (time.perf_counter() - t0)
+    for workers in (1, 2):
+        run = fresh(f"dask_{workers}")
+        with cluster_client(workers, None) as client:
+            t0 = time.perf_counter()
+            harvest_on_cluster(cfg, run, client, progress=False)
+            results[f"dask_{workers}_workers_tok_s"] = args.tokens / (time.perf_counter() - t0)
+    reference = store_bytes(tmp / "one_process")
+    results["stores_identical"] = all(store_bytes(tmp / f"dask_{w}") == reference for w in (1, 2))
+    print(
+        json.dumps(
+            {
+                "model": f"random llama, {args.layers} layers, d={args.d_model}",
+                "tokens": args.tokens,
+                **{k: round(v, 1) if isinstance(v, float) else v for k, v in results.items()},
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
