@@ -22,7 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny-model builders
 
 from conftest import generate_documents, save_tiny_model  # noqa: E402
-
 from ghsae.config import config_from_dict  # noqa: E402
 from ghsae.distributed import cluster_client, harvest_on_cluster  # noqa: E402
 from ghsae.harvest.model import load_model  # noqa: E402
