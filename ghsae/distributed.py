@@ -82,12 +82,11 @@ def plan_task(cfg_dict: dict, run_dir: str, overwrite: bool, threads: int | None
 
 def shard_task(cfg_dict: dict, run_dir: str, shard: int, n_shards: int, threads: int | None) -> int:
     """Produce one shard (skipped when already done). Returns the token positions written."""
-    from ghsae.harvest.run import ShardSlice, harvest
+    from ghsae.harvest.run import produce_shards
 
     _worker_setup(threads)
     cfg = config_from_dict(cfg_dict)
-    summary = harvest(cfg, run_dir, ShardSlice(shard, n_shards), progress=False, lm=_worker_model(cfg))
-    return summary.tokens_written
+    return produce_shards(cfg, run_dir, [shard], _worker_model(cfg))
 
 
 def fit_task(cfg_dict: dict, run_dir: str, group: str, allow_partial: bool, threads: int | None):

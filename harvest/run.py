@@ -194,6 +194,23 @@ def harvest(
     return summary
 
 
+def produce_shards(cfg: PipelineConfig, run_dir: str | Path, shards: list[int], lm: LoadedModel) -> int:
+    """Write the listed shards of an already planned run (skipping done ones); returns token positions.
+
+    The lean path for a worker that is handed a few shards: the run folder, plan and store were
+    checked once by the plan step, so only what could differ per worker (config, model) is checked.
+    """
+    from ghsae.cache.manifest import load_plan
+
+    layout = RunLayout(Path(run_dir))
+    plan = load_plan(layout)
+    if plan.data["config_hash"] != cfg.identity_hash():
+        raise RunDirError(f"{layout.plan} was made by config {plan.data['config_hash']}, not {cfg.identity_hash()}")
+    check_model_matches_plan(lm, plan)
+    todo = [s for s in shards if not shard_done(layout, s)]
+    return write_shards(lm, cfg, layout, plan, ActivationStore.open(layout.acts), todo, progress=False)
+
+
 def write_shards(lm, cfg: PipelineConfig, layout: RunLayout, plan: Plan, store, todo: list[int], progress: bool) -> int:
     tokens = np.load(layout.tokens, mmap_mode="r")
     producer = ShardProducer(lm, plan, cfg.harvest.seed, cfg.harvest.batch_size, cfg.storage.dtype)
