@@ -220,7 +220,7 @@ def write_report(
     contexts = eval_contexts(run.layout, run.plan)
     rc = cfg.report
     if lm is None:
-        model_path = json.loads(run.layout.config.read_text())["model"]["path"]
+        model_path = json.loads(run.layout.config.read_text())["identity"]["model"]["path"]  # as harvested
         lm = load_model(model_path, rc.device, "auto")
     if lm.fingerprint != run.plan.data["model"]["fingerprint"]:
         raise ConfigError(

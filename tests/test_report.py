@@ -173,3 +173,14 @@ def test_ghsae_run_chains_harvest_fit_and_report(tiny_llama, text_dataset, tmp_p
     # a second run resumes everything: nothing harvested or trained again
     again = CliRunner().invoke(main, ["run", "--config", str(config), "--run-dir", str(run), "--no-progress"])
     assert again.exit_code == 0 and "in 0 shards" in again.output
+
+
+def test_the_report_command_loads_the_run_model_itself(fitted_runs, tmp_path):
+    cfg, run = fitted_runs["grouped"]
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report"))
+    config = tmp_path / "pipeline.toml"
+    config.write_text(to_toml(cfg))
+    result = CliRunner().invoke(main, ["report", "--config", str(config), "--run-dir", str(copy), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (copy / "report" / "report.html").is_file() and "report:" in result.output
