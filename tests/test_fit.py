@@ -230,3 +230,14 @@ def test_transfer_init_from_copies_a_neighbours_weights_and_keeps_its_own_normal
     shutil.rmtree(layout.sae_dir("group_01"))
     with pytest.raises(GhsaeError, match=r"init_from .* m=64; this group needs topk with d=32, m=128"):
         fit(wrong, layout.root, ["group_01"], progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the pinned-buffer, side-stream path)")
+def test_the_cuda_loader_delivers_the_same_batches_as_the_cpu_loader(tmp_path, tiny_llama, text_dataset, tiny_lm):
+    _, layout = harvested(tmp_path, tiny_llama, text_dataset, tiny_lm, **{"storage.chunk_rows": 128})
+    reader = reader_for(layout, "group_01")
+    args = dict(batch_size=100, seed=0, layers=[3, 4, 5], scale=torch.tensor([2.0, 3.0, 5.0]), buffer_chunks=3)
+    on_cpu = [b.x for b in ActivationLoader(reader, device=torch.device("cpu"), **args).batches(0)]
+    on_gpu = [b.x.cpu() for b in ActivationLoader(reader, device=torch.device("cuda"), **args).batches(0)]
+    assert len(on_cpu) == len(on_gpu) > 1
+    assert all(torch.equal(a, b) for a, b in zip(on_cpu, on_gpu)), "widening and scaling must match exactly"
