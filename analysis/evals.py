@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ghsae.analysis.metrics import ReconstructionSums, ce_loss_score, token_ce_and_kl, token_cross_entropy
+from ghsae.analysis.metrics import ReconstructionSums, ce_loss_score, token_ce_and_kl
 from ghsae.analysis.splice import Splicer
 from ghsae.harvest.model import LoadedModel
 from ghsae.train.sae import SparseAutoencoder
@@ -88,7 +88,8 @@ class _CleanBatch:
         clean = logits[:, :-1].reshape(self.n_predictions, -1)
         self.clean_logprobs = torch.log_softmax(clean.float(), dim=-1)
         self.clean_probs = self.clean_logprobs.exp()  # shared by every spliced pass of the batch
-        self.clean_ce_sum = float(token_cross_entropy(clean, self.targets).sum())
+        # the clean CE from the same log-softmax the KLs use, not a second one over the vocabulary
+        self.clean_ce_sum = -float(self.clean_logprobs.gather(-1, self.targets[:, None]).sum())
 
     def spliced(self, layer: int, values: torch.Tensor) -> tuple[float, float]:
         """(sum of CE, sum of KL) over the batch's predictions with `values` at layer's kept positions."""

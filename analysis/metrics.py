@@ -67,17 +67,6 @@ class ReconstructionSums:
         return self.fired.double() / max(self.rows, 1)
 
 
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-position next-token cross-entropy (nats): logits [N, V] for the targets [N]."""
-    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
-
-
-def token_kl(clean_logprobs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Per-position KL(clean || spliced) in nats, from the clean log-probabilities and spliced logits."""
-    spliced = torch.log_softmax(logits.float(), dim=-1)
-    return (clean_logprobs.exp() * (clean_logprobs - spliced)).sum(-1)
-
-
 def token_ce_and_kl(
     clean_logprobs: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, clean_probs: torch.Tensor | None = None
 ):

@@ -24,6 +24,8 @@ METRICS = [
     ("kl", "KL (nats)", "{:.4f}"),
     ("dead_pct", "dead % (this layer)", "{:.1f}"),
 ]
+HEADING = {key: heading for key, heading, _ in METRICS}
+FORMAT = {key: spec for key, _, spec in METRICS}
 PLOTTED = ["fvu", "delta_ce_pct", "kl", "ce_score", "l0", "explained_variance", "cosine", "dead_pct"]
 SECTIONS = [
     ("summary", "Summary"),
@@ -123,7 +125,7 @@ def render_page(data: dict) -> str:
     for key in PLOTTED:
         if not any(key in r for r in ours.values()):
             continue
-        heading = dict((k, h) for k, h, _ in METRICS)[key]
+        heading = HEADING[key]
         parts.append(
             _img(
                 plots.per_layer_metric(
@@ -142,16 +144,14 @@ def render_page(data: dict) -> str:
     parts.append(_section_open("baseline"))
     if theirs:
         cmp_keys = ["fvu", "delta_ce_pct", "kl", "ce_score", "l0", "dead_pct"]
-        names = dict((k, h) for k, h, _ in METRICS)
         mm = {r["layer"]: r["mmcs"] for r in data["mmcs"]}
-        heads = ["layer"] + [f"{names[k]} {side}" for k in cmp_keys for side in ("group", "per-layer")] + ["MMCS"]
+        heads = ["layer"] + [f"{HEADING[k]} {side}" for k in cmp_keys for side in ("group", "per-layer")] + ["MMCS"]
         rows = []
         for layer in layers:
             a, b = ours.get(layer, {}), theirs.get(layer, {})
             row = [str(layer)]
             for k in cmp_keys:
-                spec = dict((kk, f) for kk, _, f in METRICS)[k]
-                row += [_fmt(a.get(k), spec), _fmt(b.get(k), spec)]
+                row += [_fmt(a.get(k), FORMAT[k]), _fmt(b.get(k), FORMAT[k])]
             rows.append(row + [_fmt(mm.get(layer))])
         parts.append(_table(heads, rows, "wide"))
         if data["mmcs"]:

@@ -43,6 +43,7 @@ class RunSide:
     targets: list[EvalTarget]
     fit_seconds: dict[str, float]
     fit_tokens: dict[str, int]
+    folders: dict[str, Path]  # each target's SAE folder, by target name
 
 
 def load_side(run_dir: Path, kind: str, allow_partial: bool) -> RunSide:
@@ -58,15 +59,16 @@ def load_side(run_dir: Path, kind: str, allow_partial: bool) -> RunSide:
             f"the {what} {run_dir} has no trained SAE for {', '.join(missing)}; run `ghsae fit --run-dir {run_dir}` "
             "for them, or pass --allow-partial to report on the SAEs that exist"
         )
-    targets, seconds, tokens = [], {}, {}
+    targets, seconds, tokens, folders = [], {}, {}, {}
     for g in have:
         folder = layout.sae_dir(g)
         name = g if kind == "group" else f"per-layer {g}"
         targets.append(EvalTarget(name, kind, load_sae(folder)))
+        folders[name] = folder
         meta = read_json(folder / SAE_CONFIG)
         seconds[name] = float(meta.get("seconds", float("nan")))
         tokens[name] = int(meta.get("tokens", 0))
-    return RunSide(layout, plan, targets, seconds, tokens)
+    return RunSide(layout, plan, targets, seconds, tokens, folders)
 
 
 def check_baseline(run: Plan, base: Plan, base_dir: Path) -> None:
@@ -187,7 +189,7 @@ def mmcs_rows(run: RunSide, base: RunSide) -> list[dict]:
 def training_curves(side: RunSide) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     curves = {}
     for t in side.targets:
-        path = side.layout.sae_dir(t.name.removeprefix("per-layer ")) / METRICS
+        path = side.folders[t.name] / METRICS
         if path.is_file():
             table = pq.read_table(path, columns=["tokens", "fvu"])
             curves[t.name] = (table["tokens"].to_numpy(), table["fvu"].to_numpy())

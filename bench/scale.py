@@ -5,9 +5,9 @@ same small random Llama and generated text, in the same run.
 
 Prints one JSON line of tokens/s per setting and the stores' equality. The plan is made once and
 copied into every run folder, so each timing is the shard phase plus, on dask, the engine's own
-costs: "cold" runs include the workers' first imports and model load, "warm" ones reuse them. On a 2-core machine the speed-up
-from a second worker is bounded by the cores; the 1-worker figure against one process shows the
-engine's own overhead (task dispatch, the worker's model load, process start).
+costs: "cold" runs include the workers' first imports and model load, "warm" ones reuse them.
+On a 2-core machine the speed-up from a second worker is bounded by the cores; the 1-worker
+figure against one process shows the engine's own overhead (task dispatch, per-task set-up).
 """
 
 from __future__ import annotations
@@ -15,23 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny-model builders
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tiny-model builders, store comparison
+
+from test_resume import store_files  # noqa: E402
 
 from conftest import generate_documents, save_tiny_model  # noqa: E402
 from ghsae.config import config_from_dict  # noqa: E402
 from ghsae.distributed import cluster_client, harvest_on_cluster  # noqa: E402
 from ghsae.harvest.model import load_model  # noqa: E402
 from ghsae.harvest.run import harvest  # noqa: E402
-
-
-def store_bytes(run: Path) -> dict[str, bytes]:
-    root = run / "acts.zarr"
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def main() -> None:
@@ -60,8 +58,6 @@ def main() -> None:
     harvest(cfg, tmp / "planned", plan_only=True, progress=False, lm=lm)
 
     def fresh(name: str) -> Path:
-        import shutil
-
         shutil.copytree(tmp / "planned", tmp / name)
         return tmp / name
 
@@ -78,9 +74,9 @@ def main() -> None:
                 t0 = time.perf_counter()
                 harvest_on_cluster(cfg, run, client, progress=False)
                 results[f"dask_{workers}_workers_{state}_tok_s"] = args.tokens / (time.perf_counter() - t0)
-    reference = store_bytes(tmp / "one_process")
+    reference = store_files(tmp / "one_process")
     results["stores_identical"] = all(
-        store_bytes(tmp / f"dask_{w}_{state}") == reference for w in (1, 2) for state in ("cold", "warm")
+        store_files(tmp / f"dask_{w}_{state}") == reference for w in (1, 2) for state in ("cold", "warm")
     )
     print(
         json.dumps(

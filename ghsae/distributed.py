@@ -80,7 +80,7 @@ def plan_task(cfg_dict: dict, run_dir: str, overwrite: bool, threads: int | None
     return int(summary.info["shards_total"])
 
 
-def shard_task(cfg_dict: dict, run_dir: str, shard: int, n_shards: int, threads: int | None) -> int:
+def shard_task(cfg_dict: dict, run_dir: str, shard: int, threads: int | None) -> int:
     """Produce one shard (skipped when already done). Returns the token positions written."""
     from ghsae.harvest.run import produce_shards
 
@@ -146,7 +146,7 @@ def harvest_on_cluster(
     t0 = time.perf_counter()
     futures = [
         client.submit(
-            shard_fn, cfg_dict, run, s, n_shards, threads, key=f"ghsae-shard-{s}-{os.getpid()}", retries=TASK_RETRIES
+            shard_fn, cfg_dict, run, s, threads, key=f"ghsae-shard-{s}-{os.getpid()}", retries=TASK_RETRIES
         )
         for s in todo
     ]
@@ -176,14 +176,13 @@ def fit_on_cluster(
     progress: bool = True,
 ):
     """One task per group; each resumes from its own checkpoint. Returns FitResults in group order."""
+    from dask.distributed import as_completed
+
     from ghsae.cache.manifest import load_plan
     from ghsae.layout import RunLayout
+    from ghsae.train.fit import selected_groups
 
-    plan = load_plan(RunLayout(Path(run_dir)))
-    names = groups or plan.group_names
-    unknown = [g for g in names if g not in plan.group_names]
-    if unknown:
-        raise ConfigError(f"--group {unknown[0]} is not in this run; it has {', '.join(plan.group_names)}")
+    names = selected_groups(load_plan(RunLayout(Path(run_dir))), groups)
     threads = _threads_per_worker(client)
     futures = {
         g: client.submit(
@@ -198,8 +197,6 @@ def fit_on_cluster(
         )
         for g in names
     }
-    from dask.distributed import as_completed
-
     with tqdm(total=len(futures), unit="SAE", desc="fit", disable=not progress) as bar:
         for _ in as_completed(list(futures.values())):
             bar.update()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ghsae.cache.manifest import Plan, read_json, run_info, shard_done, write_json_atomic, write_run_stats
+from ghsae.cache.manifest import Plan, load_plan, read_json, run_info, shard_done, write_json_atomic, write_run_stats
 from ghsae.cache.store import ActivationStore, StoreGeometry
 from ghsae.config import PipelineConfig
 from ghsae.errors import ConfigError, RunDirError
@@ -145,6 +145,16 @@ def ensure_store(layout: RunLayout, plan: Plan, cfg: PipelineConfig) -> Activati
     return store
 
 
+def check_plan_matches(layout: RunLayout, plan: Plan, cfg: PipelineConfig, lm: LoadedModel) -> None:
+    """Refuse to write shards for a plan made by another config or another model."""
+    if plan.data["config_hash"] != cfg.identity_hash():
+        raise RunDirError(
+            f"{layout.plan} was made by config {plan.data['config_hash']}, this command's is {cfg.identity_hash()}; "
+            "use another --run-dir or pass --overwrite"
+        )
+    check_model_matches_plan(lm, plan)
+
+
 def check_model_matches_plan(lm: LoadedModel, plan: Plan) -> None:
     expected = plan.data["model"]["fingerprint"]
     if lm.fingerprint != expected:
@@ -171,13 +181,8 @@ def harvest(
         lm = load_model(cfg.model.path, cfg.model.device, cfg.model.dtype)
     layout.root.mkdir(parents=True, exist_ok=True)
     plan = ensure_plan(cfg, lm, layout, progress)
-    if plan.data["config_hash"] != cfg.identity_hash():
-        # prepare_run_dir checked before planning; a job of another config may have planned since
-        raise RunDirError(
-            f"{layout.plan} was made by config {plan.data['config_hash']}, this command's is {cfg.identity_hash()}; "
-            "use another --run-dir or pass --overwrite"
-        )
-    check_model_matches_plan(lm, plan)
+    # prepare_run_dir checked before planning; a job of another config may have planned since
+    check_plan_matches(layout, plan, cfg, lm)
     write_run_config(layout, cfg)
     store = ensure_store(layout, plan, cfg)
     layout.manifest.mkdir(exist_ok=True)
@@ -200,13 +205,9 @@ def produce_shards(cfg: PipelineConfig, run_dir: str | Path, shards: list[int], 
     The lean path for a worker that is handed a few shards: the run folder, plan and store were
     checked once by the plan step, so only what could differ per worker (config, model) is checked.
     """
-    from ghsae.cache.manifest import load_plan
-
     layout = RunLayout(Path(run_dir))
     plan = load_plan(layout)
-    if plan.data["config_hash"] != cfg.identity_hash():
-        raise RunDirError(f"{layout.plan} was made by config {plan.data['config_hash']}, not {cfg.identity_hash()}")
-    check_model_matches_plan(lm, plan)
+    check_plan_matches(layout, plan, cfg, lm)
     todo = [s for s in shards if not shard_done(layout, s)]
     return write_shards(lm, cfg, layout, plan, ActivationStore.open(layout.acts), todo, progress=False)
 

@@ -11,7 +11,7 @@ FAULT_DIR = "GHSAE_TEST_FAULT_DIR"
 DOOMED_SHARD = 1
 
 
-def die_once_mid_shard(cfg_dict: dict, run_dir: str, shard: int, n_shards: int, threads: int | None) -> int:
+def die_once_mid_shard(cfg_dict: dict, run_dir: str, shard: int, threads: int | None) -> int:
     """The first attempt at DOOMED_SHARD leaves half-written garbage in its files, then kills its worker."""
     if shard == DOOMED_SHARD:
         try:
@@ -27,4 +27,4 @@ def die_once_mid_shard(cfg_dict: dict, run_dir: str, shard: int, n_shards: int, 
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_bytes(b"half a shard" * 100)
             os._exit(1)  # the worker process dies; its nanny starts a new one
-    return shard_task(cfg_dict, run_dir, shard, n_shards, threads)
+    return shard_task(cfg_dict, run_dir, shard, threads)

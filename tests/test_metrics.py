@@ -12,8 +12,6 @@ from ghsae.analysis.metrics import (
     ce_loss_score,
     mmcs,
     token_ce_and_kl,
-    token_cross_entropy,
-    token_kl,
 )
 from ghsae.analysis.splice import Splicer
 from ghsae.harvest.model import load_model
@@ -39,14 +37,16 @@ def test_reconstruction_metrics_by_hand():
 
 def test_cross_entropy_kl_and_ce_score_by_hand():
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
-    assert token_cross_entropy(logits, torch.tensor([1])).item() == pytest.approx(math.log(4))
     clean = torch.log_softmax(logits, -1)
-    assert token_kl(clean, logits).item() == pytest.approx(0.0, abs=1e-7)
+    ce, kl = token_ce_and_kl(clean, logits, torch.tensor([1]))
+    assert ce.item() == pytest.approx(math.log(4))
+    assert kl.item() == pytest.approx(0.0, abs=1e-7)
     other = torch.log(torch.tensor([[0.25, 0.5, 0.25]]))
     expected = 0.5 * math.log(2) + 0.25 * math.log(0.5)  # sum p log(p/q)
-    assert token_kl(clean, other).item() == pytest.approx(expected)
-    ce, kl = token_ce_and_kl(clean, other, torch.tensor([1]))  # the fused form used by the evals
+    ce, kl = token_ce_and_kl(clean, other, torch.tensor([1]))
     assert ce.item() == pytest.approx(math.log(2)) and kl.item() == pytest.approx(expected)
+    # the shared clean probabilities give the same KL
+    assert token_ce_and_kl(clean, other, torch.tensor([1]), clean.exp())[1].item() == pytest.approx(expected)
     assert ce_loss_score(clean_ce=2.0, spliced_ce=2.0, zero_ce=6.0) == 1.0
     assert ce_loss_score(clean_ce=2.0, spliced_ce=6.0, zero_ce=6.0) == 0.0
     assert ce_loss_score(clean_ce=2.0, spliced_ce=3.0, zero_ce=6.0) == 0.75

@@ -55,12 +55,18 @@ def fit(
         )
     if not done:
         raise StoreError(f"{layout.root} has no harvested shard; run `ghsae harvest` first")
+    names = selected_groups(plan, groups)
+    stats = aggregate_stats(layout, plan, done)  # once: every group's SAE takes its layers' rows of it
+    return [fit_group(cfg, layout, plan, name, done, stats, progress) for name in names]
+
+
+def selected_groups(plan: Plan, groups: list[str] | None) -> list[str]:
+    """The groups to train: those named (each checked against the run), or every group."""
     names = groups or plan.group_names
     unknown = [g for g in names if g not in plan.group_names]
     if unknown:
         raise ConfigError(f"--group {unknown[0]} is not in this run; it has {', '.join(plan.group_names)}")
-    stats = aggregate_stats(layout, plan, done)  # once: every group's SAE takes its layers' rows of it
-    return [fit_group(cfg, layout, plan, name, done, stats, progress) for name in names]
+    return names
 
 
 def fit_group(
