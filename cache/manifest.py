@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ghsae.cache.store import ROW_METADATA_BYTES, ActivationStore
-from ghsae.errors import StoreError
+from ghsae.errors import DamagedFileError, StoreError
 from ghsae.layout import RunLayout
 
 
@@ -36,9 +36,15 @@ def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: Path) -> Any:
-    with open(path) as fh:
-        return json.load(fh)
+def read_json(path: Path, fix: str = "re-run `ghsae harvest` with the same config to rewrite it") -> Any:
+    """Parse a JSON file of the run; a damaged one (empty, truncated, not JSON) is a DamagedFileError naming it."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        size = path.stat().st_size
+        what = "empty" if size == 0 else f"not valid JSON ({e.__class__.__name__} at {getattr(e, 'pos', '?')})"
+        raise DamagedFileError(f"{path} is damaged: {what}; {fix}") from None
 
 
 @dataclass
@@ -83,13 +89,34 @@ class Plan:
 def load_plan(layout: RunLayout) -> Plan:
     if not layout.plan.is_file():
         raise StoreError(
-            f"{layout.root} has no plan ({layout.plan}); run `ghsae harvest --run-dir {layout.root}` first"
+            f"{layout.root} has no plan ({layout.plan}); run `ghsae harvest --run-dir {layout.root}` "
+            "(with the run's config) to make it"
         )
     return Plan(read_json(layout.plan))
 
 
+def plan_complete(layout: RunLayout) -> bool:
+    """Every file of the plan step is there (a deleted tokens.npy or plan.json makes harvest rebuild it)."""
+    return all(p.is_file() for p in (layout.plan, layout.tokens, layout.similarity))
+
+
+def require_tokens(layout: RunLayout) -> Path:
+    if not layout.tokens.is_file():
+        raise StoreError(
+            f"{layout.tokens} is missing; re-run `ghsae harvest --run-dir {layout.root}` with the run's config "
+            "to rebuild the plan (it is a pure function of the config and dataset)"
+        )
+    return layout.tokens
+
+
 def shard_done(layout: RunLayout, shard: int) -> bool:
     return layout.shard_record(shard).is_file()
+
+
+def forget_shard(layout: RunLayout, shard: int) -> None:
+    """Drop a shard's record (and sums) so the next harvest writes the shard again."""
+    layout.shard_record(shard).unlink(missing_ok=True)
+    layout.shard_sums(shard).unlink(missing_ok=True)
 
 
 def done_shards(layout: RunLayout, plan: Plan) -> list[int]:
@@ -102,10 +129,11 @@ def load_shard_record(layout: RunLayout, shard: int, config_hash: str) -> dict:
         raise StoreError(
             f"shard {shard} of {layout.root} is not done (no {path.name}); re-run `ghsae harvest` to finish it"
         )
-    record = read_json(path)
-    if record.get("config_hash") != config_hash:
+    record = read_json(path, fix=f"re-run `ghsae harvest --run-dir {layout.root}` to rewrite shard {shard}")
+    if not isinstance(record, dict) or record.get("config_hash") != config_hash:
         raise StoreError(
-            f"{path} was written by config {record.get('config_hash')} but this run is {config_hash}; "
+            f"{path} was written by config {record.get('config_hash') if isinstance(record, dict) else '?'} "
+            f"but this run is {config_hash}; "
             "the record does not belong to this run: delete it and re-run `ghsae harvest`"
         )
     return record
