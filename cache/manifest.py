@@ -7,6 +7,7 @@ either no record (the shard is redone from scratch) or a complete one.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import uuid
@@ -16,24 +17,36 @@ from typing import Any
 
 import numpy as np
 
+from ghsae import faults
 from ghsae.cache.store import ROW_METADATA_BYTES, ActivationStore
 from ghsae.errors import DamagedFileError, StoreError
 from ghsae.layout import RunLayout
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
+    write_bytes_atomic(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes | memoryview, fault: str | None = None) -> None:
+    """Temp file + fsync + rename; on any failure (a full disk) the temp file is removed, the old file kept."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            if fault:
+                faults.point(fault, path)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp.npz")
-    np.savez(tmp, **arrays)  # type: ignore[arg-type]
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    write_bytes_atomic(path, buffer.getbuffer())
 
 
 def read_json(path: Path, fix: str = "re-run `ghsae harvest` with the same config to rewrite it") -> Any:
@@ -182,6 +195,11 @@ def aggregate_stats(layout: RunLayout, plan: Plan, shards: list[int]) -> NormSta
             count[i] += st["count"]
             sum_norm[i] += st["sum_norm"]
             sum_sq[i] += st["sum_sq_norm"]
+        if not layout.shard_sums(s).is_file():
+            raise StoreError(
+                f"{layout.shard_sums(s)} is missing (shard {s}'s activation sums); re-run `ghsae harvest "
+                f"--run-dir {layout.root}` to rewrite shard {s}"
+            )
         with np.load(layout.shard_sums(s)) as z:
             sum_x = z["sum_x"] if sum_x is None else sum_x + z["sum_x"]
     denom = np.maximum(count, 1)

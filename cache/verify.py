@@ -121,3 +121,32 @@ def failing_shards(layout: RunLayout, plan: Plan, store: ActivationStore, shards
         except (StoreError, DamagedFileError) as e:
             bad[s] = str(e)
     return bad
+
+
+def verify_run(layout: RunLayout) -> tuple[list[str], int]:
+    """Check every file the store's readers rely on; returns (problems, shards checked). Writes nothing."""
+    from ghsae.cache.manifest import done_shards, load_plan, read_json
+
+    problems: list[str] = []
+    try:
+        plan = load_plan(layout)
+    except StoreError as e:
+        return [str(e)], 0
+    for path in (layout.config, layout.tokens, layout.similarity):
+        if not path.is_file():
+            problems.append(f"{path} is missing; re-run `ghsae harvest --run-dir {layout.root}` to rebuild it")
+    if layout.config.is_file():
+        try:
+            read_json(layout.config)
+        except DamagedFileError as e:
+            problems.append(str(e))
+    try:
+        store = ActivationStore.open(layout.acts)
+        for group in plan.group_names:
+            for name in ("acts", *ROW_FIELDS):
+                store.array(group, name)
+    except StoreError as e:
+        return [*problems, str(e)], 0
+    done = done_shards(layout, plan)
+    problems += [f"shard {s}: {msg}" for s, msg in failing_shards(layout, plan, store, done).items()]
+    return problems, len(done)

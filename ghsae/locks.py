@@ -110,3 +110,9 @@ def wait_lock(path: Path, what: str, shared: bool = False) -> FileLock:
         _record_holder(fd)
     log.warning("%s: the other process is done; going on", what)
     return FileLock(fd, path)
+
+
+def hold_run(layout) -> FileLock:
+    """The shared run lock, held by every command working in an existing run (an --overwrite needs it
+    exclusively, so it cannot delete a run under a running harvest or fit)."""
+    return wait_lock(layout.lock("run"), f"run folder {layout.root} (an --overwrite)", shared=True)

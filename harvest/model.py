@@ -108,11 +108,12 @@ def _looks_like_path(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, option: str = "model.device (--device)") -> torch.device:
+    """`option` is the setting the user gave, named in the error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"model.device is {name} but torch sees no CUDA device; use --device cpu or auto")
+        raise ModelError(f"{option} is {name} but torch sees no CUDA device; use --device cpu or auto")
     return torch.device(name)
 
 

@@ -38,11 +38,11 @@ from ghsae.config import PipelineConfig
 from ghsae.errors import ConfigError, DamagedFileError, RunDirError
 from ghsae.harvest.model import LoadedModel, load_model
 from ghsae.harvest.plan import check_model_fits, ensure_plan
-from ghsae.harvest.rundir import claim_run_dir, hold_run, prepare_run_dir
+from ghsae.harvest.rundir import claim_run_dir, prepare_run_dir
 from ghsae.harvest.shards import ShardProducer, commit_shard
 from ghsae.harvest.text import resolve_files
 from ghsae.layout import STAGING_PREFIX, RunLayout
-from ghsae.locks import FileLock, try_lock, wait_lock
+from ghsae.locks import FileLock, hold_run, try_lock, wait_lock
 from ghsae.space import require_free
 
 log = logging.getLogger(__name__)

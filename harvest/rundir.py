@@ -23,7 +23,7 @@ from ghsae.cache.manifest import read_json, write_json_atomic
 from ghsae.config import PipelineConfig
 from ghsae.errors import DamagedFileError, RunDirError
 from ghsae.layout import LOCKS_DIR, OWNED_NAMES, RUN_FORMAT, RUN_FORMAT_VERSION, STAGING_PREFIX, RunLayout
-from ghsae.locks import FileLock, try_lock, wait_lock
+from ghsae.locks import FileLock, hold_run, try_lock, wait_lock
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def claim_run_dir(layout: RunLayout, cfg: PipelineConfig, overwrite: bool) -> Fi
     with --overwrite and another config in it, what ghsae wrote removed first."""
     prepare_run_dir(layout, cfg, overwrite)  # checked again: another process may have changed it
     layout.root.mkdir(parents=True, exist_ok=True)
-    run_lock = wait_lock(layout.lock("run"), f"run folder {layout.root} (an --overwrite)", shared=True)
+    run_lock = hold_run(layout)
     try:
         diffs = prepare_run_dir(layout, cfg, overwrite)
         if diffs:
@@ -146,8 +146,3 @@ def _wipe(layout: RunLayout, run_lock: FileLock, diffs: list[str]) -> None:
         exclusive.release()
     again = wait_lock(layout.lock("run"), f"run folder {layout.root}", shared=True)
     run_lock.fd, again.fd = again.fd, None
-
-
-def hold_run(layout: RunLayout) -> FileLock:
-    """The shared run lock for a command working in an existing run (fit, a dask shard task)."""
-    return wait_lock(layout.lock("run"), f"run folder {layout.root} (an --overwrite)", shared=True)
