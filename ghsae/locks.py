@@ -61,22 +61,6 @@ def _open(path: Path) -> int | None:
         return None
 
 
-def _holder(path: Path) -> str:
-    try:
-        pid = path.read_text().strip()
-    except OSError:
-        return "another process"
-    return f"process {pid}" if pid.isdigit() else "another process"
-
-
-def _record_holder(fd: int) -> None:
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-    except OSError:
-        pass  # the pid is only for the waiting process's message
-
-
 def try_lock(path: Path, shared: bool = False) -> FileLock | None:
     """Take the lock without waiting; None when another process holds it."""
     fd = _open(path)
@@ -92,8 +76,6 @@ def try_lock(path: Path, shared: bool = False) -> FileLock | None:
             raise
         log.warning("%s: this file system has no flock (%s); running without locks", path, e.strerror)
         return FileLock(fd, path)
-    if not shared:
-        _record_holder(fd)
     return FileLock(fd, path)
 
 
@@ -102,12 +84,11 @@ def wait_lock(path: Path, what: str, shared: bool = False) -> FileLock:
     held = try_lock(path, shared)
     if held is not None:
         return held
-    log.warning("%s is held by %s (%s); waiting for it", what, _holder(path), path)
+    # nothing is written into the lock file (not even a pid): a command that only reads writes nothing
+    log.warning("%s is held by another process (%s); waiting for it", what, path)
     fd = _open(path)
     assert fd is not None  # try_lock opened it a moment ago
     fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-    if not shared:
-        _record_holder(fd)
     log.warning("%s: the other process is done; going on", what)
     return FileLock(fd, path)
 
