@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,7 +245,7 @@ class Trainer:
         # someone else must not be able to run code on resume (issue 9, item 12)
         try:
             payload = torch.load(self.checkpoint_path, map_location=self.loader.device, weights_only=True)
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
             if isinstance(e, OSError) and e.errno is not None:
                 raise
             raise DamagedFileError(
