@@ -1,15 +1,12 @@
 """A re-fit continues only what was begun with the same settings on the same store; anything else is
 refused with the differing keys, or started over with --overwrite. Checkpoints load weights-only."""
 
+# ruff: noqa: F811  (pytest fixtures imported from runs.py are redefined as test arguments)
 from __future__ import annotations
 
 import shutil
 
 import torch
-from safetensors.torch import load_file
-
-from ghsae.harvest.run import ShardSlice, harvest
-from ghsae.train.fit import fit
 from runs import (  # noqa: F401  (fixtures)
     assert_one_line_error,
     cli,
@@ -21,6 +18,10 @@ from runs import (  # noqa: F401  (fixtures)
     small_config,
     write_config,
 )
+from safetensors.torch import load_file
+
+from ghsae.harvest.run import ShardSlice, harvest
+from ghsae.train.fit import fit
 
 GROUP = "group_00"
 

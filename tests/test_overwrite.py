@@ -1,5 +1,6 @@
 """--overwrite removes only what ghsae wrote, and never touches a folder that is not a ghsae run."""
 
+# ruff: noqa: F811  (pytest fixtures imported from runs.py are redefined as test arguments)
 from __future__ import annotations
 
 import json
