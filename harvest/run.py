@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ghsae import faults
 from ghsae.cache.manifest import (
     Plan,
     forget_shard,
@@ -276,6 +277,7 @@ def claim_shards(layout: RunLayout, todo: list[int], held: list[FileLock]) -> It
         if shard_done(layout, s):
             lock.release()
             continue
+        faults.point(f"shard-{s:05d}/claimed")
         yield s, lock
     for s in deferred:
         lock = wait_lock(layout.lock(f"shard-{s:05d}"), f"shard {s}")
