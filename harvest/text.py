@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 BUILTIN_DATASETS = ("builtin:python-docs",)
 _TOKENIZE_BATCH = 256
+_TOKENIZE_CHARS = 1 << 20  # and at most about this many characters per call
 MAX_PIECE_CHARS = 1 << 16  # longest text handed to the tokenizer at once (a long paragraph is cut)  # documents per tokenizer call: amortises the call overhead of fast tokenizers
 
 
@@ -222,17 +223,20 @@ def _python_doc_texts() -> Iterator[str]:
 def iter_token_documents(docs: Iterator[Document], tokenizer) -> Iterator[list[int]]:
     """Token ids per document (JoinedIds for a piece another continues), tokenising text in batches."""
     pending: list[Document] = []
+    chars = 0
     for doc in docs:
         if doc.ids is not None:
             yield from _encode(tokenizer, pending)
-            pending = []
+            pending, chars = [], 0
             yield doc.ids
         else:
             assert doc.text is not None
             pending.append(doc)
-            if len(pending) >= _TOKENIZE_BATCH:
+            chars += len(doc.text)
+            # bounded in characters too: the tokenizer's per-token bookkeeping is ~100x the text's size
+            if len(pending) >= _TOKENIZE_BATCH or chars >= _TOKENIZE_CHARS:
                 yield from _encode(tokenizer, pending)
-                pending = []
+                pending, chars = [], 0
     yield from _encode(tokenizer, pending)
 
 
