@@ -95,8 +95,11 @@ class ShardVerifier:
         self.layout = layout
         self.plan = plan
         self.store = store
+        self._seen: set[tuple[str, int]] = set()  # the loader calls once per chunk: skip the record read
 
     def __call__(self, group: str, shard: int) -> None:
+        if (group, shard) in self._seen:
+            return
         record = load_shard_record(self.layout, shard, self.plan.data["config_hash"])
         sums = "".join(record.get("groups", {}).get(group, {}).get("checksums", {}).values())
         key = (str(Path(self.store.path).resolve()), group, shard, sums)
@@ -106,6 +109,7 @@ class ShardVerifier:
             if key not in _VERIFIED:
                 verify_shard(self.store, self.plan, group, shard, record)
                 _VERIFIED.add(key)
+        self._seen.add((group, shard))
 
 
 def failing_shards(layout: RunLayout, plan: Plan, store: ActivationStore, shards: list[int]) -> dict[int, str]:
