@@ -18,7 +18,7 @@ fused step widens float16/bfloat16 to float32 and applies each row's layer norma
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +66,14 @@ class _ShardFile:
 class GroupReader:
     """Reads one group's valid rows (acts and layer ids) piece by piece."""
 
-    def __init__(self, store: ActivationStore, group: str, shard_rows: dict[int, int]):
+    def __init__(
+        self,
+        store: ActivationStore,
+        group: str,
+        shard_rows: dict[int, int],
+        verify: Callable[[str, int], None] | None = None,
+    ):
+        self.verify = verify  # cache/verify.py's ShardVerifier: checks a shard the first time it is read
         self.store = store
         self.group = group
         self.shard_rows = dict(sorted(shard_rows.items()))
@@ -83,6 +90,8 @@ class GroupReader:
         return [Piece(shard, a, min(a + c, n)) for a in range(0, n, c)]
 
     def read(self, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
+        if self.verify is not None:
+            self.verify(self.group, piece.shard)
         if self.mmap:
             return self._mmap_rows("acts", piece), self._mmap_rows("layer", piece)
         base = piece.shard * self.geometry.shard_rows

@@ -7,6 +7,7 @@ either no record (the shard is redone from scratch) or a complete one.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import uuid
@@ -16,29 +17,47 @@ from typing import Any
 
 import numpy as np
 
+from ghsae import faults
 from ghsae.cache.store import ROW_METADATA_BYTES, ActivationStore
-from ghsae.errors import StoreError
+from ghsae.errors import DamagedFileError, StoreError
 from ghsae.layout import RunLayout
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
+    write_bytes_atomic(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes | memoryview, fault: str | None = None) -> None:
+    """Temp file + fsync + rename; on any failure (a full disk) the temp file is removed, the old file kept."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            if fault:
+                faults.point(fault, path)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp.npz")
-    np.savez(tmp, **arrays)  # type: ignore[arg-type]
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    write_bytes_atomic(path, buffer.getbuffer())
 
 
-def read_json(path: Path) -> Any:
-    with open(path) as fh:
-        return json.load(fh)
+def read_json(path: Path, fix: str = "re-run `ghsae harvest` with the same config to rewrite it") -> Any:
+    """Parse a JSON file of the run; a damaged one (empty, truncated, not JSON) is a DamagedFileError naming it."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        size = path.stat().st_size
+        what = "empty" if size == 0 else f"not valid JSON ({e.__class__.__name__} at {getattr(e, 'pos', '?')})"
+        raise DamagedFileError(f"{path} is damaged: {what}; {fix}") from None
 
 
 @dataclass
@@ -83,13 +102,34 @@ class Plan:
 def load_plan(layout: RunLayout) -> Plan:
     if not layout.plan.is_file():
         raise StoreError(
-            f"{layout.root} has no plan ({layout.plan}); run `ghsae harvest --run-dir {layout.root}` first"
+            f"{layout.root} has no plan ({layout.plan}); run `ghsae harvest --run-dir {layout.root}` "
+            "(with the run's config) to make it"
         )
     return Plan(read_json(layout.plan))
 
 
+def plan_complete(layout: RunLayout) -> bool:
+    """Every file of the plan step is there (a deleted tokens.npy or plan.json makes harvest rebuild it)."""
+    return all(p.is_file() for p in (layout.plan, layout.tokens, layout.similarity))
+
+
+def require_tokens(layout: RunLayout) -> Path:
+    if not layout.tokens.is_file():
+        raise StoreError(
+            f"{layout.tokens} is missing; re-run `ghsae harvest --run-dir {layout.root}` with the run's config "
+            "to rebuild the plan (it is a pure function of the config and dataset)"
+        )
+    return layout.tokens
+
+
 def shard_done(layout: RunLayout, shard: int) -> bool:
     return layout.shard_record(shard).is_file()
+
+
+def forget_shard(layout: RunLayout, shard: int) -> None:
+    """Drop a shard's record (and sums) so the next harvest writes the shard again."""
+    layout.shard_record(shard).unlink(missing_ok=True)
+    layout.shard_sums(shard).unlink(missing_ok=True)
 
 
 def done_shards(layout: RunLayout, plan: Plan) -> list[int]:
@@ -102,10 +142,11 @@ def load_shard_record(layout: RunLayout, shard: int, config_hash: str) -> dict:
         raise StoreError(
             f"shard {shard} of {layout.root} is not done (no {path.name}); re-run `ghsae harvest` to finish it"
         )
-    record = read_json(path)
-    if record.get("config_hash") != config_hash:
+    record = read_json(path, fix=f"re-run `ghsae harvest --run-dir {layout.root}` to rewrite shard {shard}")
+    if not isinstance(record, dict) or record.get("config_hash") != config_hash:
         raise StoreError(
-            f"{path} was written by config {record.get('config_hash')} but this run is {config_hash}; "
+            f"{path} was written by config {record.get('config_hash') if isinstance(record, dict) else '?'} "
+            f"but this run is {config_hash}; "
             "the record does not belong to this run: delete it and re-run `ghsae harvest`"
         )
     return record
@@ -154,6 +195,11 @@ def aggregate_stats(layout: RunLayout, plan: Plan, shards: list[int]) -> NormSta
             count[i] += st["count"]
             sum_norm[i] += st["sum_norm"]
             sum_sq[i] += st["sum_sq_norm"]
+        if not layout.shard_sums(s).is_file():
+            raise StoreError(
+                f"{layout.shard_sums(s)} is missing (shard {s}'s activation sums); re-run `ghsae harvest "
+                f"--run-dir {layout.root}` to rewrite shard {s}"
+            )
         with np.load(layout.shard_sums(s)) as z:
             sum_x = z["sum_x"] if sum_x is None else sum_x + z["sum_x"]
     denom = np.maximum(count, 1)

@@ -141,15 +141,32 @@ class ActivationStore:
     def open(cls, path: Path) -> ActivationStore:
         if not path.is_dir():
             raise StoreError(f"no activation store at {path}; run `ghsae harvest` for this run folder first")
-        root = zarr.open_group(str(path), mode="r+")
-        attrs: dict[str, Any] = dict(root.attrs.asdict())
+        if not (path / "zarr.json").is_file():
+            raise StoreError(
+                f"{path / 'zarr.json'} is missing: the store's metadata is gone. Re-harvest the run "
+                "(`ghsae harvest --overwrite` with the same config) or restore the file"
+            )
+        try:
+            root = zarr.open_group(str(path), mode="r+")
+            attrs: dict[str, Any] = dict(root.attrs.asdict())
+        except Exception as e:  # zarr raises several types for a damaged zarr.json
+            raise StoreError(
+                f"{path / 'zarr.json'} cannot be read ({type(e).__name__}: {e}); restore it or re-harvest"
+            ) from None
         version = attrs.get("format_version")
         if version != FORMAT_VERSION:
             raise StoreError(f"{path} has store format {version}; this ghsae reads format {FORMAT_VERSION}")
         return cls(path, root, StoreGeometry(**attrs["geometry"]), list(attrs["groups"]))
 
     def array(self, group: str, name: str) -> zarr.Array:
-        arr = self.root[f"{group}/{name}"]
+        try:
+            arr = self.root[f"{group}/{name}"]
+        except KeyError:
+            meta = Path(self.path) / group / name / "zarr.json"
+            raise StoreError(
+                f"{meta} is missing: array {name} of {group} cannot be opened. Restore the file, or re-harvest "
+                "(`ghsae harvest --overwrite` with the same config)"
+            ) from None
         assert isinstance(arr, zarr.Array), f"{self.path}/{group}/{name} is not an array"
         return arr
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -14,16 +17,62 @@ from ghsae.config import PipelineConfig, load_config
 from ghsae.errors import ConfigError, GhsaeError
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so it unwinds like Ctrl-C (locks released, temp files removed)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
+def environment_message(e: OSError) -> str | None:
+    """One line for an OSError the user's environment caused (full disk, read-only folder); None for others."""
+    where = e.filename or "the run folder"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"disk full while writing {where} ({e.strerror}); free some space or use a --run-dir on a larger disk, "
+            "then re-run the same command to resume"
+        )
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (
+            f"cannot write {where} ({e.strerror}): the folder is read-only or not yours; make it writable or copy "
+            "the run elsewhere, then re-run the same command to resume"
+        )
+    return None
+
+
 def _user_errors(fn):
-    """Print user errors as one clear line (no traceback) and exit 2; bugs keep their traceback."""
+    """Print user errors as one clear line (no traceback) and exit 2; bugs keep their traceback.
+
+    SIGINT and SIGTERM (a cluster job's usual end before its time limit) print one line and exit
+    130 / 143, the shell's codes for those signals; everything ghsae writes is atomic, so the same
+    command resumes.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
         try:
             return fn(*args, **kwargs)
         except GhsaeError as e:
             click.echo(f"ghsae: error: {e}", err=True)
             sys.exit(2)
+        except _Terminated:
+            click.echo("ghsae: terminated (SIGTERM); re-run the same command to resume", err=True)
+            sys.exit(143)
+        except KeyboardInterrupt:
+            click.echo("ghsae: interrupted; re-run the same command to resume", err=True)
+            sys.exit(130)
+        except OSError as e:
+            message = environment_message(e)
+            if message is None:
+                raise
+            click.echo(f"ghsae: error: {message}", err=True)
+            sys.exit(2)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
@@ -140,11 +189,28 @@ def harvest(
 @click.option("--architecture", help="topk | batchtopk | jumprelu | relu.")
 @click.option("--tokens", type=int, help="Training tokens per SAE (0: one pass over the group's rows).")
 @click.option("--allow-partial", is_flag=True, help="Train on the shards harvested so far.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Start over an SAE trained or begun with other fit settings or on another store (refused otherwise).",
+)
 @click.option("--workers", type=int, help="Train the groups in parallel on a local dask cluster of N processes.")
 @click.option("--scheduler", help="Train the groups on the dask cluster at this address.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @_user_errors
-def fit(config_path, run_dir, groups, device, architecture, tokens, allow_partial, workers, scheduler, no_progress):
+def fit(
+    config_path,
+    run_dir,
+    groups,
+    device,
+    architecture,
+    tokens,
+    allow_partial,
+    overwrite,
+    workers,
+    scheduler,
+    no_progress,
+):
     """Train one SAE per layer group from the run's activation store."""
     from ghsae.train.fit import fit as run_fit
     from ghsae.train.fit import summary_lines
@@ -154,9 +220,11 @@ def fit(config_path, run_dir, groups, device, architecture, tokens, allow_partia
         from ghsae.distributed import cluster_client, fit_on_cluster
 
         with cluster_client(workers, scheduler) as client:
-            results = fit_on_cluster(cfg, Path(run_dir), client, list(groups) or None, allow_partial, not no_progress)
+            results = fit_on_cluster(
+                cfg, Path(run_dir), client, list(groups) or None, allow_partial, not no_progress, overwrite
+            )
     else:
-        results = run_fit(cfg, Path(run_dir), list(groups) or None, allow_partial, not no_progress)
+        results = run_fit(cfg, Path(run_dir), list(groups) or None, allow_partial, not no_progress, overwrite)
     for line in summary_lines(results):
         click.echo(line)
 
@@ -181,6 +249,7 @@ def report(config_path, run_dir, baseline, allow_partial, device, no_progress):
     from ghsae.analysis.report import write_report
 
     cfg = _config(config_path, {"report.device": device})
+    _check_run_readable(Path(run_dir))
     out = write_report(cfg, Path(run_dir), Path(baseline) if baseline else None, allow_partial, not no_progress)
     click.echo(f"report: {out / 'report.html'}")
 
@@ -254,6 +323,54 @@ def export(run_dir, out, fmt, overwrite):
 
     folders = export_run(Path(run_dir), Path(out), fmt, overwrite)
     click.echo(f"wrote {len(folders)} {fmt} SAE folders to {out} ({folders[0].name} .. {folders[-1].name})")
+
+
+def _check_run_readable(run_dir: Path) -> None:
+    """What `report` trusts, checked before the model load: config.json, tokens.npy, and every shard
+    verified against its record (the SAEs were trained on those rows)."""
+    from ghsae.cache.manifest import read_json, require_tokens
+    from ghsae.cache.verify import verify_run
+    from ghsae.errors import StoreError
+    from ghsae.layout import RunLayout
+
+    layout = RunLayout(run_dir)
+    read_json(layout.config)
+    require_tokens(layout)
+    problems, _ = verify_run(layout)
+    if problems:
+        raise StoreError(
+            problems[0]
+            + (f" (and {len(problems) - 1} more problems: see `ghsae verify {run_dir}`)" if len(problems) > 1 else "")
+        )
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@_user_errors
+def verify(run_dir):
+    """Check a run folder against its records: every shard's files, row counts, layer ids and checksums,
+    the plan's files, and each trained SAE's files. Writes nothing; exit 2 on any problem."""
+    from ghsae.cache.verify import verify_run
+    from ghsae.errors import StoreError
+    from ghsae.layout import RunLayout
+    from ghsae.train.io import load_sae
+
+    layout = RunLayout(Path(run_dir))
+    problems, shards = verify_run(layout)
+    saes = sorted(p for p in layout.saes.iterdir() if p.is_dir()) if layout.saes.is_dir() else []
+    for folder in saes:
+        if layout.sae_trained(folder.name):
+            try:
+                load_sae(folder)
+            except GhsaeError as e:
+                problems.append(str(e))
+            except Exception as e:  # a damaged safetensors file
+                problems.append(f"{folder}: cannot load ({type(e).__name__}: {e}); re-run `ghsae fit` for it")
+    for line in problems:
+        click.echo(f"  {line}", err=True)
+    if problems:
+        raise StoreError(f"{run_dir}: {len(problems)} problems found (listed above)")
+    click.echo(f"{run_dir}: {shards} shards and {len(saes)} SAE folders verified, no problems")
 
 
 @main.command()

@@ -96,6 +96,7 @@ class HarvestConfig:
                 raise ConfigError(f"harvest.{name} is {getattr(self, name)}; expected a positive integer")
         if self.eval_tokens < 0:
             raise ConfigError(f"harvest.eval_tokens is {self.eval_tokens}; expected 0 or more")
+        _check_seed("harvest.seed (--seed)", self.seed)
 
 
 GroupsSpec = str | int | list[list[int]]
@@ -210,6 +211,7 @@ class FitConfig:
             raise ConfigError("fit.tokens, fit.lr and fit.warmup_tokens must be 0 or more")
         if not 0.0 <= self.decay_fraction <= 1.0:
             raise ConfigError(f"fit.decay_fraction is {self.decay_fraction}; expected a value in [0, 1]")
+        _check_seed("fit.seed", self.seed)
 
 
 @dataclass
@@ -283,6 +285,13 @@ class PipelineConfig:
     def identity_hash(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _check_seed(key: str, value: int) -> None:
+    # numpy's default_rng and torch.manual_seed take seeds >= 0; refusing here, before any work,
+    # keeps a bad seed from failing after the plan is built and leaving a half-made run
+    if value < 0:
+        raise ConfigError(f"{key} is {value}; expected a seed of 0 or more")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

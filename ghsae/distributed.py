@@ -25,6 +25,7 @@ from ghsae.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+SCHEDULER_TIMEOUT_S = 20  # connecting to --scheduler; a dead address fails after this
 TASK_RETRIES = 3  # attempts after a task's own failure; a dying worker is covered by dask's allowed-failures
 
 
@@ -36,7 +37,14 @@ def cluster_client(workers: int | None, scheduler: str | None) -> Iterator[Any]:
     if workers and scheduler:
         raise ConfigError("pass --workers N (a local cluster) or --scheduler ADDRESS (a running one), not both")
     if scheduler:
-        with Client(scheduler) as client:
+        try:
+            client = Client(scheduler, timeout=SCHEDULER_TIMEOUT_S)
+        except (OSError, TimeoutError) as e:
+            raise ConfigError(
+                f"cannot reach the dask scheduler at {scheduler} within {SCHEDULER_TIMEOUT_S} s ({type(e).__name__}); "
+                "start it (dask scheduler, or your cluster's job) or check --scheduler, then re-run"
+            ) from None
+        with client:
             yield client
         return
     if not workers or workers < 1:
@@ -89,7 +97,7 @@ def shard_task(cfg_dict: dict, run_dir: str, shard: int, threads: int | None) ->
     return produce_shards(cfg, run_dir, [shard], _worker_model(cfg))
 
 
-def fit_task(cfg_dict: dict, run_dir: str, group: str, allow_partial: bool, threads: int | None):
+def fit_task(cfg_dict: dict, run_dir: str, group: str, allow_partial: bool, threads: int | None, restart: bool = False):
     """Train one group's SAE (resuming from its checkpoint); on a GPU host, one GPU per worker."""
     import torch
 
@@ -99,7 +107,7 @@ def fit_task(cfg_dict: dict, run_dir: str, group: str, allow_partial: bool, thre
     cfg = config_from_dict(cfg_dict)
     if cfg.fit.device == "auto" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
         cfg.fit.device = f"cuda:{_worker_index() % torch.cuda.device_count()}"
-    return fit(cfg, run_dir, [group], allow_partial, progress=False)[0]
+    return fit(cfg, run_dir, [group], allow_partial, progress=False, restart=restart)[0]
 
 
 def _worker_index() -> int:
@@ -145,9 +153,7 @@ def harvest_on_cluster(
     todo = [s for s in range(n_shards) if not shard_done(layout, s)]
     t0 = time.perf_counter()
     futures = [
-        client.submit(
-            shard_fn, cfg_dict, run, s, threads, key=f"ghsae-shard-{s}-{os.getpid()}", retries=TASK_RETRIES
-        )
+        client.submit(shard_fn, cfg_dict, run, s, threads, key=f"ghsae-shard-{s}-{os.getpid()}", retries=TASK_RETRIES)
         for s in todo
     ]
     tokens = 0
@@ -174,6 +180,7 @@ def fit_on_cluster(
     groups: list[str] | None = None,
     allow_partial: bool = False,
     progress: bool = True,
+    restart: bool = False,
 ):
     """One task per group; each resumes from its own checkpoint. Returns FitResults in group order."""
     from dask.distributed import as_completed
@@ -192,6 +199,7 @@ def fit_on_cluster(
             g,
             allow_partial,
             threads,
+            restart,
             key=f"ghsae-fit-{g}-{os.getpid()}",
             retries=TASK_RETRIES,
         )

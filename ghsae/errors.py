@@ -30,3 +30,11 @@ class StoreError(GhsaeError):
 
 class HarvestError(GhsaeError):
     """A harvest cannot go on (for example a float16 overflow)."""
+
+
+class DamagedFileError(StoreError):
+    """A file of the run folder is unreadable (empty, truncated, not the format ghsae wrote)."""
+
+
+class DiskError(GhsaeError):
+    """The disk is full, or the folder cannot be written: an environment problem, resumable once fixed."""

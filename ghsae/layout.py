@@ -1,5 +1,7 @@
 """Every path inside a run folder, built in one place.
 
+RUN/ghsae-run.json            marker: this folder is a ghsae run (format version); written first
+RUN/.locks/                   advisory lock files (run, plan, shard-N, sae-<group>)
 RUN/config.json               resolved config (written once the plan exists)
 RUN/plan/plan.json            groups, shard geometry, model/tokenizer/dataset fingerprints
 RUN/plan/tokens.npy           packed contexts [n_contexts, context_length] int32
@@ -30,11 +32,28 @@ REPORT_DIR = "report"
 STATS_FILE = "stats.json"
 STATS_ARRAYS = "stats.npz"
 STAGING_PREFIX = ".staging-"
+MARKER_FILE = "ghsae-run.json"
+LOCKS_DIR = ".locks"
+RUN_FORMAT = "ghsae-run"
+RUN_FORMAT_VERSION = 1
+# Every top-level name ghsae writes in a run folder: --overwrite removes these and nothing else.
+OWNED_NAMES = (CONFIG_FILE, PLAN_DIR, ACTS_STORE, MANIFEST_DIR, SAES_DIR, REPORT_DIR, MARKER_FILE)
 
 
 @dataclass(frozen=True)
 class RunLayout:
     root: Path
+
+    @property
+    def marker(self) -> Path:
+        return self.root / MARKER_FILE
+
+    @property
+    def locks(self) -> Path:
+        return self.root / LOCKS_DIR
+
+    def lock(self, name: str) -> Path:
+        return self.locks / f"{name}.lock"
 
     @property
     def config(self) -> Path:

@@ -108,11 +108,12 @@ def _looks_like_path(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, option: str = "model.device (--device)") -> torch.device:
+    """`option` is the setting the user gave, named in the error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"model.device is {name} but torch sees no CUDA device; use --device cpu or auto")
+        raise ModelError(f"{option} is {name} but torch sees no CUDA device; use --device cpu or auto")
     return torch.device(name)
 
 
@@ -141,6 +142,7 @@ def load_model(path: str, device_name: str = "auto", dtype_name: str = "auto") -
             f"could not load model {source.description!r}: {e}. A hub id needs a network; offline, pass a local "
             "folder or .gguf file"
         ) from e
+    check_causal_lm(model.config, source)
     model = model.to(device)  # type: ignore[arg-type]
     model.eval().requires_grad_(False)
     blocks = find_blocks(model)
@@ -159,6 +161,27 @@ def load_model(path: str, device_name: str = "auto", dtype_name: str = "auto") -
         device=device,
         dtype=dtype,
     )
+
+
+# Class-name endings of models trained to predict the next token.
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def check_causal_lm(config, source: ModelSource) -> None:
+    """Refuse a model whose saved weights are not a causal LM's.
+
+    AutoModelForCausalLM loads a BertModel folder as BertLMHeadModel with a randomly initialised
+    head, and nothing fails: harvest, fit and report then run on a model that predicts noise
+    (issue 9). The saved class names in config.json say what the weights were trained as.
+    """
+    saved = list(getattr(config, "architectures", None) or [])
+    if saved and not any(name.endswith(_CAUSAL_SUFFIXES) for name in saved):
+        raise ModelError(
+            f"{source.description} holds a {', '.join(saved)} (config.json architectures), not a causal LM: its "
+            "next-token head would be random. ghsae needs a decoder-only causal LM (a *ForCausalLM or *LMHeadModel)"
+        )
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(f"{source.description} is an encoder-decoder model; ghsae needs a decoder-only causal LM")
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:

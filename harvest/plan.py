@@ -22,14 +22,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ghsae.cache.manifest import Plan, load_plan, write_json_atomic
+from ghsae.cache.manifest import Plan, load_plan, plan_complete, read_json, write_json_atomic
 from ghsae.config import PipelineConfig
-from ghsae.errors import ConfigError, ModelError
+from ghsae.errors import ConfigError, ModelError, RunDirError
 from ghsae.harvest.model import LoadedModel
 from ghsae.harvest.partition import amad, choose_groups, solve_partitions
 from ghsae.harvest.similarity import probe_similarity
 from ghsae.harvest.text import dataset_description, iter_documents, iter_token_documents, pack_contexts, write_contexts
-from ghsae.layout import RunLayout, group_name
+from ghsae.layout import PLAN_FILE, RunLayout, group_name
+from ghsae.locks import wait_lock
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,24 @@ def check_model_fits(cfg: PipelineConfig, lm: LoadedModel) -> list[int]:
             f"data.context_length is {ctx} but {lm.source.description} allows at most {lm.max_context} positions; "
             f"set data.context_length <= {lm.max_context}"
         )
+    _check_groups_fit(cfg.grouping.groups, layers)
     return layers
+
+
+def _check_groups_fit(spec, layers: list[int]) -> None:
+    """The cheap part of choose_groups, run before tokenising and probing (which take minutes)."""
+    n = len(layers)
+    if isinstance(spec, int) and not isinstance(spec, bool) and spec > n:
+        raise ConfigError(
+            f"grouping.groups (--groups) is {spec} but only {n} layers are harvested; expected at most {n}"
+        )
+    if isinstance(spec, list):
+        flat = [layer for a, b in spec for layer in range(a, b + 1)]
+        if flat != layers:
+            raise ConfigError(
+                f"grouping.groups (--groups) {spec} must cover the harvested layers {layers[0]}..{layers[-1]} "
+                "in order, each exactly once, with no gaps"
+            )
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -65,23 +83,44 @@ def context_batches(tokens: np.ndarray, batch_size: int, device: torch.device) -
 
 
 def ensure_plan(cfg: PipelineConfig, lm: LoadedModel, layout: RunLayout, progress: bool = True) -> Plan:
-    """Load the run's plan, computing it first if no job has yet."""
-    if layout.plan.is_file():
+    """Load the run's plan, computing it first if no job has yet (or rebuilding it if a file of it is gone).
+
+    Under the plan lock, so concurrent jobs plan once: the others wait, then read its plan.
+    """
+    if plan_complete(layout):
         return load_plan(layout)
-    layers = check_model_fits(cfg, lm)
-    staging = layout.staging(f"plan-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    staging.mkdir(parents=True)
-    try:
-        _build_plan(cfg, lm, layers, staging, progress)
+    with wait_lock(layout.lock("plan"), "the plan step"):
+        if plan_complete(layout):
+            return load_plan(layout)
+        layers = check_model_fits(cfg, lm)
+        staging = layout.staging(f"plan-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        staging.mkdir(parents=True)
         try:
+            _build_plan(cfg, lm, layers, staging, progress)
+            if layout.plan_dir.exists():
+                _replace_damaged_plan(layout, staging)
             os.rename(staging, layout.plan_dir)
-        except OSError:
-            if not layout.plan.is_file():
-                raise
-            log.info("another job planned this run first; using its plan")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return load_plan(layout)
+
+
+# What a rebuilt plan must share with the damaged one for the shards already written to stay valid.
+_PLAN_KEYS_THAT_MUST_MATCH = ("config_hash", "model", "dataset", "groups", "n_shards", "layers")
+
+
+def _replace_damaged_plan(layout: RunLayout, staging) -> None:
+    """A file of plan/ was deleted: the rebuilt plan replaces it if it equals what is left of the old one."""
+    if layout.plan.is_file():
+        old, new = read_json(layout.plan), read_json(staging / PLAN_FILE)
+        differ = [k for k in _PLAN_KEYS_THAT_MUST_MATCH if old.get(k) != new.get(k)]
+        if differ:
+            raise RunDirError(
+                f"{layout.plan_dir} is incomplete and rebuilding it gives a different plan ({', '.join(differ)} "
+                "differ: the dataset or model changed); restore the missing file or start over with --overwrite"
+            )
+    log.warning("%s was incomplete; rebuilt it from the config and dataset", layout.plan_dir)
+    shutil.rmtree(layout.plan_dir)
 
 
 def _build_plan(cfg: PipelineConfig, lm: LoadedModel, layers: list[int], staging, progress: bool) -> None:
@@ -93,6 +132,7 @@ def _build_plan(cfg: PipelineConfig, lm: LoadedModel, layers: list[int], staging
     tok = lm.tokenizer
     bos = tok.bos_token_id if cfg.data.prepend_bos else None
     eos = tok.eos_token_id
+    _warn_missing_specials(tok, cfg.data.prepend_bos)
     docs = iter_documents(cfg.data.dataset, cfg.data.text_field, cfg.data.tokens_field)
     contexts = pack_contexts(iter_token_documents(docs, tok), ctx, bos, eos)
     dataset_hash = write_contexts(staging / "tokens.npy", contexts, n_harvest + n_eval, ctx, cfg.data.dataset)
@@ -163,11 +203,20 @@ def _amad_of(dist: np.ndarray, layers: list[int], groups: list[list[int]]) -> fl
     return amad(dist, [[pos[x] for x in g] for g in groups])
 
 
+def _warn_missing_specials(tok, prepend_bos: bool) -> None:
+    name = type(tok).__name__
+    if prepend_bos and tok.bos_token_id is None:
+        log.warning("data.prepend_bos is set but the tokenizer (%s) has no BOS token: contexts start without one", name)
+    if tok.eos_token_id is None:
+        log.warning("the tokenizer (%s) has no EOS token: documents are packed with no separator between them", name)
+
+
 def _check_token_ids(tokens: np.ndarray, lm: LoadedModel) -> None:
     vocab = lm.model.get_input_embeddings().num_embeddings
-    top = int(tokens.max())
-    if top >= vocab or int(tokens.min()) < 0:
+    top, bottom = int(tokens.max()), int(tokens.min())
+    if top >= vocab or bottom < 0:
+        bad = bottom if bottom < 0 else top
         raise ModelError(
-            f"the dataset holds token id {top} but the model's embedding has {vocab} rows; "
+            f"the dataset holds token id {bad} but the model's embedding has rows 0..{vocab - 1}; "
             "pre-tokenised input_ids must come from this model's tokenizer"
         )

@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +21,30 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ghsae.cache.manifest import Plan, load_plan, read_json, run_info, shard_done, write_json_atomic, write_run_stats
-from ghsae.cache.store import ActivationStore, StoreGeometry
+from ghsae import faults
+from ghsae.cache.manifest import (
+    Plan,
+    forget_shard,
+    load_plan,
+    read_json,
+    require_tokens,
+    run_info,
+    shard_done,
+    write_json_atomic,
+    write_run_stats,
+)
+from ghsae.cache.store import ROW_METADATA_BYTES, ActivationStore, StoreGeometry
+from ghsae.cache.verify import failing_shards
 from ghsae.config import PipelineConfig
-from ghsae.errors import ConfigError, RunDirError
+from ghsae.errors import ConfigError, DamagedFileError, RunDirError
 from ghsae.harvest.model import LoadedModel, load_model
-from ghsae.harvest.plan import ensure_plan
+from ghsae.harvest.plan import check_model_fits, ensure_plan
+from ghsae.harvest.rundir import claim_run_dir, prepare_run_dir
 from ghsae.harvest.shards import ShardProducer, commit_shard
 from ghsae.harvest.text import resolve_files
 from ghsae.layout import STAGING_PREFIX, RunLayout
+from ghsae.locks import FileLock, hold_run, try_lock, wait_lock
+from ghsae.space import require_free
 
 log = logging.getLogger(__name__)
 
@@ -67,57 +83,19 @@ class HarvestSummary:
         return self.tokens_written / self.seconds if self.seconds > 0 else 0.0
 
 
-def prepare_run_dir(layout: RunLayout, cfg: PipelineConfig, overwrite: bool) -> None:
-    """Refuse a run folder that belongs to another config (or to nobody), unless asked to overwrite."""
-    root = layout.root
-    if not root.exists():
-        return
-    if not root.is_dir():
-        raise RunDirError(f"run folder {root} is a file; choose a folder path for --run-dir")
-    entries = [p for p in root.iterdir() if not p.name.startswith(STAGING_PREFIX)]
-    if not entries:
-        return
-    if layout.config.is_file():
-        diffs = _config_diffs(read_json(layout.config).get("identity", {}), cfg.identity())
-    elif layout.plan.is_file():
-        # killed between the plan's rename and config.json: the plan's hash still identifies the run
-        planned = read_json(layout.plan)["config_hash"]
-        diffs = (
-            [] if planned == cfg.identity_hash() else [f"config hash {planned} in the run, {cfg.identity_hash()} now"]
-        )
-    else:
-        raise RunDirError(
-            f"{root} is not empty and holds no {layout.config.name}: not a ghsae run folder. "
-            "Choose an empty or new folder for --run-dir"
-        )
-    if not diffs:
-        return
-    if overwrite:
-        log.warning("--overwrite: removing run %s (its config differs: %s)", root, "; ".join(diffs))
-        for p in root.iterdir():
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        return
-    raise RunDirError(
-        f"{root} holds a run with a different config ({'; '.join(diffs[:6])}{'; ...' if len(diffs) > 6 else ''}). "
-        "Use another --run-dir, or pass --overwrite to delete that run"
-    )
-
-
-def _config_diffs(old: dict, new: dict) -> list[str]:
-    diffs = []
-    for section in sorted(set(old) | set(new)):
-        a, b = old.get(section, {}), new.get(section, {})
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                diffs.append(f"{section}.{key}: {a.get(key)!r} in the run, {b.get(key)!r} now")
-    return diffs
-
-
 def write_run_config(layout: RunLayout, cfg: PipelineConfig) -> None:
-    if not layout.config.is_file():
-        write_json_atomic(
-            layout.config, {"identity": cfg.identity(), "resolved": cfg.to_dict(), "hash": cfg.identity_hash()}
-        )
+    """config.json, once; rewritten when missing or damaged (it is derived from the config alone)."""
+    if layout.config.is_file():
+        try:
+            read_json(layout.config)
+            return
+        except DamagedFileError:
+            log.warning(
+                "%s is damaged; rewriting it from this command's config (the plan's hash matches)", layout.config
+            )
+    write_json_atomic(
+        layout.config, {"identity": cfg.identity(), "resolved": cfg.to_dict(), "hash": cfg.identity_hash()}
+    )
 
 
 def ensure_store(layout: RunLayout, plan: Plan, cfg: PipelineConfig) -> ActivationStore:
@@ -175,28 +153,48 @@ def harvest(
     lm: LoadedModel | None = None,
 ) -> HarvestSummary:
     layout = RunLayout(Path(run_dir))
-    prepare_run_dir(layout, cfg, overwrite)
+    prepare_run_dir(layout, cfg, overwrite)  # read-only: a refused folder is refused before the slow load
     resolve_files(cfg.data.dataset)  # fail on a missing dataset before the (slow) model load
     if lm is None:
         lm = load_model(cfg.model.path, cfg.model.device, cfg.model.dtype)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    plan = ensure_plan(cfg, lm, layout, progress)
-    # prepare_run_dir checked before planning; a job of another config may have planned since
-    check_plan_matches(layout, plan, cfg, lm)
-    write_run_config(layout, cfg)
-    store = ensure_store(layout, plan, cfg)
-    layout.manifest.mkdir(exist_ok=True)
-    if plan_only:
-        return HarvestSummary(str(layout.root), 0, 0, 0.0, run_info(layout))
-    todo = [s for s in shards.select(plan.n_shards) if not shard_done(layout, s)]
-    t0 = time.perf_counter()
-    tokens = write_shards(lm, cfg, layout, plan, store, todo, progress)
-    seconds = time.perf_counter() - t0
-    if all(shard_done(layout, s) for s in range(plan.n_shards)) and (todo or not layout.stats.is_file()):
-        write_run_stats(layout, plan)
-    summary = HarvestSummary(str(layout.root), len(todo), tokens, seconds, run_info(layout))
-    _clean_staging(layout)
+    check_model_fits(cfg, lm)  # layers and groups against the model, before tokenising
+    with claim_run_dir(layout, cfg, overwrite):
+        plan = ensure_plan(cfg, lm, layout, progress)
+        # prepare_run_dir checked before planning; a job of another config may have planned since
+        check_plan_matches(layout, plan, cfg, lm)
+        write_run_config(layout, cfg)
+        store = ensure_store(layout, plan, cfg)
+        layout.manifest.mkdir(exist_ok=True)
+        selected = shards.select(plan.n_shards)
+        recheck_done_shards(layout, plan, store, selected)
+        if plan_only:
+            return HarvestSummary(str(layout.root), 0, 0, 0.0, run_info(layout))
+        todo = [s for s in selected if not shard_done(layout, s)]
+        t0 = time.perf_counter()
+        written = write_shards(lm, cfg, layout, plan, store, todo, progress)
+        seconds = time.perf_counter() - t0
+        if all(shard_done(layout, s) for s in range(plan.n_shards)) and (written.shards or not layout.stats.is_file()):
+            write_run_stats(layout, plan)
+        summary = HarvestSummary(str(layout.root), len(written.shards), written.tokens, seconds, run_info(layout))
+        _clean_staging(layout)
     return summary
+
+
+def recheck_done_shards(layout: RunLayout, plan: Plan, store: ActivationStore, shards: list[int]) -> list[int]:
+    """Verify the done shards among `shards` against their records; forget those that fail, so they are
+    written again (a flipped byte, a truncated file or a damaged record is repaired by re-running harvest)."""
+    bad = []
+    for s in (s for s in shards if shard_done(layout, s)):
+        lock = try_lock(layout.lock(f"shard-{s:05d}"))
+        if lock is None:
+            continue  # another process is on this shard; it verifies or writes it
+        with lock:
+            problem = failing_shards(layout, plan, store, [s]).get(s)
+            if problem is not None:
+                log.warning("shard %d fails verification (%s); writing it again", s, problem)
+                forget_shard(layout, s)
+                bad.append(s)
+    return bad
 
 
 def produce_shards(cfg: PipelineConfig, run_dir: str | Path, shards: list[int], lm: LoadedModel) -> int:
@@ -206,30 +204,96 @@ def produce_shards(cfg: PipelineConfig, run_dir: str | Path, shards: list[int], 
     checked once by the plan step, so only what could differ per worker (config, model) is checked.
     """
     layout = RunLayout(Path(run_dir))
-    plan = load_plan(layout)
-    check_plan_matches(layout, plan, cfg, lm)
-    todo = [s for s in shards if not shard_done(layout, s)]
-    return write_shards(lm, cfg, layout, plan, ActivationStore.open(layout.acts), todo, progress=False)
+    with hold_run(layout):
+        plan = load_plan(layout)
+        check_plan_matches(layout, plan, cfg, lm)
+        todo = [s for s in shards if not shard_done(layout, s)]
+        return write_shards(lm, cfg, layout, plan, ActivationStore.open(layout.acts), todo, progress=False).tokens
 
 
-def write_shards(lm, cfg: PipelineConfig, layout: RunLayout, plan: Plan, store, todo: list[int], progress: bool) -> int:
-    tokens = np.load(layout.tokens, mmap_mode="r")
+@dataclass(frozen=True)
+class Written:
+    shards: list[int]  # shards this process wrote (others may have been written by another process)
+    tokens: int  # token positions of those shards
+
+
+def write_shards(
+    lm, cfg: PipelineConfig, layout: RunLayout, plan: Plan, store, todo: list[int], progress: bool
+) -> Written:
+    if not todo:
+        return Written([], 0)
+    tokens = np.load(require_tokens(layout), mmap_mode="r")
+    require_free(layout.acts, shard_bytes(plan, store) * len(todo), f"{len(todo)} shards of {layout.root}")
     producer = ShardProducer(lm, plan, cfg.harvest.seed, cfg.harvest.batch_size, cfg.storage.dtype)
-    total = sum(len(range(*plan.shard_contexts(s))) for s in todo) * plan.context_length
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="harvest", disable=not progress)
+    per_shard = {s: len(range(*plan.shard_contexts(s))) * plan.context_length for s in todo}
+    bar = tqdm(total=sum(per_shard.values()), unit="tok", unit_scale=True, desc="harvest", disable=not progress)
     pending: Future | None = None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
-        for shard in todo:
-            t0 = time.perf_counter()
-            rows, stats = producer.produce(tokens, shard, on_batch=bar.update)
+    written: list[int] = []
+    held: list[FileLock] = []
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
+            for shard, lock in claim_shards(layout, todo, held):
+                t0 = time.perf_counter()
+                rows, stats = producer.produce(tokens, shard, on_batch=bar.update)
+                if pending is not None:
+                    pending.result()  # at most one shard waits for the disk; errors surface here
+                pending = writer.submit(
+                    _commit_then_release, lock, layout, store, plan, shard, rows, stats, time.perf_counter() - t0
+                )
+                written.append(shard)
+                bar.set_postfix(shard=shard)
             if pending is not None:
-                pending.result()  # at most one shard waits for the disk; errors surface here
-            pending = writer.submit(commit_shard, layout, store, plan, shard, rows, stats, time.perf_counter() - t0)
-            bar.set_postfix(shard=shard)
-        if pending is not None:
-            pending.result()
+                pending.result()
+    finally:
+        for lock in held:
+            lock.release()
     bar.close()
-    return total
+    return Written(written, sum(per_shard[s] for s in written))
+
+
+def _commit_then_release(lock: FileLock, *args) -> None:
+    try:
+        commit_shard(*args)
+    finally:
+        lock.release()
+
+
+def claim_shards(layout: RunLayout, todo: list[int], held: list[FileLock]) -> Iterator[tuple[int, FileLock]]:
+    """Yield (shard, its lock) for each shard of `todo` this process should write.
+
+    A shard locked by another process is skipped (and said so) and come back to at the end: then
+    this process waits for the lock, and writes the shard only if the other one did not finish it
+    (it may have been killed: its lock went with it). Every lock handed out is also put in `held`,
+    so the caller can release it whatever happens.
+    """
+    deferred = []
+    for s in todo:
+        lock = try_lock(layout.lock(f"shard-{s:05d}"))
+        if lock is None:
+            log.warning("shard %d is being written by another process; skipping it for now", s)
+            deferred.append(s)
+            continue
+        held.append(lock)
+        if shard_done(layout, s):
+            lock.release()
+            continue
+        faults.point(f"shard-{s:05d}/claimed")
+        yield s, lock
+    for s in deferred:
+        lock = wait_lock(layout.lock(f"shard-{s:05d}"), f"shard {s}")
+        held.append(lock)
+        if shard_done(layout, s):
+            log.warning("shard %d was written by the other process", s)
+            lock.release()
+            continue
+        yield s, lock
+
+
+def shard_bytes(plan: Plan, store: ActivationStore) -> int:
+    """Upper bound of one shard's bytes on disk: every group's capacity, uncompressed, plus its sums."""
+    g = store.geometry
+    rows = g.shard_rows * len(plan.group_names) * (g.act_bytes_per_row + ROW_METADATA_BYTES)
+    return rows + len(plan.layers) * g.d_model * 8
 
 
 def _clean_staging(layout: RunLayout) -> None:

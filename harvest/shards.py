@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ghsae import faults
 from ghsae.cache.manifest import Plan, save_npz_atomic, write_json_atomic
 from ghsae.cache.store import ActivationStore, ShardRows, to_storage
+from ghsae.cache.verify import file_sizes
 from ghsae.errors import HarvestError
 from ghsae.harvest.capture import capture_layers
 from ghsae.harvest.model import LoadedModel
@@ -179,9 +181,13 @@ def commit_shard(
     seconds: float,
 ) -> dict:
     """Write a shard's rows, then its sums, then (last, atomically) its completion record."""
+    tag = f"shard-{shard:05d}"
+    faults.point(f"{tag}/before-write", layout.acts)
     for name, group_rows in rows.items():
         store.write_shard(name, shard, group_rows)
+        faults.point(f"{tag}/after-{name}", layout.acts / name)
     save_npz_atomic(layout.shard_sums(shard), sum_x=stats["sum_x"])
+    faults.point(f"{tag}/before-record", layout.shard_record(shard))
     start, stop = plan.shard_contexts(shard)
     record = {
         "shard": shard,
@@ -193,6 +199,7 @@ def commit_shard(
                 "rows": len(r),
                 "layer_counts": {str(int(k)): int(c) for k, c in zip(*np.unique(r.layer, return_counts=True))},
                 "checksums": r.checksums(),
+                "files": file_sizes(store, name, shard),  # verification compares these first (cheap)
             }
             for name, r in rows.items()
         },
@@ -201,4 +208,5 @@ def commit_shard(
         "written_at": time.time(),
     }
     write_json_atomic(layout.shard_record(shard), record)
+    faults.point(f"{tag}/after-record", layout.shard_record(shard))
     return record

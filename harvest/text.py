@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import glob
 import hashlib
+import logging
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,9 +24,13 @@ import numpy as np
 
 from ghsae.errors import DatasetError
 
+log = logging.getLogger(__name__)
+
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 BUILTIN_DATASETS = ("builtin:python-docs",)
-_TOKENIZE_BATCH = 256  # documents per tokenizer call: amortises the call overhead of fast tokenizers
+_TOKENIZE_BATCH = 256
+_TOKENIZE_CHARS = 1 << 20  # and at most about this many characters per call
+MAX_PIECE_CHARS = 1 << 16  # longest text handed to the tokenizer at once (a long paragraph is cut)  # documents per tokenizer call: amortises the call overhead of fast tokenizers
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,11 @@ class Document:
 
     text: str | None = None
     ids: list[int] | None = None
+    joined: bool = False  # a piece of a longer text: the next document continues it (no EOS between)
+
+
+class JoinedIds(list):
+    """Token ids of a piece of a longer document: pack_contexts adds no EOS after it."""
 
 
 def resolve_files(spec: str) -> list[Path]:
@@ -82,17 +92,53 @@ def iter_documents(spec: str, text_field: str, tokens_field: str) -> Iterator[Do
 
 
 def _txt_documents(path: Path) -> Iterator[Document]:
-    """Paragraphs (blank-line separated) are documents, so a large file never sits in memory."""
-    lines: list[str] = []
+    """Paragraphs (blank-line separated) are documents, read in bounded pieces.
+
+    Neither a long paragraph nor a long line is held whole: lines arrive at most MAX_PIECE_CHARS at
+    a time, and a paragraph that grows past that is cut at its last whitespace into a piece marked
+    `joined` (no EOS after it). A 20 MB single-line file peaked at 3.3 GB in the tokenizer when
+    read whole (issue 9). The whitespace starts the next piece, as a BPE tokenizer expects.
+    """
+    warn_if_not_text(path)
+    parts: list[str] = []
+    size = 0
     with open(path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            if line.strip():
-                lines.append(line)
-            elif lines:
-                yield Document(text="".join(lines))
-                lines = []
-    if lines:
-        yield Document(text="".join(lines))
+        while line := fh.readline(MAX_PIECE_CHARS):
+            if line.strip() or not line.endswith("\n"):  # a cut-off part of a long line is content
+                parts.append(line)
+                size += len(line)
+                if size >= MAX_PIECE_CHARS:
+                    text = "".join(parts)
+                    cut = max(text.rfind(" "), text.rfind("\n"), text.rfind("\t"))
+                    cut = cut if cut > 0 else len(text)
+                    yield Document(text=text[:cut], joined=True)
+                    parts, size = [text[cut:]], len(text) - cut
+            elif parts:
+                yield Document(text="".join(parts))
+                parts, size = [], 0
+    if parts and "".join(parts).strip():
+        yield Document(text="".join(parts))
+
+
+def warn_if_not_text(path: Path, sample: int = 8192) -> None:
+    """Warn when a .txt file's first bytes look binary (NUL bytes, or mostly invalid UTF-8)."""
+    with open(path, "rb") as fh:
+        head = fh.read(sample)
+    if not head:
+        return
+    reason = None
+    if b"\x00" in head:
+        reason = "it holds NUL bytes"
+    else:
+        bad = head.decode("utf-8", errors="replace").count("\ufffd")
+        if bad > len(head) // 100:  # a cut multi-byte character at the sample's end is one, not 1%
+            reason = f"{bad} of its first {len(head)} bytes are not valid UTF-8"
+    if reason:
+        log.warning(
+            "%s does not look like text (%s); it is read as UTF-8 with bad bytes replaced. Check data.dataset",
+            path,
+            reason,
+        )
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
@@ -175,25 +221,30 @@ def _python_doc_texts() -> Iterator[str]:
 
 
 def iter_token_documents(docs: Iterator[Document], tokenizer) -> Iterator[list[int]]:
-    """Token ids per document, tokenising text in batches."""
-    pending: list[str] = []
+    """Token ids per document (JoinedIds for a piece another continues), tokenising text in batches."""
+    pending: list[Document] = []
+    chars = 0
     for doc in docs:
         if doc.ids is not None:
             yield from _encode(tokenizer, pending)
-            pending = []
+            pending, chars = [], 0
             yield doc.ids
         else:
             assert doc.text is not None
-            pending.append(doc.text)
-            if len(pending) >= _TOKENIZE_BATCH:
+            pending.append(doc)
+            chars += len(doc.text)
+            # bounded in characters too: the tokenizer's per-token bookkeeping is ~100x the text's size
+            if len(pending) >= _TOKENIZE_BATCH or chars >= _TOKENIZE_CHARS:
                 yield from _encode(tokenizer, pending)
-                pending = []
+                pending, chars = [], 0
     yield from _encode(tokenizer, pending)
 
 
-def _encode(tokenizer, texts: list[str]) -> Iterator[list[int]]:
-    if texts:
-        yield from tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+def _encode(tokenizer, docs: list[Document]) -> Iterator[list[int]]:
+    if docs:
+        encoded = tokenizer([d.text for d in docs], add_special_tokens=False, verbose=False)["input_ids"]
+        for doc, ids in zip(docs, encoded):
+            yield JoinedIds(ids) if doc.joined else ids
 
 
 def pack_contexts(
@@ -204,7 +255,7 @@ def pack_contexts(
     buf: list[int] = []
     for ids in token_docs:
         buf.extend(ids)
-        if eos is not None:
+        if eos is not None and not isinstance(ids, JoinedIds):
             buf.append(eos)
         while len(buf) >= body:
             chunk, buf = buf[:body], buf[body:]

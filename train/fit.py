@@ -14,15 +14,26 @@ from pathlib import Path
 import torch
 
 from ghsae.cache.loader import ActivationLoader, GroupReader
-from ghsae.cache.manifest import NormStats, Plan, aggregate_stats, done_shards, group_shard_rows, load_plan
+from ghsae.cache.manifest import (
+    NormStats,
+    Plan,
+    aggregate_stats,
+    done_shards,
+    group_shard_rows,
+    load_plan,
+    read_json,
+)
 from ghsae.cache.store import ActivationStore
+from ghsae.cache.verify import ShardVerifier
 from ghsae.config import PipelineConfig
 from ghsae.errors import ConfigError, StoreError
 from ghsae.harvest.model import pick_device
-from ghsae.layout import RunLayout
-from ghsae.train.io import load_sae, save_sae
+from ghsae.layout import SAE_WEIGHTS, RunLayout
+from ghsae.locks import hold_run, wait_lock
+from ghsae.train.io import CHECKPOINT, METRICS, SAE_CONFIG, load_sae, save_sae
+from ghsae.train.provenance import provenance, provenance_diffs
 from ghsae.train.sae import SAEConfig, SparseAutoencoder, build_sae
-from ghsae.train.trainer import Trainer
+from ghsae.train.trainer import ResumeRefused, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +54,13 @@ def fit(
     groups: list[str] | None = None,
     allow_partial: bool = False,
     progress: bool = True,
+    restart: bool = False,
 ) -> list[FitResult]:
+    """Train (or resume, or skip when already trained with these settings on this store) each group's SAE.
+
+    restart (--overwrite): an SAE trained or begun with other settings or another store is started
+    over instead of refused.
+    """
     layout = RunLayout(Path(run_dir))
     plan = load_plan(layout)
     done = done_shards(layout, plan)
@@ -56,8 +73,10 @@ def fit(
     if not done:
         raise StoreError(f"{layout.root} has no harvested shard; run `ghsae harvest` first")
     names = selected_groups(plan, groups)
-    stats = aggregate_stats(layout, plan, done)  # once: every group's SAE takes its layers' rows of it
-    return [fit_group(cfg, layout, plan, name, done, stats, progress) for name in names]
+    pick_device(cfg.fit.device, option="fit.device (--device)")  # a bad device fails before any work
+    with hold_run(layout):
+        stats = aggregate_stats(layout, plan, done)  # once: every group's SAE takes its layers' rows of it
+        return [fit_group(cfg, layout, plan, name, done, stats, progress, restart) for name in names]
 
 
 def selected_groups(plan: Plan, groups: list[str] | None) -> list[str]:
@@ -77,9 +96,56 @@ def fit_group(
     shards: list[int],
     stats: NormStats,
     progress: bool,
+    restart: bool = False,
+) -> FitResult:
+    """One group's SAE, under its lock: a second process fitting the same group waits, then finds it done."""
+    with wait_lock(layout.lock(f"sae-{group}"), f"the SAE of {group}"):
+        record = provenance(cfg, layout, plan, group, shards)
+        done = _already_trained(layout, group, record, restart)
+        if done is not None:
+            return done
+        return _train_group(cfg, layout, plan, group, shards, stats, progress, record, restart)
+
+
+def _already_trained(layout: RunLayout, group: str, record: dict, restart: bool) -> FitResult | None:
+    """The FitResult of an SAE already trained with these settings on this store (nothing is written);
+    None when it must be trained. One trained otherwise is refused, or with restart removed."""
+    folder = layout.sae_dir(group)
+    if not layout.sae_trained(group):
+        return None
+    meta = read_json(folder / SAE_CONFIG, fix=f"delete {folder} to train this SAE again")
+    saved = meta.get("provenance")
+    if saved is None and "fit" in meta:  # cfg.json of an older ghsae: its fit settings, no store state
+        saved = {"fit": {k: v for k, v in meta["fit"].items() if k in record["fit"]}, "store": record["store"]}
+    diffs = provenance_diffs(saved, record, "trained SAE")
+    if not diffs:
+        log.info("%s is already trained with these settings on this store; nothing to do", group)
+        layers = meta["sae"]["layers"]
+        return FitResult(group, layers, int(meta.get("tokens", 0)), int(meta.get("steps", 0)), None, str(folder))
+    if not restart:
+        raise ResumeRefused(
+            f"{folder} was trained differently ({'; '.join(diffs[:6])}{'; ...' if len(diffs) > 6 else ''}). "
+            "Pass --overwrite to train it again with these settings, or restore the settings it was trained with"
+        )
+    log.warning("--overwrite: training %s again (it was trained differently: %s)", group, "; ".join(diffs[:4]))
+    for name in (SAE_WEIGHTS, SAE_CONFIG, CHECKPOINT, METRICS):  # ghsae's files only
+        (folder / name).unlink(missing_ok=True)
+    return None
+
+
+def _train_group(
+    cfg: PipelineConfig,
+    layout: RunLayout,
+    plan: Plan,
+    group: str,
+    shards: list[int],
+    stats: NormStats,
+    progress: bool,
+    record: dict,
+    restart: bool,
 ) -> FitResult:
     fc = cfg.fit
-    device = pick_device(fc.device)
+    device = pick_device(fc.device, option="fit.device (--device)")
     gi = plan.group_names.index(group)
     layers = plan.groups[gi]
     d = int(plan.data["d_model"])
@@ -104,7 +170,8 @@ def fit_group(
     sae.set_normalisation(scale, mean)
     store = ActivationStore.open(layout.acts)
     rows = group_shard_rows(layout, plan, group, shards)
-    loader = ActivationLoader(GroupReader(store, group, rows), fc.batch_size, fc.seed, device, layers, scale, mean)
+    reader = GroupReader(store, group, rows, verify=ShardVerifier(layout, plan, store))
+    loader = ActivationLoader(reader, fc.batch_size, fc.seed, device, layers, scale, mean)
     sae.to(device)
     if fc.init_from:
         _init_from(sae, Path(fc.init_from))
@@ -112,12 +179,18 @@ def fit_group(
         _init_b_dec(sae, loader)
     total = fc.tokens or loader.rows_per_epoch
     out_dir = layout.sae_dir(group)
-    trainer = Trainer(fc, sae, loader, out_dir, total, name=f"fit {group}")
+    trainer = Trainer(fc, sae, loader, out_dir, total, name=f"fit {group}", provenance=record, restart=restart)
     state = trainer.run(progress)
     save_sae(
         sae,
         out_dir,
-        {"fit": cfg.to_dict()["fit"], "tokens": state.tokens, "steps": state.step, "seconds": state.seconds},
+        {
+            "fit": cfg.to_dict()["fit"],
+            "provenance": record,
+            "tokens": state.tokens,
+            "steps": state.step,
+            "seconds": state.seconds,
+        },
     )
     final = state.metrics[-1]["fvu"] if state.metrics else None
     return FitResult(group, layers, state.tokens, state.step, final, str(out_dir))
@@ -156,6 +229,8 @@ def summary_lines(results: list[FitResult]) -> list[str]:
         f"{r.group} (layers {r.layers[0]}-{r.layers[-1]}): {r.tokens:,} tokens, {r.steps} steps, "
         f"final batch FVU {r.final_fvu:.3f} -> {r.folder}"
         if r.final_fvu is not None
+        else f"{r.group}: already trained with these settings on this store ({r.steps} steps); nothing to do"
+        if r.steps
         else f"{r.group}: no steps"
         for r in results
     ]

@@ -8,10 +8,11 @@ weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import io
+import logging
 import math
-import os
+import pickle
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,17 +21,25 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from ghsae import faults
 from ghsae.cache.loader import ActivationLoader, LoaderBatch
+from ghsae.cache.manifest import write_bytes_atomic
 from ghsae.config import FitConfig
-from ghsae.errors import GhsaeError
+from ghsae.errors import DamagedFileError, GhsaeError, StoreError
 from ghsae.train.io import CHECKPOINT, METRICS
+from ghsae.train.provenance import provenance_diffs
 from ghsae.train.sae import SparseAutoencoder
 
 LOG_EVERY = 10  # steps between metric rows
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(GhsaeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class ResumeRefused(GhsaeError):
+    """A checkpoint or trained SAE was made with other fit settings or another store."""
 
 
 @dataclass
@@ -57,7 +66,11 @@ class Trainer:
         out_dir: Path,
         total_tokens: int,
         name: str = "sae",
+        provenance: dict | None = None,
+        restart: bool = False,
     ):
+        self.provenance = provenance  # fit settings + store state (train/provenance.py), checked on resume
+        self.restart = restart  # --overwrite: a checkpoint of other settings is deleted, not refused
         self.cfg = cfg
         self.sae = sae
         self.loader = loader
@@ -86,6 +99,7 @@ class Trainer:
 
     def run(self, progress: bool = True) -> TrainState:
         self.resume()
+        steps_before = self.state.step
         self._clock = time.perf_counter()
         bar = tqdm(
             total=self.total_tokens,
@@ -111,7 +125,8 @@ class Trainer:
                 self.state.epoch += 1
                 self.state.batch_in_epoch = 0
         bar.close()
-        self.checkpoint()
+        if self.state.step > steps_before:  # a run with nothing left to do writes nothing
+            self.checkpoint()
         return self.state
 
     def step(self, batch: LoaderBatch) -> dict:
@@ -119,8 +134,15 @@ class Trainer:
         sae.train()
         for group in opt.param_groups:
             group["lr"] = self.lr_at(self.state.tokens)
+        faults.point(f"fit/step-{self.state.step + 1}")
         out = sae(batch.x)
         if not torch.isfinite(out.loss):
+            if not torch.isfinite(batch.x).all():
+                raise StoreError(
+                    f"{self.name}: the store holds non-finite activations (inf/NaN) in the batch of step "
+                    f"{self.state.step + 1}; lowering fit.lr will not help. Re-harvest with "
+                    'storage.dtype = "bfloat16" (float16 overflows past 65504) and --overwrite'
+                )
             raise TrainingDiverged(
                 f"{self.name}: loss became {out.loss.item()} at step {self.state.step + 1} "
                 f"({self.state.tokens:,} tokens); the last good checkpoint ({self._last_checkpoint_tokens:,} tokens) "
@@ -171,6 +193,7 @@ class Trainer:
         self.state.seconds += now - self._clock
         self._clock = now
         payload = {
+            "provenance": self.provenance,
             "sae_cfg": self.sae.cfg.to_json(),
             "sae": self.sae.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -178,30 +201,37 @@ class Trainer:
             "metrics": self.state.metrics,
             "rng": torch.get_rng_state(),
         }
-        tmp = self.out_dir / f".{CHECKPOINT}.{uuid.uuid4().hex[:8]}.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        # Serialised in memory, then written with plain file I/O: a full disk is then an OSError naming the
+        # file (torch.save straight to disk reports it as "unexpected pos"), and no temp file is left.
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        write_bytes_atomic(self.checkpoint_path, buffer.getbuffer(), fault="fit/checkpoint")
         if self.state.metrics:
-            table = pa.Table.from_pylist(self.state.metrics)
-            mtmp = self.out_dir / f".{METRICS}.{uuid.uuid4().hex[:8]}.tmp"
-            pq.write_table(table, mtmp)
-            os.replace(mtmp, self.out_dir / METRICS)
+            buffer = io.BytesIO()
+            pq.write_table(pa.Table.from_pylist(self.state.metrics), buffer)
+            write_bytes_atomic(self.out_dir / METRICS, buffer.getbuffer())
         self._last_checkpoint_tokens = self.state.tokens
 
     def resume(self) -> bool:
         if not self.checkpoint_path.is_file():
             return False
-        payload = torch.load(self.checkpoint_path, map_location=self.loader.device, weights_only=False)
+        payload = self._load_checkpoint()
         saved, now = payload["sae_cfg"], self.sae.cfg.to_json()
         diffs = [
             f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
             for k in ("architecture", "d_model", "n_latents", "layers", "k")
             if saved.get(k) != now.get(k)
         ]
+        if self.provenance is not None:
+            diffs += provenance_diffs(payload.get("provenance"), self.provenance, "checkpoint")
+        if diffs and self.restart:
+            log.warning("%s: --overwrite: starting over (the checkpoint differs: %s)", self.name, "; ".join(diffs[:4]))
+            return False
         if diffs:
-            raise GhsaeError(
-                f"{self.checkpoint_path} does not match this SAE ({'; '.join(diffs)}); "
-                "delete the folder to start over, or restore the config it was trained with"
+            raise ResumeRefused(
+                f"{self.checkpoint_path} was trained differently ({'; '.join(diffs[:6])}"
+                f"{'; ...' if len(diffs) > 6 else ''}); continuing it would mix the two. Pass --overwrite to "
+                "start this SAE over, or restore the settings it was trained with"
             )
         self.sae.load_state_dict(payload["sae"])
         self.optimizer.load_state_dict(payload["optimizer"])
@@ -209,3 +239,19 @@ class Trainer:
         torch.set_rng_state(payload["rng"])
         self._last_checkpoint_tokens = self.state.tokens
         return True
+
+    def _load_checkpoint(self) -> dict:
+        # weights_only: a checkpoint is data (tensors, numbers, strings); a run folder received from
+        # someone else must not be able to run code on resume (issue 9, item 12)
+        try:
+            payload = torch.load(self.checkpoint_path, map_location=self.loader.device, weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+            if isinstance(e, OSError) and e.errno is not None:
+                raise
+            raise DamagedFileError(
+                f"{self.checkpoint_path} is damaged or not a ghsae checkpoint ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:120]}); delete it to train this SAE from the start"
+            ) from None
+        if not isinstance(payload, dict) or "sae" not in payload:
+            raise DamagedFileError(f"{self.checkpoint_path} is not a ghsae checkpoint; delete it to start over")
+        return payload

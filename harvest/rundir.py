@@ -1,0 +1,148 @@
+"""Whose folder is this? Recognising, claiming and overwriting a run folder.
+
+A run folder is recognised by RUN/ghsae-run.json, a marker ghsae writes (with its format
+version) before anything else, never by a generic name such as config.json: a transformers
+model folder has a config.json too, and `--overwrite` once deleted one (issue 9). Folders made
+before the marker existed are recognised by their config.json holding ghsae's own keys next to
+plan/plan.json, and get the marker when next claimed.
+
+--overwrite removes only the names ghsae writes (layout.OWNED_NAMES and staging folders) and
+keeps anything else in the folder (a NOTES.md, a notebook), saying which files it kept. It needs
+the run lock exclusively, so it is refused while another ghsae process works in the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from ghsae.cache.manifest import read_json, write_json_atomic
+from ghsae.config import PipelineConfig
+from ghsae.errors import DamagedFileError, RunDirError
+from ghsae.layout import LOCKS_DIR, OWNED_NAMES, RUN_FORMAT, RUN_FORMAT_VERSION, STAGING_PREFIX, RunLayout
+from ghsae.locks import FileLock, hold_run, try_lock, wait_lock
+
+log = logging.getLogger(__name__)
+
+_LEGACY_CONFIG_KEYS = {"identity", "resolved", "hash"}
+
+
+def _own_entries(root: Path) -> list[Path]:
+    return [p for p in root.iterdir() if not p.name.startswith(STAGING_PREFIX) and p.name != LOCKS_DIR]
+
+
+def is_run_folder(layout: RunLayout) -> bool:
+    """A ghsae run: its marker, or (made before markers) ghsae's own config.json beside plan/plan.json."""
+    if layout.marker.is_file():
+        marker = read_json(layout.marker, fix="delete it only if this folder is not a ghsae run")
+        if not isinstance(marker, dict) or marker.get("format") != RUN_FORMAT:
+            raise RunDirError(f"{layout.marker} is not a ghsae run marker; this folder is not a ghsae run")
+        if int(marker.get("version", 0)) > RUN_FORMAT_VERSION:
+            raise RunDirError(
+                f"{layout.root} was made by a newer ghsae (run format {marker.get('version')}, this one reads "
+                f"{RUN_FORMAT_VERSION}); upgrade ghsae or use another --run-dir"
+            )
+        return True
+    if layout.config.is_file() and layout.plan.is_file():
+        try:
+            data = json.loads(layout.config.read_text())
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return isinstance(data, dict) and _LEGACY_CONFIG_KEYS <= set(data)
+    return False
+
+
+def prepare_run_dir(layout: RunLayout, cfg: PipelineConfig, overwrite: bool) -> list[str]:
+    """Check, without writing, that this command may use the folder; returns the config differences
+    that --overwrite will clear (empty when the run is this config's or the folder is new)."""
+    root = layout.root
+    if not root.exists():
+        return []
+    if not root.is_dir():
+        raise RunDirError(f"run folder {root} is a file; choose a folder path for --run-dir")
+    if not _own_entries(root):
+        return []
+    if not is_run_folder(layout):
+        raise RunDirError(
+            f"{root} is not empty and holds no {layout.marker.name}: not a ghsae run folder (a model folder or "
+            "your own files). ghsae never writes into it, even with --overwrite; choose an empty or new --run-dir"
+        )
+    diffs = run_config_diffs(layout, cfg)
+    if diffs and not overwrite:
+        raise RunDirError(
+            f"{root} holds a run with a different config ({'; '.join(diffs[:6])}{'; ...' if len(diffs) > 6 else ''}). "
+            "Use another --run-dir, or pass --overwrite to delete that run"
+        )
+    return diffs
+
+
+def run_config_diffs(layout: RunLayout, cfg: PipelineConfig) -> list[str]:
+    if layout.config.is_file():
+        try:
+            return _config_diffs(read_json(layout.config).get("identity", {}), cfg.identity())
+        except DamagedFileError:
+            if not layout.plan.is_file():
+                return [f"{layout.config} is damaged"]
+            # config.json is derived from the config: with a plan of this config, it is rewritten
+    if layout.plan.is_file():
+        # killed between the plan's rename and config.json: the plan's hash still identifies the run
+        planned = read_json(layout.plan).get("config_hash")
+        if planned != cfg.identity_hash():
+            return [f"config hash {planned} in the run, {cfg.identity_hash()} now"]
+    return []
+
+
+def _config_diffs(old: dict, new: dict) -> list[str]:
+    diffs = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                diffs.append(f"{section}.{key}: {a.get(key)!r} in the run, {b.get(key)!r} now")
+    return diffs
+
+
+def claim_run_dir(layout: RunLayout, cfg: PipelineConfig, overwrite: bool) -> FileLock:
+    """Create or join the run folder: its marker written, the run lock held shared (returned), and,
+    with --overwrite and another config in it, what ghsae wrote removed first."""
+    prepare_run_dir(layout, cfg, overwrite)  # checked again: another process may have changed it
+    layout.root.mkdir(parents=True, exist_ok=True)
+    run_lock = hold_run(layout)
+    try:
+        diffs = prepare_run_dir(layout, cfg, overwrite)
+        if diffs:
+            _wipe(layout, run_lock, diffs)
+        if not layout.marker.is_file():
+            write_json_atomic(
+                layout.marker, {"format": RUN_FORMAT, "version": RUN_FORMAT_VERSION, "created": time.time()}
+            )
+    except BaseException:
+        run_lock.release()
+        raise
+    return run_lock
+
+
+def _wipe(layout: RunLayout, run_lock: FileLock, diffs: list[str]) -> None:
+    """--overwrite: under the exclusive run lock, remove ghsae's files and nothing else."""
+    run_lock.release()
+    exclusive = try_lock(layout.lock("run"))
+    if exclusive is None:
+        raise RunDirError(
+            f"--overwrite refused: another ghsae process is working in {layout.root}; wait for it to finish "
+            "(or stop it), then re-run with --overwrite"
+        )
+    try:
+        log.warning("--overwrite: removing run %s (its config differs: %s)", layout.root, "; ".join(diffs[:6]))
+        for p in layout.root.iterdir():
+            if p.name in OWNED_NAMES or p.name.startswith(STAGING_PREFIX):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        kept = sorted(p.name for p in _own_entries(layout.root))
+        if kept:
+            log.warning("--overwrite kept %d entries ghsae did not write: %s", len(kept), ", ".join(kept[:10]))
+    finally:
+        exclusive.release()
+    again = wait_lock(layout.lock("run"), f"run folder {layout.root}", shared=True)
+    run_lock.fd, again.fd = again.fd, None
