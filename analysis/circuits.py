@@ -197,10 +197,12 @@ class TaskRunner:
         solved = acc >= min_accuracy
         return CleanCheck(self.task.task, self.n_prompts, float(m.mean()), acc, solved, self.task.adaptation)
 
+    @torch.inference_mode()
     def rows(self, layer: int) -> torch.Tensor:
         """Every edited position's clean residual at `layer`, all batches: [P, D]."""
         return torch.cat([b.resid[layer][b.keep].float() for b in self.batches])
 
+    @torch.inference_mode()
     def metric_with(self, layer: int, make: Callable[[_Batch, torch.Tensor], list[torch.Tensor]]) -> list[float]:
         """Mean metric of several edits of `layer` at once; make(batch, x [n, D]) -> variants [n, D] each."""
         sums: list[float] | None = None
@@ -240,6 +242,7 @@ class TaskRunner:
 
     # --- one dictionary at one layer -------------------------------------------------------
 
+    @torch.inference_mode()
     def stats(self, d: Dictionary) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean latents [m], mean error [D]) over the task's edited positions."""
         x = self.rows(d.layer)

@@ -120,9 +120,9 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def single_token(tokenizer, prefix: str, answer: str) -> int | None:
-    """The id that follows prefix's tokens when `answer` is appended, if it is exactly one token."""
+    """The id that follows prefix's tokens when `answer` is appended, if it is exactly one known token."""
     a, b = _encode(tokenizer, prefix), _encode(tokenizer, prefix + answer)
-    if len(b) == len(a) + 1 and b[: len(a)] == a:
+    if len(b) == len(a) + 1 and b[: len(a)] == a and b[-1] != getattr(tokenizer, "unk_token_id", None):
         return b[-1]
     return None
 
