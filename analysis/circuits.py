@@ -11,11 +11,11 @@ What is measured, and how it answers the paper's reviewers:
   and dm/dx the gradient of the task metric at layer l on the clean run. x = dec(z) + e holds
   exactly, so the one clean backward pass gives every latent's gradient at every layer. Latents
   are ranked by |mean over prompts of the estimate|.
-- Mean ablation: a latent (or the error) is replaced by its mean over every spliced position of the
-  task's prompts (position-independent, since templates differ in length).
+- Mean ablation: a latent (or the error) is replaced by its mean at the same position over the
+  task's prompts of the same token length (in practice, of the same template).
 - faithfulness(N) = (m(top N + error kept, rest mean-ablated) - m(all mean-ablated)) /
   (m(clean) - m(all mean-ablated)). Ablating everything, latents and error, writes dec(mean z) +
-  mean e = mean x, so the floor does not depend on the SAE.
+  mean e = mean x (dec is affine), so the floor does not depend on the SAE.
 - faithfulness without the error term: the same with the error mean-ablated too, so the SAE has
   to carry the behaviour. With the error kept, an SAE that outputs zeros keeps all of x in its error
   term and scores 1 at every N: the zero-SAE line shows that, the random-SAE line shows what an
@@ -198,9 +198,28 @@ class TaskRunner:
         return CleanCheck(self.task.task, self.n_prompts, float(m.mean()), acc, solved, self.task.adaptation)
 
     @torch.inference_mode()
-    def rows(self, layer: int) -> torch.Tensor:
-        """Every edited position's clean residual at `layer`, all batches: [P, D]."""
-        return torch.cat([b.resid[layer][b.keep].float() for b in self.batches])
+    def position_means(self, layer: int, f: Callable[[torch.Tensor], torch.Tensor]) -> dict[int, torch.Tensor]:
+        """{prompt length T: [T, k]}: the mean of f(x) [n, k] at each position over the prompts of that length.
+
+        Prompts of one length share a template, so this is the position-aligned mean that templated
+        circuit tasks ablate to; a position-independent mean would overwrite, say, the first
+        position's outsized residual with an average of ordinary ones.
+        """
+        sums: dict[int, torch.Tensor] = {}
+        counts: dict[int, torch.Tensor] = {}
+        for b in self.batches:
+            v = f(b.resid[layer][b.keep].float())
+            T, pos = b.ids.shape[1], b.keep.nonzero()[:, 1]
+            s = sums.setdefault(T, v.new_zeros(T, v.shape[1]))
+            c = counts.setdefault(T, v.new_zeros(T))
+            s.index_add_(0, pos, v)
+            c.index_add_(0, pos, torch.ones_like(pos, dtype=v.dtype))
+        return {T: sums[T] / counts[T].clamp_min(1)[:, None] for T in sums}
+
+    @staticmethod
+    def expand(means: dict[int, torch.Tensor], b: _Batch) -> torch.Tensor:
+        """The position means for each of batch b's edited rows: [n, k]."""
+        return means[b.ids.shape[1]][b.keep.nonzero()[:, 1]]
 
     @torch.inference_mode()
     def metric_with(self, layer: int, make: Callable[[_Batch, torch.Tensor], list[torch.Tensor]]) -> list[float]:
@@ -231,10 +250,10 @@ class TaskRunner:
         return out
 
     def floor(self, layer: int) -> float:
-        """m(everything mean-ablated): layer's residual replaced by its mean over the task's positions."""
+        """m(everything mean-ablated): layer's residual replaced by its position means over the task's prompts."""
         if layer not in self._floor:
-            mean = self.rows(layer).mean(0)
-            self._floor[layer] = self.metric_with(layer, lambda b, x: [mean.expand_as(x)])[0]
+            means = self.position_means(layer, lambda x: x)
+            self._floor[layer] = self.metric_with(layer, lambda b, x: [self.expand(means, b)])[0]
         return self._floor[layer]
 
     def normalised(self, layer: int, value: float) -> float:
@@ -243,28 +262,30 @@ class TaskRunner:
     # --- one dictionary at one layer -------------------------------------------------------
 
     @torch.inference_mode()
-    def stats(self, d: Dictionary) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean latents [m], mean error [D]) over the task's edited positions."""
-        x = self.rows(d.layer)
-        z = d.latents(x)
-        return z.mean(0), (x - d.recon(z)).mean(0)
+    def stats(self, d: Dictionary) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Position means of the latents ({T: [T, m]}) and of the error term ({T: [T, D]})."""
+        return (
+            self.position_means(d.layer, d.latents),
+            self.position_means(d.layer, lambda x: x - d.recon(d.latents(x))),
+        )
 
     @torch.inference_mode()
     def attribution(self, d: Dictionary) -> torch.Tensor:
         """Per latent, the mean over prompts of the linear estimate of m(latent mean-ablated) - m(clean): [m]."""
-        z_mean, _ = self.stats(d)
-        total = torch.zeros(d.n_latents, dtype=torch.float64, device=z_mean.device)
-        rows = d.decoder_rows().to(z_mean.device)  # [m, D]
+        z_means, _ = self.stats(d)
+        device = self.batches[0].ids.device
+        total = torch.zeros(d.n_latents, dtype=torch.float64, device=device)
+        rows = d.decoder_rows().to(device)  # [m, D]
         for b in self.batches:
             x = b.resid[d.layer][b.keep].float()
             g = b.grad[d.layer][b.keep].float()
             z = d.latents(x)
-            total += ((z_mean - z) * (g @ rows.T)).sum(0).double()
+            total += ((self.expand(z_means, b) - z) * (g @ rows.T)).sum(0).double()
         return (total / self.n_prompts).float()
 
     def curves(self, d: Dictionary, grid: list[int] | None = None) -> list[Curve]:
         """Faithfulness (error kept and mean-ablated) and completeness against N for d at its layer."""
-        z_mean, e_mean = self.stats(d)
+        z_means, e_means = self.stats(d)
         order = self.attribution(d).abs().argsort(descending=True)
         grid = n_grid(d.n_latents) if grid is None else [n for n in grid if n <= d.n_latents]
         edits = []  # (latents kept [m] bool, error kept)
@@ -276,7 +297,8 @@ class TaskRunner:
         def make(b: _Batch, x: torch.Tensor) -> list[torch.Tensor]:
             z = d.latents(x)
             e = x - d.recon(z)
-            return [d.recon(torch.where(keep, z, z_mean)) + (e if err else e_mean.expand_as(x)) for keep, err in edits]
+            z_mean, e_mean = self.expand(z_means, b), self.expand(e_means, b)
+            return [d.recon(torch.where(keep, z, z_mean)) + (e if err else e_mean) for keep, err in edits]
 
         raw = self.metric_with(d.layer, make)
         vals = [self.normalised(d.layer, v) for v in raw]
