@@ -12,9 +12,9 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+from circuit_fixtures import save_task_llama
 from click.testing import CliRunner
 
-from circuit_fixtures import save_task_llama
 from conftest import tiny_config
 from ghsae.analysis.rate import KEY_FILE, RatingError, RatingKey, score, wilson
 from ghsae.cli import main

@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 import torch
-
 from circuit_fixtures import build_task_tokenizer, linear_lm, save_task_llama
+
 from ghsae.analysis import tasks as T
 from ghsae.analysis.circuits import CircuitTarget, Dictionary, TaskRunner, n_grid, random_like, run_task
 from ghsae.config import TASKS

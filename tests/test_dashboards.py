@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
 from circuit_fixtures import linear_lm
+
 from ghsae.analysis.dashboards import collect, logit_tokens
 from ghsae.train.sae import SAEConfig, build_sae
 
