@@ -124,6 +124,13 @@ def render_section(report: CircuitReport | None) -> str:
         if not r.curves:
             continue
         parts.append(f"<h3>{html.escape(r.check.task)}</h3>")
+        parts.append(
+            "<p class='small'>m(clean) − m(layer mean-ablated) per layer, the denominator of every normalised value "
+            f"(clean metric {r.check.mean_metric:.3f}); in red where it is under a tenth of the clean metric: "
+            "mean-ablating that layer barely moves the task, so its normalised curves swing widely and say little: "
+            + ", ".join(_gap(layer, gap, r.check.mean_metric) for layer, gap in r.gaps)
+            + "</p>"
+        )
         for measure in MEASURES:
             by_kind: dict[str, list[Curve]] = {}
             for c in r.curves:
@@ -165,6 +172,11 @@ def curves_figure(per_layer: dict, means: dict, title: str) -> bytes:
     axes[0][0].set_ylabel("normalised metric")
     fig.suptitle(title, fontsize=10)
     return plots._png(fig)
+
+
+def _gap(layer: int, gap: float, clean: float) -> str:
+    text = f"layer {layer}: {gap:.3f}"
+    return f"<span class='warn'>{text}</span>" if gap < 0.1 * abs(clean) else text
 
 
 def _group_table(r: TaskCircuits, groups) -> str:

@@ -71,6 +71,9 @@ class TaskCircuits:
     check: CleanCheck
     curves: tuple[Curve, ...]
     seconds: float
+    # per layer, m(clean) - m(layer mean-ablated): the normalisation's denominator. Where it is small
+    # against m(clean) the layer barely matters to the task and its normalised values swing widely.
+    gaps: tuple[tuple[int, float], ...] = ()
 
 
 class Dictionary:
@@ -340,6 +343,7 @@ def run_task(
     if not check.solved:
         return TaskCircuits(check, (), time.perf_counter() - t0)
     curves: list[Curve] = []
+    gaps: list[tuple[int, float]] = []
     for t in targets:
         t.sae.to(lm.device).eval()
     controls = {t.name: random_like(t.sae, seed) for t in targets if t.kind == "group"}
@@ -352,8 +356,9 @@ def run_task(
             if t.name in controls:
                 rand = Dictionary(f"random {t.name}", "random", controls[t.name], layer, lm.d_model)
                 curves += runner.curves(rand, grid)
+        gaps.append((layer, runner.clean_metric - runner.floor(layer)))
         log(f"{task.task}: layer {layer} done ({time.perf_counter() - t0:.0f} s)")
-    return TaskCircuits(check, tuple(curves), time.perf_counter() - t0)
+    return TaskCircuits(check, tuple(curves), time.perf_counter() - t0, tuple(gaps))
 
 
 def curve_rows(results: list[TaskCircuits]) -> list[dict]:

@@ -81,6 +81,7 @@ def main() -> None:
             "accuracy": r.check.accuracy,
             "solved": r.check.solved,
             "seconds": r.seconds,
+            "gap_per_layer": dict(r.gaps),
             "means": {},
         }
         for kind in ("group", "baseline", "random", "zero"):

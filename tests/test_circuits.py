@@ -175,5 +175,6 @@ def test_a_task_the_model_does_not_solve_is_refused_and_one_it_solves_is_measure
     refused = run_task(task_lm, _relabelled(task, runner, False), target, grid=[0, 8])
     assert solved.check.accuracy == 1.0 and solved.check.solved
     assert refused.check.accuracy == 0.0 and not refused.check.solved and refused.curves == ()
+    assert [layer for layer, _ in solved.gaps] == [1] and refused.gaps == ()
     kinds = {(c.kind, c.measure) for c in solved.curves}
     assert {k for k, _ in kinds} == {"group", "random", "zero"} and len(kinds) == 9
