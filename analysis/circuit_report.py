@@ -166,6 +166,7 @@ def curves_figure(per_layer: dict, means: dict, title: str) -> bytes:
             _, v = means["zero"]
             ax.axhline(float(np.mean(v)), color="k", ls=":", label="zero SAE")
         ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(0, max(max(n) for _, n, _ in per_layer[kind]) * 1.2)
         ax.set_xlabel("latents kept / ablated (N)")
         ax.axhline(0, color="0.8", lw=0.6)
         ax.legend(fontsize=7)
