@@ -10,6 +10,9 @@ from datetime import UTC, datetime
 import numpy as np
 
 from ghsae.analysis import plots
+from ghsae.analysis.circuit_report import render_section as circuit_section
+from ghsae.analysis.dashboards import report_block
+from ghsae.analysis.rate import ratings_section
 
 # (column, heading, format) of the per-layer eval tables
 METRICS = [
@@ -31,6 +34,8 @@ SECTIONS = [
     ("summary", "Summary"),
     ("evals", "Evals per layer"),
     ("baseline", "Against per-layer SAEs"),
+    ("circuits", "Circuits: faithfulness and completeness"),
+    ("ratings", "Blind interpretability ratings"),
     ("latents-density", "Latent density and dead latents"),
     ("clustering", "Layer clustering"),
     ("compute", "Compute and storage"),
@@ -174,6 +179,10 @@ def render_page(data: dict) -> str:
         )
     parts.append("</section>")
 
+    # --- circuits and ratings (their own modules render them)
+    parts.append(_section_open("circuits") + circuit_section(data.get("circuits")) + "</section>")
+    parts.append(_section_open("ratings") + ratings_section(data.get("ratings")) + "</section>")
+
     # --- density
     parts.append(_section_open("latents-density"))
     dens = result.densities
@@ -311,6 +320,7 @@ def _latent_block(name: str, ex, data: dict, rc) -> str:
                 f"<span class='ctx'>{''.join(toks)}</span></li>"
             )
         blocks.append(f"<p>latent {latent}</p><ul class='examples'>{''.join(lines)}</ul>")
+        blocks.append(report_block(data.get("dashboards", {}).get((name, latent), [])))
     if shown == 0:
         blocks.append("<p>none of the sampled latents fired on the eval tokens.</p>")
     return "".join(blocks)
@@ -366,4 +376,5 @@ mark{background:#ffd54f;font-weight:bold}
 .ctx{font-family:ui-monospace,monospace;white-space:pre-wrap;font-size:.85em}
 .act{display:inline-block;min-width:3.5em;font-family:ui-monospace,monospace}
 ul.examples{list-style:none;padding-left:.5em}
+.dash{margin:0 0 1em .5em} svg.hist{display:block;border-bottom:1px solid #999}
 """

@@ -21,8 +21,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ghsae.analysis.circuit_report import make_tasks
+from ghsae.analysis.circuit_report import measure as measure_circuits
+from ghsae.analysis.circuits import CircuitTarget
+from ghsae.analysis.dashboards import report_views
 from ghsae.analysis.evals import EvalResult, EvalTarget, evaluate
 from ghsae.analysis.metrics import mmcs
+from ghsae.analysis.rate import load_scores
 from ghsae.cache.manifest import Plan, load_plan, read_json, run_info
 from ghsae.config import PipelineConfig
 from ghsae.errors import ConfigError, StoreError
@@ -229,6 +234,8 @@ def write_report(
             f"the model loaded for the report ({lm.source.description}) is not the one {run_dir} was harvested with"
         )
     targets = run.targets + (base.targets if base else [])
+    # generated before the slow evals: a task the tokenizer cannot express fails here
+    tasks = make_tasks(rc.tasks, lm.tokenizer, rc.task_prompts, cfg.fit.seed)
     ctx_len = contexts.shape[1]
     result = evaluate(
         lm,
@@ -245,6 +252,11 @@ def write_report(
     out = run.layout.report
     out.mkdir(exist_ok=True)
     _write_parquet(out / "metrics.parquet", result)
+    special = run.plan.data["tokenizer"]["special_ids"]
+    circuits = None
+    if tasks:
+        circuit_targets = [CircuitTarget(t.name, t.kind, t.sae) for t in targets]
+        circuits = measure_circuits(lm, tasks, circuit_targets, run.plan.groups, rc, cfg.fit.seed, out)
     data = {
         "run": run,
         "base": base,
@@ -256,6 +268,9 @@ def write_report(
         "contexts": contexts,
         "token_text": token_strings(lm, contexts),
         "report_cfg": rc,
+        "circuits": circuits,
+        "dashboards": report_views(lm, contexts, special, targets, result.examples, rc),
+        "ratings": load_scores(out),
     }
     _write_text(out / "report.html", render_page(data))
     _write_text(out / "summary.md", render_summary(data))

@@ -77,12 +77,19 @@ class Splicer:
         return resid, logits
 
     @torch.inference_mode()
-    def spliced(self, input_ids: torch.Tensor, layer: int, new_resid: torch.Tensor) -> torch.Tensor:
-        """Logits when block `layer` outputs new_resid [B, T, D]; the blocks before it are not run."""
+    def spliced(
+        self, input_ids: torch.Tensor, layer: int, new_resid: torch.Tensor, logits_to_keep: int = 0
+    ) -> torch.Tensor:
+        """Logits when block `layer` outputs new_resid [B, T, D]; the blocks before it are not run.
+
+        logits_to_keep > 0: only the last that many positions go through the unembedding (the
+        circuit tasks read the last position only, and the unembedding is a large share of a small model).
+        """
         if layer not in self._templates:
             raise RuntimeError("call clean() on a batch before splicing, so the blocks' output format is known")
+        extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         with self._stand_ins(layer, new_resid.to(self.lm.dtype)):
-            return self.lm.model(input_ids=input_ids, use_cache=False).logits
+            return self.lm.model(input_ids=input_ids, use_cache=False, **extra).logits
 
     @contextmanager
     def _stand_ins(self, layer: int, replacement: torch.Tensor):

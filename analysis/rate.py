@@ -1,0 +1,262 @@
+"""`ghsae rate`: the Group-SAE paper's human interpretability study as a kit anyone can run.
+
+    ghsae rate RUN [--baseline BASE] --latents 96   -> one HTML page + RUN/report/rating-key.json
+    ghsae rate RUN --score ratings.csv              -> per SAE and layer: share rated interpretable
+
+For every SAE and every layer it serves (a group SAE is rated at each of its layers, as the paper
+rates 96 latents per layer), `latents` latents are drawn at random among those that fire on the
+run's held-out tokens at that layer (a latent that never fires has no dashboard to judge). The
+group SAEs' and the baseline's items are shuffled together under opaque ids; the page shows each
+with its dashboard (top contexts, activation histogram, promoted and suppressed tokens) and no
+name, kind or layer. The key from ids to (SAE, layer, latent) is written to the run folder only.
+
+The score is interpretable / (interpretable + not); "unsure" is counted and shown but left out of
+the proportion. The interval is Wilson's 95% score interval for a binomial proportion, which stays
+inside [0, 1] and behaves at the small counts a rating session gives.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import html
+import json
+import math
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ghsae.analysis.rate_page import RATINGS, render
+from ghsae.errors import ConfigError, GhsaeError
+
+KEY_FILE = "rating-key.json"
+SCORES_FILE = "ratings.json"
+PAGE_FILE = "rating.html"
+
+
+@dataclass(frozen=True)
+class RatingItem:
+    item: str
+    sae: str
+    kind: str  # group | baseline
+    layer: int
+    latent: int
+
+
+@dataclass(frozen=True)
+class RatingKey:
+    """Which SAE, layer and latent each opaque item id on a rating page is: the blind's key."""
+
+    kit: str
+    run: str
+    baseline: str | None
+    seed: int
+    items: tuple[RatingItem, ...]
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "items": [asdict(i) for i in self.items]}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> RatingKey:
+        d = json.loads(text)
+        return cls(d["kit"], d["run"], d["baseline"], int(d["seed"]), tuple(RatingItem(**i) for i in d["items"]))
+
+
+@dataclass(frozen=True)
+class Score:
+    sae: str
+    kind: str
+    layer: int
+    interpretable: int
+    not_interpretable: int
+    unsure: int
+    proportion: float  # interpretable / (interpretable + not); nan when none rated
+    low: float
+    high: float
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k/n (nan, nan when n = 0)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+class RatingError(GhsaeError):
+    """A ratings file that does not belong to this run's kit, or cannot be read."""
+
+
+# --- building the kit --------------------------------------------------------------------------
+
+
+def build_kit(
+    cfg, run_dir: Path, baseline_dir: Path | None, n_latents: int, out: Path | None, progress: bool = True, lm=None
+) -> tuple[Path, RatingKey]:
+    from ghsae.analysis.dashboards import collect, contexts_html, histogram_svg, tokens_html
+    from ghsae.analysis.report import check_baseline, eval_contexts, load_side, token_strings
+    from ghsae.cache.manifest import load_plan
+    from ghsae.harvest.model import load_model
+    from ghsae.layout import RunLayout
+
+    if n_latents < 1:
+        raise ConfigError(f"--latents is {n_latents}; expected a positive number of latents per SAE and layer")
+    run = load_side(Path(run_dir), "group", allow_partial=True)
+    base = None
+    if baseline_dir is not None:
+        check_baseline(run.plan, load_plan(RunLayout(Path(baseline_dir))), Path(baseline_dir))
+        base = load_side(Path(baseline_dir), "baseline", allow_partial=True)
+    contexts = eval_contexts(run.layout, run.plan)
+    if lm is None:
+        model_path = json.loads(run.layout.config.read_text())["identity"]["model"]["path"]
+        lm = load_model(model_path, cfg.report.device, "auto")
+    seed = cfg.fit.seed
+    rng = np.random.default_rng([seed, 14])
+    targets = run.targets + (base.targets if base else [])
+    # twice as many candidates as asked: those that never fire on the eval tokens are dropped
+    wanted = {
+        t.name: (
+            t.sae,
+            {
+                layer: rng.choice(t.sae.cfg.n_latents, min(2 * n_latents, t.sae.cfg.n_latents), replace=False).tolist()
+                for layer in t.sae.cfg.layers
+            },
+        )
+        for t in targets
+    }
+    special = run.plan.data["tokenizer"]["special_ids"]
+    views = collect(lm, contexts, special, wanted, cfg.report.examples_per_latent, cfg.report.batch_contexts)
+    text = token_strings(lm, contexts)
+    kinds = {t.name: t.kind for t in targets}
+    entries = []
+    for (name, layer), vs in views.items():
+        for v in [v for v in vs if v.fired][:n_latents]:
+            body = (
+                contexts_html(v, contexts, text, cfg.report.window) + histogram_svg(v) + tokens_html(v, show_layer=False)
+            )
+            entries.append((name, kinds[name], layer, v.latent, body))
+    order = rng.permutation(len(entries))
+    items, bodies = [], []
+    for i, j in enumerate(order):
+        name, kind, layer, latent, body = entries[j]
+        items.append(RatingItem(f"{i + 1:05d}", name, kind, layer, latent))
+        bodies.append((f"{i + 1:05d}", body))
+    kit = hashlib.sha256(json.dumps([asdict(x) for x in items]).encode() + str(run_dir).encode()).hexdigest()[:12]
+    base_path = str(Path(baseline_dir).resolve()) if baseline_dir is not None else None
+    key = RatingKey(kit, str(Path(run_dir).resolve()), base_path, seed, tuple(items))
+    intro = (
+        f"{len(items)} latents, shuffled, from SAEs this page does not name. For each: would you call it "
+        "<b>interpretable</b> (one concept explains most of the contexts where it fires), <b>not</b>, or "
+        "<b>unsure</b>? Keys 1 / 2 / 3 rate, arrows move. Ratings stay in this browser until you download them; "
+        f"then run <code>ghsae rate {html.escape(str(run_dir))} --score ratings.csv</code>."
+    )
+    out = Path(out) if out else run.layout.report / PAGE_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run.layout.report.mkdir(exist_ok=True)
+    _write(run.layout.report / KEY_FILE, key.to_json())
+    _write(out, render(kit, bodies, intro))
+    return out, key
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+
+def read_ratings(path: Path, key: RatingKey) -> dict[str, str]:
+    """item id -> rating from a downloaded CSV, checked against the kit's key."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as e:
+        raise RatingError(f"cannot read the ratings file {path}: {e}") from e
+    if rows and not {"kit", "item", "rating"} <= set(rows[0]):
+        raise RatingError(f"{path} has columns {list(rows[0])}; expected kit,item,rating,rated_at (the page's download)")
+    known = {i.item for i in key.items}
+    out = {}
+    for n, row in enumerate(rows, 2):
+        if row["kit"] != key.kit:
+            raise RatingError(
+                f"{path} line {n} is from rating kit {row['kit']}, but this run's key is kit {key.kit}; "
+                "score it against the run whose `ghsae rate` wrote that page"
+            )
+        if row["item"] not in known:
+            raise RatingError(f"{path} line {n}: item {row['item']} is not on kit {key.kit}")
+        if row["rating"] not in RATINGS:
+            raise RatingError(f"{path} line {n}: rating {row['rating']!r}; expected one of {', '.join(RATINGS)}")
+        out[row["item"]] = row["rating"]  # a later line re-rates the item
+    return out
+
+
+def score(run_dir: Path, ratings_csv: Path) -> list[Score]:
+    """Unblind: the interpretable share per SAE and layer, with Wilson intervals; also written to RUN/report."""
+    from ghsae.layout import RunLayout
+
+    layout = RunLayout(Path(run_dir))
+    key_path = layout.report / KEY_FILE
+    if not key_path.is_file():
+        raise RatingError(f"{key_path} not found; write a rating page first with `ghsae rate {run_dir}`")
+    key = RatingKey.from_json(key_path.read_text())
+    ratings = read_ratings(Path(ratings_csv), key)
+    counts: dict[tuple[str, str, int], dict[str, int]] = {}
+    for it in key.items:
+        c = counts.setdefault((it.sae, it.kind, it.layer), dict.fromkeys(RATINGS, 0))
+        if it.item in ratings:
+            c[ratings[it.item]] += 1
+    scores = []
+    for (sae, kind, layer), c in sorted(counts.items(), key=lambda kv: (kv[0][1] != "group", kv[0][2], kv[0][0])):
+        n = c["interpretable"] + c["not"]
+        low, high = wilson(c["interpretable"], n)
+        p = c["interpretable"] / n if n else float("nan")
+        scores.append(Score(sae, kind, layer, c["interpretable"], c["not"], c["unsure"], p, low, high))
+    _write(layout.report / SCORES_FILE, json.dumps({"kit": key.kit, "scores": [asdict(s) for s in scores]}, indent=1))
+    return scores
+
+
+def load_scores(report_dir: Path) -> list[Score] | None:
+    path = Path(report_dir) / SCORES_FILE
+    if not path.is_file():
+        return None
+    return [Score(**s) for s in json.loads(path.read_text())["scores"]]
+
+
+def table_lines(scores: list[Score]) -> list[str]:
+    lines = ["SAE                 kind      layer  interp.  not  unsure  share   95% CI (Wilson)"]
+    for s in scores:
+        share = "–" if math.isnan(s.proportion) else f"{s.proportion:.2f}"
+        ci = "–" if math.isnan(s.low) else f"[{s.low:.2f}, {s.high:.2f}]"
+        lines.append(
+            f"{s.sae:<19} {s.kind:<9} {s.layer:>5}  {s.interpretable:>7}  {s.not_interpretable:>3}  {s.unsure:>6}  "
+            f"{share:>5}   {ci}"
+        )
+    return lines
+
+
+def ratings_section(scores: list[Score] | None) -> str:
+    if not scores:
+        return (
+            "<p>No ratings scored yet. Write a blind rating page with <code>ghsae rate RUN [--baseline BASE] "
+            "--latents 96</code>, rate it in a browser, download the CSV and run <code>ghsae rate RUN --score "
+            "ratings.csv</code>; the next report shows the result here.</p>"
+        )
+    rows = "".join(
+        f"<tr><td>{html.escape(s.sae)}</td><td>{s.kind}</td><td>{s.layer}</td><td>{s.interpretable}</td>"
+        f"<td>{s.not_interpretable}</td><td>{s.unsure}</td>"
+        f"<td>{'–' if math.isnan(s.proportion) else f'{s.proportion:.2f}'}</td>"
+        f"<td>{'–' if math.isnan(s.low) else f'{s.low:.2f}–{s.high:.2f}'}</td></tr>"
+        for s in scores
+    )
+    return (
+        "<p>Share of latents rated interpretable (unsure left out), per SAE and layer, from the blind rating kit; "
+        "95% Wilson intervals.</p><table><thead><tr><th>SAE</th><th>kind</th><th>layer</th><th>interpretable</th>"
+        f"<th>not</th><th>unsure</th><th>share</th><th>95% CI</th></tr></thead><tbody>{rows}</tbody></table>"
+    )
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
