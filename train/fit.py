@@ -21,7 +21,7 @@ from ghsae.errors import ConfigError, StoreError
 from ghsae.harvest.model import pick_device
 from ghsae.layout import RunLayout
 from ghsae.train.io import load_sae, save_sae
-from ghsae.train.sae import SAEConfig, SparseAutoencoder, build_sae
+from ghsae.train.sae import SAEConfig, SparseAutoencoder, build_sae, dead_window
 from ghsae.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def fit_group(
             layers=layers,
             k=min(fc.k, fc.expansion * d),
             aux_coef=fc.aux_coef,
-            dead_tokens=fc.dead_tokens,
+            auxk_normalisation=fc.auxk_normalisation,
             sparsity_coef=fc.sparsity_coef,
             extra={"run": str(layout.root), "group": group, "config_hash": plan.data["config_hash"]},
         )
@@ -111,6 +111,7 @@ def fit_group(
     else:
         _init_b_dec(sae, loader)
     total = fc.tokens or loader.rows_per_epoch
+    sae.cfg.dead_tokens = dead_window(fc.dead_tokens, total)  # recorded in cfg.json with the SAE
     out_dir = layout.sae_dir(group)
     trainer = Trainer(fc, sae, loader, out_dir, total, name=f"fit {group}")
     state = trainer.run(progress)
