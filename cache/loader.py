@@ -142,6 +142,7 @@ class ActivationLoader:
         self.layer_lookup = layer_lookup_table(layers).to(device)
         self.scale = scale.float().to(device)
         self.mean = (mean if mean is not None else torch.zeros(len(layers), reader.geometry.d_model)).float().to(device)
+        self.centred = mean is not None and bool(mean.any())  # subtracting zeros changes nothing: skip it
         self.buffer_chunks = buffer_chunks
         self.cuda = device.type == "cuda"
 
@@ -159,31 +160,65 @@ class ActivationLoader:
         return order
 
     def host_batches(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(acts [n, d] stored dtype, layer [n]) host batches of one epoch."""
+        """(acts [n, d] stored dtype, layer [n]) host batches of one epoch.
+
+        Each array is reused for the next batch: a consumer copies (or widens) it before asking
+        for the next one, as `batches` does.
+
+        Host copies per row: one sequential read of the buffer's chunks into a reused slot (in a
+        background thread, one buffer ahead), then one gather through the permutation into the
+        reused batch array. The buffer is laid out as [carry | chunks] inside the slot, exactly
+        the concatenation the order is defined on, so nothing is concatenated or permuted whole.
+        """
         pieces = self.epoch_pieces(epoch)
         buffers = [pieces[i : i + self.buffer_chunks] for i in range(0, len(pieces), self.buffer_chunks)]
-        carry_x = np.empty((0, self.reader.geometry.d_model), dtype=self.reader.geometry.physical_dtype)
-        carry_l = np.empty((0,), dtype=np.int16)
+        if not buffers:
+            return
+        geo, bs = self.reader.geometry, self.batch_size
+        room = bs  # the carry (always < batch_size rows) sits just before the chunks
+        capacity = room + max(sum(p.stop - p.start for p in buf) for buf in buffers)
+        slots = [
+            (np.empty((capacity, geo.d_model), dtype=geo.physical_dtype), np.empty(capacity, dtype=np.int16))
+            for _ in range(2)
+        ]
+        out_x = np.empty((bs, geo.d_model), dtype=geo.physical_dtype)
+        out_l = np.empty(bs, dtype=np.int16)
 
-        def read(buf: list[Piece]):
-            parts = [self.reader.read(p) for p in buf]
-            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        def fill(b: int) -> int:
+            """Read buffer b's chunks, in order, into its slot after the carry room; return the end."""
+            xs, ls = slots[b % 2]
+            pos = room
+            for piece in buffers[b]:
+                x, layer = self.reader.read(piece)
+                xs[pos : pos + len(x)] = x
+                ls[pos : pos + len(x)] = layer
+                pos += len(x)
+            return pos
 
+        carry = 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-read") as pool:
-            future = pool.submit(read, buffers[0]) if buffers else None
+            future = pool.submit(fill, 0)
             for b in range(len(buffers)):
-                assert future is not None
-                x, layer = future.result()
-                future = pool.submit(read, buffers[b + 1]) if b + 1 < len(buffers) else None
-                x, layer = np.concatenate([carry_x, x]), np.concatenate([carry_l, layer])
+                end = future.result()
+                # the other slot held buffer b-1, fully consumed (its carry was copied out)
+                future = pool.submit(fill, b + 1) if b + 1 < len(buffers) else None
+                xs, ls = slots[b % 2]
+                x, layer = xs[room - carry : end], ls[room - carry : end]
                 perm = np.random.default_rng([self.seed, epoch, b]).permutation(len(x))
-                x, layer = x[perm], layer[perm]
-                full = len(x) // self.batch_size * self.batch_size
-                for i in range(0, full, self.batch_size):
-                    yield x[i : i + self.batch_size], layer[i : i + self.batch_size]
-                carry_x, carry_l = x[full:], layer[full:]
-        if len(carry_x):
-            yield carry_x, carry_l
+                full = len(x) // bs * bs
+                for i in range(0, full, bs):
+                    np.take(x, perm[i : i + bs], axis=0, out=out_x)
+                    np.take(layer, perm[i : i + bs], axis=0, out=out_l)
+                    yield out_x, out_l
+                carry = len(x) - full
+                if future is not None:  # leftover rows go just before the next buffer's chunks
+                    nx, nl = slots[(b + 1) % 2]
+                    np.take(x, perm[full:], axis=0, out=nx[room - carry : room])
+                    np.take(layer, perm[full:], axis=0, out=nl[room - carry : room])
+                elif carry:
+                    np.take(x, perm[full:], axis=0, out=out_x[:carry])
+                    np.take(layer, perm[full:], axis=0, out=out_l[:carry])
+                    yield out_x[:carry], out_l[:carry]
 
     def batches(self, epoch: int, skip: int = 0) -> Iterator[LoaderBatch]:
         """Device batches of one epoch, after skipping the first `skip` (for resuming)."""
@@ -203,7 +238,9 @@ class ActivationLoader:
         else:
             x = raw.float()
         pos = self.layer_lookup[layer]
-        return LoaderBatch(x=(x - self.mean[pos]) * self.scale[pos, None], layer=layer)
+        if self.centred:
+            x = x.sub_(self.mean[pos])  # in place: x is this step's own widened copy
+        return LoaderBatch(x=x.mul_(self.scale[pos, None]), layer=layer)
 
     def _cuda_batches(self, host: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[LoaderBatch]:
         d = self.reader.geometry.d_model
