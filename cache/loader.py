@@ -19,7 +19,7 @@ fused step widens float16/bfloat16 to float32 and applies each row's layer norma
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,63 +162,69 @@ class ActivationLoader:
     def host_batches(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(acts [n, d] stored dtype, layer [n]) host batches of one epoch.
 
-        Each array is reused for the next batch: a consumer copies (or widens) it before asking
-        for the next one, as `batches` does.
+        The arrays are views into reused buffers, valid until the next batch is requested: a
+        consumer copies (or widens) each before asking for the next, as `batches` does.
 
-        Host copies per row: one sequential read of the buffer's chunks into a reused slot (in a
-        background thread, one buffer ahead), then one gather through the permutation into the
-        reused batch array. The buffer is laid out as [carry | chunks] inside the slot, exactly
-        the concatenation the order is defined on, so nothing is concatenated or permuted whole.
+        Host work per buffer, all in one background thread, one buffer ahead of the consumer:
+        the buffer's chunks are read in order into a reused slot laid out [carry | chunks] (the
+        concatenation the order is defined on; the carry sits in reserved room before the chunks,
+        so nothing is concatenated), then gathered once through the permutation into one of two
+        reused output buffers, whose consecutive slices are the batches. Two host copies of each
+        row, neither on the consumer's thread; the batches and their order are what the earlier
+        concatenate-then-permute loader produced (checked against it when this was written).
         """
         pieces = self.epoch_pieces(epoch)
         buffers = [pieces[i : i + self.buffer_chunks] for i in range(0, len(pieces), self.buffer_chunks)]
         if not buffers:
             return
         geo, bs = self.reader.geometry, self.batch_size
-        room = bs  # the carry (always < batch_size rows) sits just before the chunks
+        room = bs  # the carry (always < batch_size rows) goes just before the chunks
         capacity = room + max(sum(p.stop - p.start for p in buf) for buf in buffers)
-        slots = [
-            (np.empty((capacity, geo.d_model), dtype=geo.physical_dtype), np.empty(capacity, dtype=np.int16))
-            for _ in range(2)
-        ]
-        out_x = np.empty((bs, geo.d_model), dtype=geo.physical_dtype)
-        out_l = np.empty(bs, dtype=np.int16)
 
-        def fill(b: int) -> int:
-            """Read buffer b's chunks, in order, into its slot after the carry room; return the end."""
-            xs, ls = slots[b % 2]
+        def buffer_pair() -> tuple[np.ndarray, np.ndarray]:
+            return np.empty((capacity, geo.d_model), dtype=geo.physical_dtype), np.empty(capacity, dtype=np.int16)
+
+        slot = buffer_pair()  # read target, [carry | chunks]
+        shuffled = [buffer_pair(), buffer_pair()]  # permuted output, double-buffered
+        carried = [0]  # rows of the last buffer's tail carried into the next
+
+        def prepare(b: int) -> int:
+            """Read buffer b, permute it into shuffled[b % 2]; returns its row count."""
+            xs, ls = slot
+            carry = carried[0]
+            if carry:  # the previous buffer's leftover rows, the tail of its shuffled output
+                px, pl = shuffled[(b - 1) % 2]
+                start = prev_rows[0] - carry
+                xs[room - carry : room] = px[start : prev_rows[0]]
+                ls[room - carry : room] = pl[start : prev_rows[0]]
             pos = room
             for piece in buffers[b]:
                 x, layer = self.reader.read(piece)
                 xs[pos : pos + len(x)] = x
                 ls[pos : pos + len(x)] = layer
                 pos += len(x)
-            return pos
+            n = pos - (room - carry)
+            perm = np.random.default_rng([self.seed, epoch, b]).permutation(n)
+            ox, ol = shuffled[b % 2]
+            np.take(xs[room - carry : pos], perm, axis=0, out=ox[:n])
+            np.take(ls[room - carry : pos], perm, axis=0, out=ol[:n])
+            carried[0] = n - n // bs * bs if b + 1 < len(buffers) else 0
+            prev_rows[0] = n
+            return n
 
-        carry = 0
+        prev_rows = [0]
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-read") as pool:
-            future = pool.submit(fill, 0)
+            future: Future[int] | None = pool.submit(prepare, 0)
             for b in range(len(buffers)):
-                end = future.result()
-                # the other slot held buffer b-1, fully consumed (its carry was copied out)
-                future = pool.submit(fill, b + 1) if b + 1 < len(buffers) else None
-                xs, ls = slots[b % 2]
-                x, layer = xs[room - carry : end], ls[room - carry : end]
-                perm = np.random.default_rng([self.seed, epoch, b]).permutation(len(x))
-                full = len(x) // bs * bs
+                assert future is not None
+                n = future.result()
+                # prepare(b + 1) writes shuffled[(b + 1) % 2], which held buffer b - 1, already consumed
+                future = pool.submit(prepare, b + 1) if b + 1 < len(buffers) else None
+                ox, ol = shuffled[b % 2]
+                last = future is None
+                full = n if last else n // bs * bs  # the last buffer's leftover is the short final batch
                 for i in range(0, full, bs):
-                    np.take(x, perm[i : i + bs], axis=0, out=out_x)
-                    np.take(layer, perm[i : i + bs], axis=0, out=out_l)
-                    yield out_x, out_l
-                carry = len(x) - full
-                if future is not None:  # leftover rows go just before the next buffer's chunks
-                    nx, nl = slots[(b + 1) % 2]
-                    np.take(x, perm[full:], axis=0, out=nx[room - carry : room])
-                    np.take(layer, perm[full:], axis=0, out=nl[room - carry : room])
-                elif carry:
-                    np.take(x, perm[full:], axis=0, out=out_x[:carry])
-                    np.take(layer, perm[full:], axis=0, out=out_l[:carry])
-                    yield out_x[:carry], out_l[:carry]
+                    yield ox[i : min(i + bs, full)], ol[i : min(i + bs, full)]
 
     def batches(self, epoch: int, skip: int = 0) -> Iterator[LoaderBatch]:
         """Device batches of one epoch, after skipping the first `skip` (for resuming)."""

@@ -8,13 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_sae import planted_data
 
 from ghsae.cache.loader import LoaderBatch
 from ghsae.config import FitConfig
 from ghsae.train.sae import SAEConfig, build_sae, dead_window
 from ghsae.train.sparse import SparseCodes
 from ghsae.train.trainer import Trainer
-from test_sae import planted_data
 
 
 def dense_reference_loss(sae, x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,8 @@ def random_sae(arch: str, n_dead: int, normalisation: str = "total-variance", se
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 @pytest.mark.parametrize(
-    ("n_dead", "normalisation"), [(0, "total-variance"), (5, "total-variance"), (40, "total-variance"), (40, "error-variance")]
+    ("n_dead", "normalisation"),
+    [(0, "total-variance"), (5, "total-variance"), (40, "total-variance"), (40, "error-variance")],
 )
 def test_the_sparse_step_equals_dense_autograd(arch, n_dead, normalisation):
     sae = random_sae(arch, n_dead, normalisation)
@@ -131,7 +132,9 @@ def test_auxk_matches_a_hand_computation():
     sae.tokens_since_fired[1] = 50  # one dead latent: k_aux = min(2, 1), scale 1/2
     out = sae(torch.tensor(x, dtype=torch.float32))
     err_hat = np.maximum(pre[:, 1:2], 0) * W_dec[1]
-    assert float(out.losses["auxk"].detach()) == pytest.approx((1 / 32) * 0.5 * ((err - err_hat) ** 2).sum() / total_var, rel=1e-5)
+    assert float(out.losses["auxk"].detach()) == pytest.approx(
+        (1 / 32) * 0.5 * ((err - err_hat) ** 2).sum() / total_var, rel=1e-5
+    )
 
 
 def test_the_auto_dead_window_scales_with_the_run():
@@ -158,7 +161,7 @@ def _train_with_dead_latents(tmp_path, aux_coef: float, epochs: int = 1) -> list
     sae.tokens_since_fired[32:] = 1024  # dead from the first step
     trainer = Trainer(cfg, sae, _DeviceOnly(), tmp_path, total_tokens=len(x) * epochs)  # type: ignore[arg-type]
     dead = []
-    for epoch in range(epochs):
+    for _ in range(epochs):
         for batch in x[torch.randperm(len(x))].split(256):
             metrics = trainer.step(LoaderBatch(batch, torch.zeros(len(batch), dtype=torch.long)))
             dead.append(float(metrics["dead_pct"]))

@@ -44,6 +44,7 @@ def dead_window(dead_tokens: int, total_tokens: int) -> int:
         return dead_tokens
     return max(1, min(DEAD_TOKENS_CAP, int(total_tokens * DEAD_FRACTION)))
 
+
 REGISTRY: dict[str, type[SparseAutoencoder]] = {}
 
 
