@@ -16,7 +16,8 @@ JSON line:
   `memory_vs_<peer>` = ghsae's in-memory tokens/s over theirs.
 
 `--rounds N` repeats the in-memory comparison N times in this process (interleaved), so the
-spread on a shared machine shows.
+spread on a shared machine shows. `--threads N` sets torch's threads for everything measured (on
+a CPU shared with other jobs, 2 threads spend most of their time waiting for each other).
 """
 
 from __future__ import annotations
@@ -69,7 +70,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=1, help="repeat the in-memory comparison this many times")
     ap.add_argument("--no-peers", action="store_true", help="skip sparsify and SAELens")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for everything measured (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     layout = RunLayout(Path(args.run_dir))
     plan = load_plan(layout)
@@ -124,6 +128,7 @@ def main() -> None:
     memory, store_rate = max(memory_runs), max(store_runs)
     result = {
         "device": str(device),
+        "threads": torch.get_num_threads(),
         "group": args.group,
         "d": d,
         "n_latents": m,

@@ -165,49 +165,47 @@ class ActivationLoader:
         The arrays are views into reused buffers, valid until the next batch is requested: a
         consumer copies (or widens) each before asking for the next, as `batches` does.
 
-        Host work per buffer, all in one background thread, one buffer ahead of the consumer:
-        the buffer's chunks are read in order into a reused slot laid out [carry | chunks] (the
-        concatenation the order is defined on; the carry sits in reserved room before the chunks,
-        so nothing is concatenated), then gathered once through the permutation into one of two
-        reused output buffers, whose consecutive slices are the batches. Two host copies of each
-        row, neither on the consumer's thread; the batches and their order are what the earlier
-        concatenate-then-permute loader produced (checked against it when this was written).
+        Host work per buffer, in one background thread one buffer ahead of the consumer: the
+        buffer is defined as [carry | its chunks in order] and shuffled by a permutation; instead
+        of building that concatenation and permuting it, each chunk is read in order (straight out
+        of the memory-mapped shard file for raw stores) and its rows are written once to their
+        shuffled positions (the inverse permutation) in one of two reused output buffers, whose
+        consecutive slices are the batches. One host copy per row, off the consumer's thread, and
+        the batches and their order are those of the earlier concatenate-then-permute loader
+        (checked against it when this was written).
         """
         pieces = self.epoch_pieces(epoch)
         buffers = [pieces[i : i + self.buffer_chunks] for i in range(0, len(pieces), self.buffer_chunks)]
         if not buffers:
             return
         geo, bs = self.reader.geometry, self.batch_size
-        room = bs  # the carry (always < batch_size rows) goes just before the chunks
-        capacity = room + max(sum(p.stop - p.start for p in buf) for buf in buffers)
+        capacity = bs + max(sum(p.stop - p.start for p in buf) for buf in buffers)  # carry < bs rows
 
         def buffer_pair() -> tuple[np.ndarray, np.ndarray]:
             return np.empty((capacity, geo.d_model), dtype=geo.physical_dtype), np.empty(capacity, dtype=np.int16)
 
-        slot = buffer_pair()  # read target, [carry | chunks]
         shuffled = [buffer_pair(), buffer_pair()]  # permuted output, double-buffered
         carried = [0]  # rows of the last buffer's tail carried into the next
 
         def prepare(b: int) -> int:
-            """Read buffer b, permute it into shuffled[b % 2]; returns its row count."""
-            xs, ls = slot
+            """Scatter buffer b's rows to their shuffled places in shuffled[b % 2]; returns its row count."""
             carry = carried[0]
-            if carry:  # the previous buffer's leftover rows, the tail of its shuffled output
+            n = carry + sum(p.stop - p.start for p in buffers[b])
+            perm = np.random.default_rng([self.seed, epoch, b]).permutation(n)
+            dest = np.empty(n, dtype=np.intp)
+            dest[perm] = np.arange(n)  # row j of [carry | chunks] lands at dest[j]
+            ox, ol = shuffled[b % 2]
+            if carry:  # the previous buffer's leftover rows: the tail of its shuffled output
                 px, pl = shuffled[(b - 1) % 2]
                 start = prev_rows[0] - carry
-                xs[room - carry : room] = px[start : prev_rows[0]]
-                ls[room - carry : room] = pl[start : prev_rows[0]]
-            pos = room
+                ox[dest[:carry]] = px[start : prev_rows[0]]
+                ol[dest[:carry]] = pl[start : prev_rows[0]]
+            pos = carry
             for piece in buffers[b]:
                 x, layer = self.reader.read(piece)
-                xs[pos : pos + len(x)] = x
-                ls[pos : pos + len(x)] = layer
+                ox[dest[pos : pos + len(x)]] = x
+                ol[dest[pos : pos + len(x)]] = layer
                 pos += len(x)
-            n = pos - (room - carry)
-            perm = np.random.default_rng([self.seed, epoch, b]).permutation(n)
-            ox, ol = shuffled[b % 2]
-            np.take(xs[room - carry : pos], perm, axis=0, out=ox[:n])
-            np.take(ls[room - carry : pos], perm, axis=0, out=ol[:n])
             carried[0] = n - n // bs * bs if b + 1 < len(buffers) else 0
             prev_rows[0] = n
             return n
