@@ -8,7 +8,9 @@ delivered exactly once per epoch.
 
 Reading: raw (uncompressed) stores are memory-mapped straight out of the Zarr shard files (a
 sharded array keeps its inner chunks end to end and an index of (offset, nbytes) pairs at the
-end); compressed stores go through zarr. Buffers are read one ahead in a background thread.
+end); compressed stores go through zarr. A background thread prepares each buffer one ahead:
+it reads the chunks in order and writes every row once, to its shuffled place, into one of two
+reused output buffers (see `host_batches`), so the host makes one copy of each row.
 
 Device step: on CUDA, each host batch is copied into one of two reused pinned staging buffers and
 sent with a non-blocking copy on a side stream while the previous batch trains; on the device one
