@@ -11,6 +11,8 @@ JSON line:
 - `ratio` = store / memory (aim: >= 0.95);
 - `loader_gb_s`: the loader alone (read, shuffle, widen, normalise, copy to the device), in GB
   of stored bytes per second, beside `raw_read_gb_s`: a sequential read of the same shard files;
+  `host_gb_s`: its host path alone (read and shuffle into batch arrays: what is shipped to a GPU,
+  which widens and normalises there), with `host_vs_raw` and `loader_vs_raw`;
 - `peers_tok_s`: the same step shape in EleutherAI sparsify and SAELens when they are installed
   (`pip install -e .[peers]`, see setup.cfg; bench/peers.py), on the same in-memory rows, with
   `memory_vs_<peer>` = ghsae's in-memory tokens/s over theirs.
@@ -99,6 +101,9 @@ def main() -> None:
     loader_s = time.perf_counter() - t0
     stored_bytes = delivered * store.geometry.act_bytes_per_row
     t0 = time.perf_counter()
+    host_rows = sum(len(x) for x, _ in loader.host_batches(0))  # the host path alone: what a GPU is fed
+    host_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     raw = sum(len(p.read_bytes()) for p in (layout.acts / args.group / "acts" / "c").rglob("*") if p.is_file())
     raw_s = time.perf_counter() - t0
 
@@ -138,8 +143,10 @@ def main() -> None:
         "store_tok_s": round(store_rate, 1),
         "memory_tok_s": round(memory, 1),
         "ratio": round(store_rate / memory, 3),  # best against best; per round below when --rounds > 1
+        "host_gb_s": round(host_rows * store.geometry.act_bytes_per_row / host_s / 1e9, 3),
         "loader_gb_s": round(stored_bytes / loader_s / 1e9, 3),
         "raw_read_gb_s": round(raw / raw_s / 1e9, 3),
+        "host_vs_raw": round((host_rows * store.geometry.act_bytes_per_row / host_s) / (raw / raw_s), 3),
         "loader_vs_raw": round((stored_bytes / loader_s) / (raw / raw_s), 3),
     }
     if args.rounds > 1:
