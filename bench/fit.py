@@ -10,7 +10,16 @@ JSON line:
   resident as one tensor on the device (the limit the loader can approach);
 - `ratio` = store / memory (aim: >= 0.95);
 - `loader_gb_s`: the loader alone (read, shuffle, widen, normalise, copy to the device), in GB
-  of stored bytes per second, beside `raw_read_gb_s`: a sequential read of the same shard files.
+  of stored bytes per second, beside `raw_read_gb_s`: a sequential read of the same shard files;
+  `host_gb_s`: its host path alone (read and shuffle into batch arrays: what is shipped to a GPU,
+  which widens and normalises there), with `host_vs_raw` and `loader_vs_raw`;
+- `peers_tok_s`: the same step shape in EleutherAI sparsify and SAELens when they are installed
+  (`pip install -e .[peers]`, see setup.cfg; bench/peers.py), on the same in-memory rows, with
+  `memory_vs_<peer>` = ghsae's in-memory tokens/s over theirs.
+
+`--rounds N` repeats the in-memory comparison N times in this process (interleaved), so the
+spread on a shared machine shows. `--threads N` sets torch's threads for everything measured (on
+a CPU shared with other jobs, 2 threads spend most of their time waiting for each other).
 """
 
 from __future__ import annotations
@@ -30,6 +39,11 @@ from ghsae.harvest.model import pick_device
 from ghsae.layout import RunLayout
 from ghsae.train.sae import SAEConfig, build_sae
 from ghsae.train.trainer import Trainer
+
+try:
+    from peers import peer_rates  # bench/peers.py, beside this script
+except ImportError:  # run as a module from elsewhere
+    from bench.peers import peer_rates
 
 
 def sync(device: torch.device) -> None:
@@ -56,7 +70,12 @@ def main() -> None:
     ap.add_argument("--expansion", type=int, default=16)
     ap.add_argument("--k", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the in-memory comparison this many times")
+    ap.add_argument("--no-peers", action="store_true", help="skip sparsify and SAELens")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for everything measured (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     layout = RunLayout(Path(args.run_dir))
     plan = load_plan(layout)
@@ -82,6 +101,9 @@ def main() -> None:
     loader_s = time.perf_counter() - t0
     stored_bytes = delivered * store.geometry.act_bytes_per_row
     t0 = time.perf_counter()
+    host_rows = sum(len(x) for x, _ in loader.host_batches(0))  # the host path alone: what a GPU is fed
+    host_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     raw = sum(len(p.read_bytes()) for p in (layout.acts / args.group / "acts" / "c").rglob("*") if p.is_file())
     raw_s = time.perf_counter() - t0
 
@@ -95,26 +117,47 @@ def main() -> None:
 
     warm = fresh_trainer()
     train_tok_s(warm, resident[:2], device)  # warm-up: kernels, allocator
-    memory = train_tok_s(fresh_trainer(), (LoaderBatch(b.x, b.layer) for b in resident), device)
-    store_rate = train_tok_s(fresh_trainer(), (b for i, b in zip(range(n_batches), loader.batches(0))), device)
-    print(
-        json.dumps(
-            {
-                "device": str(device),
-                "group": args.group,
-                "d": d,
-                "n_latents": args.expansion * d,
-                "k": args.k,
-                "batch_size": args.batch_size,
-                "tokens": n_batches * args.batch_size,
-                "store_tok_s": round(store_rate, 1),
-                "memory_tok_s": round(memory, 1),
-                "ratio": round(store_rate / memory, 3),
-                "loader_gb_s": round(stored_bytes / loader_s / 1e9, 3),
-                "raw_read_gb_s": round(raw / raw_s / 1e9, 3),
-            }
+    m = args.expansion * d
+    xs = [b.x for b in resident]
+    memory_runs: list[float] = []
+    store_runs: list[float] = []
+    peer_runs: dict[str, list[float]] = {}
+    for _ in range(args.rounds):
+        memory_runs.append(train_tok_s(fresh_trainer(), (LoaderBatch(b.x, b.layer) for b in resident), device))
+        store_runs.append(
+            train_tok_s(fresh_trainer(), (b for i, b in zip(range(n_batches), loader.batches(0))), device)
         )
-    )
+        if not args.no_peers:
+            for name, rate in peer_rates(xs, d, m, args.k, warm.base_lr, device).items():
+                peer_runs.setdefault(name, []).append(rate)
+    memory, store_rate = max(memory_runs), max(store_runs)
+    result = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "group": args.group,
+        "d": d,
+        "n_latents": m,
+        "k": args.k,
+        "batch_size": args.batch_size,
+        "tokens": n_batches * args.batch_size,
+        "store_tok_s": round(store_rate, 1),
+        "memory_tok_s": round(memory, 1),
+        "ratio": round(store_rate / memory, 3),  # best against best; per round below when --rounds > 1
+        "host_gb_s": round(host_rows * store.geometry.act_bytes_per_row / host_s / 1e9, 3),
+        "loader_gb_s": round(stored_bytes / loader_s / 1e9, 3),
+        "raw_read_gb_s": round(raw / raw_s / 1e9, 3),
+        "host_vs_raw": round((host_rows * store.geometry.act_bytes_per_row / host_s) / (raw / raw_s), 3),
+        "loader_vs_raw": round((stored_bytes / loader_s) / (raw / raw_s), 3),
+    }
+    if args.rounds > 1:
+        result["memory_tok_s_rounds"] = [round(r, 1) for r in memory_runs]
+        result["store_tok_s_rounds"] = [round(r, 1) for r in store_runs]
+        result["ratio_rounds"] = [round(a / b, 3) for a, b in zip(store_runs, memory_runs)]
+    for name, runs in peer_runs.items():
+        result[f"{name}_tok_s"] = runs if len(runs) > 1 else runs[0]
+        # per round, ghsae over the peer measured right after it (the machine's load drifts)
+        result[f"memory_vs_{name}"] = [round(a / b, 2) for a, b in zip(memory_runs, runs)]
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

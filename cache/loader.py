@@ -8,7 +8,9 @@ delivered exactly once per epoch.
 
 Reading: raw (uncompressed) stores are memory-mapped straight out of the Zarr shard files (a
 sharded array keeps its inner chunks end to end and an index of (offset, nbytes) pairs at the
-end); compressed stores go through zarr. Buffers are read one ahead in a background thread.
+end); compressed stores go through zarr. A background thread prepares each buffer one ahead:
+it reads the chunks in order and writes every row once, to its shuffled place, into one of two
+reused output buffers (see `host_batches`), so the host makes one copy of each row.
 
 Device step: on CUDA, each host batch is copied into one of two reused pinned staging buffers and
 sent with a non-blocking copy on a side stream while the previous batch trains; on the device one
@@ -19,7 +21,7 @@ fused step widens float16/bfloat16 to float32 and applies each row's layer norma
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +153,7 @@ class ActivationLoader:
         self.layer_lookup = layer_lookup_table(layers).to(device)
         self.scale = scale.float().to(device)
         self.mean = (mean if mean is not None else torch.zeros(len(layers), reader.geometry.d_model)).float().to(device)
+        self.centred = mean is not None and bool(mean.any())  # subtracting zeros changes nothing: skip it
         self.buffer_chunks = buffer_chunks
         self.cuda = device.type == "cuda"
 
@@ -168,31 +171,69 @@ class ActivationLoader:
         return order
 
     def host_batches(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(acts [n, d] stored dtype, layer [n]) host batches of one epoch."""
+        """(acts [n, d] stored dtype, layer [n]) host batches of one epoch.
+
+        The arrays are views into reused buffers, valid until the next batch is requested: a
+        consumer copies (or widens) each before asking for the next, as `batches` does.
+
+        Host work per buffer, in one background thread one buffer ahead of the consumer: the
+        buffer is defined as [carry | its chunks in order] and shuffled by a permutation; instead
+        of building that concatenation and permuting it, each chunk is read in order (straight out
+        of the memory-mapped shard file for raw stores) and its rows are written once to their
+        shuffled positions (the inverse permutation) in one of two reused output buffers, whose
+        consecutive slices are the batches. One host copy per row, off the consumer's thread, and
+        the batches and their order are those of the earlier concatenate-then-permute loader
+        (checked against it when this was written).
+        """
         pieces = self.epoch_pieces(epoch)
         buffers = [pieces[i : i + self.buffer_chunks] for i in range(0, len(pieces), self.buffer_chunks)]
-        carry_x = np.empty((0, self.reader.geometry.d_model), dtype=self.reader.geometry.physical_dtype)
-        carry_l = np.empty((0,), dtype=np.int16)
+        if not buffers:
+            return
+        geo, bs = self.reader.geometry, self.batch_size
+        capacity = bs + max(sum(p.stop - p.start for p in buf) for buf in buffers)  # carry < bs rows
 
-        def read(buf: list[Piece]):
-            parts = [self.reader.read(p) for p in buf]
-            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        def buffer_pair() -> tuple[np.ndarray, np.ndarray]:
+            return np.empty((capacity, geo.d_model), dtype=geo.physical_dtype), np.empty(capacity, dtype=np.int16)
 
+        shuffled = [buffer_pair(), buffer_pair()]  # permuted output, double-buffered
+        carried = [0]  # rows of the last buffer's tail carried into the next
+
+        def prepare(b: int) -> int:
+            """Scatter buffer b's rows to their shuffled places in shuffled[b % 2]; returns its row count."""
+            carry = carried[0]
+            n = carry + sum(p.stop - p.start for p in buffers[b])
+            perm = np.random.default_rng([self.seed, epoch, b]).permutation(n)
+            dest = np.empty(n, dtype=np.intp)
+            dest[perm] = np.arange(n)  # row j of [carry | chunks] lands at dest[j]
+            ox, ol = shuffled[b % 2]
+            if carry:  # the previous buffer's leftover rows: the tail of its shuffled output
+                px, pl = shuffled[(b - 1) % 2]
+                start = prev_rows[0] - carry
+                ox[dest[:carry]] = px[start : prev_rows[0]]
+                ol[dest[:carry]] = pl[start : prev_rows[0]]
+            pos = carry
+            for piece in buffers[b]:
+                x, layer = self.reader.read(piece)
+                ox[dest[pos : pos + len(x)]] = x
+                ol[dest[pos : pos + len(x)]] = layer
+                pos += len(x)
+            carried[0] = n - n // bs * bs if b + 1 < len(buffers) else 0
+            prev_rows[0] = n
+            return n
+
+        prev_rows = [0]
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader-read") as pool:
-            future = pool.submit(read, buffers[0]) if buffers else None
+            future: Future[int] | None = pool.submit(prepare, 0)
             for b in range(len(buffers)):
                 assert future is not None
-                x, layer = future.result()
-                future = pool.submit(read, buffers[b + 1]) if b + 1 < len(buffers) else None
-                x, layer = np.concatenate([carry_x, x]), np.concatenate([carry_l, layer])
-                perm = np.random.default_rng([self.seed, epoch, b]).permutation(len(x))
-                x, layer = x[perm], layer[perm]
-                full = len(x) // self.batch_size * self.batch_size
-                for i in range(0, full, self.batch_size):
-                    yield x[i : i + self.batch_size], layer[i : i + self.batch_size]
-                carry_x, carry_l = x[full:], layer[full:]
-        if len(carry_x):
-            yield carry_x, carry_l
+                n = future.result()
+                # prepare(b + 1) writes shuffled[(b + 1) % 2], which held buffer b - 1, already consumed
+                future = pool.submit(prepare, b + 1) if b + 1 < len(buffers) else None
+                ox, ol = shuffled[b % 2]
+                last = future is None
+                full = n if last else n // bs * bs  # the last buffer's leftover is the short final batch
+                for i in range(0, full, bs):
+                    yield ox[i : min(i + bs, full)], ol[i : min(i + bs, full)]
 
     def batches(self, epoch: int, skip: int = 0) -> Iterator[LoaderBatch]:
         """Device batches of one epoch, after skipping the first `skip` (for resuming)."""
@@ -212,7 +253,9 @@ class ActivationLoader:
         else:
             x = raw.float()
         pos = self.layer_lookup[layer]
-        return LoaderBatch(x=(x - self.mean[pos]) * self.scale[pos, None], layer=layer)
+        if self.centred:
+            x = x.sub_(self.mean[pos])  # in place: x is this step's own widened copy
+        return LoaderBatch(x=x.mul_(self.scale[pos, None]), layer=layer)
 
     def _cuda_batches(self, host: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[LoaderBatch]:
         d = self.reader.geometry.d_model

@@ -157,6 +157,7 @@ class StorageConfig:
 
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")  # kept in step with train.sae.REGISTRY (tested)
 LR_DECAYS = ("none", "linear", "cosine")
+AUXK_NORMALISATIONS = ("total-variance", "error-variance")  # kept in step with train.sae (tested)
 
 
 @dataclass
@@ -187,8 +188,17 @@ class FitConfig:
     """Clip the gradient norm to this (0: no clipping)."""
     aux_coef: float = 0.03125
     """AuxK loss weight (topk, batchtopk)."""
-    dead_tokens: int = 10_000_000
-    """A latent is dead after this many training tokens without firing."""
+    auxk_normalisation: str = "total-variance"
+    """How the AuxK loss is scaled (topk, batchtopk). total-variance (the Group-SAE reference and
+    sparsify): the dead latents' squared error on the residual over the total variance of x, times
+    min(n_dead / k_aux, 1) with k_aux = d/2. error-variance (OpenAI's implementation): over the
+    variance of the residual error itself, no factor. Recorded in each SAE's cfg.json."""
+    dead_tokens: int = 0
+    """A latent is dead (and AuxK works on it) after this many training tokens without firing; the
+    training log's dead % is the share of such latents. 0 = auto: min(10M, a tenth of the tokens the
+    SAE trains on), so short runs find and revive dead latents too (the reference's 10M assumes
+    ~1B-token runs). The report's dead % is another window: latents never active on the held-out
+    tokens (8,192 a layer by default, about the auto window of the default run)."""
     sparsity_coef: float = 0.001
     """L0 (jumprelu) or L1 (relu) weight."""
     centre: bool = False
@@ -205,6 +215,9 @@ class FitConfig:
     def __post_init__(self) -> None:
         _check_choice("fit.architecture", self.architecture, ARCHITECTURES)
         _check_choice("fit.decay", self.decay, LR_DECAYS)
+        _check_choice("fit.auxk_normalisation", self.auxk_normalisation, AUXK_NORMALISATIONS)
+        if self.dead_tokens < 0:
+            raise ConfigError(f"fit.dead_tokens is {self.dead_tokens}; expected 0 (auto) or a positive token count")
         for name in ("expansion", "k", "batch_size", "checkpoint_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"fit.{name} is {getattr(self, name)}; expected a positive integer")

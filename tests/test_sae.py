@@ -3,8 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ghsae.config import ARCHITECTURES
+from ghsae.config import ARCHITECTURES, AUXK_NORMALISATIONS
 from ghsae.train.io import SAELoadError, load_sae, save_sae
+from ghsae.train.sae import AUXK_NORMALISATIONS as SAE_AUXK_NORMALISATIONS
 from ghsae.train.sae import REGISTRY, SAEConfig, build_sae, fvu, register
 
 
@@ -29,6 +30,7 @@ ARCH_SETTINGS = {
 
 def test_the_registry_holds_the_configured_architectures():
     assert set(REGISTRY) == set(ARCHITECTURES) == set(ARCH_SETTINGS)
+    assert AUXK_NORMALISATIONS == SAE_AUXK_NORMALISATIONS
 
 
 def test_registering_a_name_twice_is_an_error():
@@ -51,7 +53,7 @@ def test_each_architecture_recovers_a_planted_sparse_dictionary(arch):
             sae.remove_parallel_decoder_grad()
             opt.step()
             sae.normalise_decoder()
-            sae.update_dead(out.latents.detach())
+            sae.update_dead(out)
     sae.eval()
     decoder = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
     found = ((atoms @ decoder.T).max(dim=1).values > 0.9).float().mean().item()

@@ -32,7 +32,7 @@ from ghsae.layout import SAE_WEIGHTS, RunLayout
 from ghsae.locks import hold_run, wait_lock
 from ghsae.train.io import CHECKPOINT, METRICS, SAE_CONFIG, load_sae, save_sae
 from ghsae.train.provenance import provenance, provenance_diffs
-from ghsae.train.sae import SAEConfig, SparseAutoencoder, build_sae
+from ghsae.train.sae import SAEConfig, SparseAutoencoder, build_sae, dead_window
 from ghsae.train.trainer import ResumeRefused, Trainer
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def _train_group(
             layers=layers,
             k=min(fc.k, fc.expansion * d),
             aux_coef=fc.aux_coef,
-            dead_tokens=fc.dead_tokens,
+            auxk_normalisation=fc.auxk_normalisation,
             sparsity_coef=fc.sparsity_coef,
             extra={"run": str(layout.root), "group": group, "config_hash": plan.data["config_hash"]},
         )
@@ -178,6 +178,7 @@ def _train_group(
     else:
         _init_b_dec(sae, loader)
     total = fc.tokens or loader.rows_per_epoch
+    sae.cfg.dead_tokens = dead_window(fc.dead_tokens, total)  # recorded in cfg.json with the SAE
     out_dir = layout.sae_dir(group)
     trainer = Trainer(fc, sae, loader, out_dir, total, name=f"fit {group}", provenance=record, restart=restart)
     state = trainer.run(progress)

@@ -7,6 +7,10 @@ residuals and `reconstruct` returns the layer's raw units. Training feeds alread
 batches to `forward` (the loader normalises on the device).
 
 Shapes: x [n, d], latents [n, m], W_enc [d, m], W_dec [m, d].
+
+Training TopK and BatchTopK never builds the [n, m] latents: `forward` keeps them as
+(values, indices) (train/sparse.py) and decodes by gathering k decoder rows per token, so only the
+encoder's product is dense. `encode` and `decode` keep their dense signatures for callers.
 """
 
 from __future__ import annotations
@@ -19,6 +23,27 @@ import torch
 from torch import nn
 
 from ghsae.cache.loader import layer_lookup_table
+from ghsae.train.sparse import SparseCodes, decode_active, encode_active
+
+AUXK_NORMALISATIONS = ("total-variance", "error-variance")
+DEAD_TOKENS_CAP = 10_000_000  # the reference's dead window (sparsify's dead_feature_threshold)
+DEAD_FRACTION = 0.1  # auto window: this share of the SAE's training tokens, capped at the reference's
+
+
+def dead_window(dead_tokens: int, total_tokens: int) -> int:
+    """Tokens without firing after which a latent counts as dead: `dead_tokens`, or (0) the auto window.
+
+    Auto is min(10M, total_tokens / 10): the reference's 10M assumes runs of ~1B tokens, and at the
+    embedded default (~97K tokens an SAE) it would never be reached. A tenth of the run leaves nine
+    tenths for AuxK to revive what it finds, and on the default run (~9.7K tokens, ~19 steps of 512)
+    it sits next to the report's 8,192 held-out tokens a layer, so "dead in training" (no firing in
+    the last window) and "dead in the report" (no firing on the held-out tokens) test about the
+    same firing-rate floor, roughly 1 in 10^4 tokens.
+    """
+    if dead_tokens:
+        return dead_tokens
+    return max(1, min(DEAD_TOKENS_CAP, int(total_tokens * DEAD_FRACTION)))
+
 
 REGISTRY: dict[str, type[SparseAutoencoder]] = {}
 
@@ -52,8 +77,11 @@ class SAEConfig:
     """Dead latents used by the AuxK loss (0: d_model // 2, capped at n_latents)."""
     aux_coef: float = 1 / 32
     """Weight of the AuxK loss (Gao et al. 2024)."""
+    auxk_normalisation: str = "total-variance"
+    """total-variance (the Group-SAE reference / sparsify: squared error over the total variance of x,
+    times min(n_dead / k_aux, 1)) or error-variance (OpenAI: over the variance of the residual error)."""
     dead_tokens: int = 10_000_000
-    """A latent is dead after this many training tokens without firing."""
+    """A latent is dead after this many training tokens without firing (fit resolves its auto value)."""
     sparsity_coef: float = 1e-3
     """L0 (jumprelu) or L1 (relu) penalty weight, against the squared error per token."""
     jump_bandwidth: float = 1e-3
@@ -70,6 +98,12 @@ class SAEConfig:
             raise ValueError(f"k is {self.k}; expected 1..n_latents ({self.n_latents})")
         if not self.layers:
             raise ValueError("an SAE must serve at least one layer")
+        if self.auxk_normalisation not in AUXK_NORMALISATIONS:
+            raise ValueError(
+                f"auxk_normalisation is {self.auxk_normalisation!r}; expected one of {', '.join(AUXK_NORMALISATIONS)}"
+            )
+        if self.dead_tokens < 1:
+            raise ValueError(f"dead_tokens is {self.dead_tokens}; expected a positive token count")
 
     @property
     def effective_aux_k(self) -> int:
@@ -82,15 +116,43 @@ class SAEConfig:
 @dataclass
 class SAEOutput:
     recon: torch.Tensor  # [n, d] in normalised space
-    latents: torch.Tensor  # [n, m]
     losses: dict[str, torch.Tensor]  # each term, already weighted
     loss: torch.Tensor  # their sum, what is minimised
     fvu: torch.Tensor  # fraction of variance unexplained on this batch
+    codes: SparseCodes | None = None  # active latents (TopK family)
+    dense: torch.Tensor | None = None  # [n, m] latents (architectures that compute them densely)
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """[n, m] latents; built on request for the sparse architectures."""
+        if self.dense is not None:
+            return self.dense
+        assert self.codes is not None
+        return self.codes.to_dense()
+
+    def fired(self) -> torch.Tensor:
+        """[m] bool: latents active on some row of this batch."""
+        if self.codes is not None:
+            return self.codes.fired()
+        assert self.dense is not None
+        return (self.dense.detach() > 0).any(dim=0)
+
+    def l0(self) -> torch.Tensor:
+        """Mean active latents per row (a device scalar)."""
+        if self.codes is not None:
+            return self.codes.l0()
+        assert self.dense is not None
+        return (self.dense.detach() > 0).sum(dim=-1).float().mean()
+
+
+def total_variance(x: torch.Tensor) -> torch.Tensor:
+    """Summed squared deviation of x from its batch mean (the FVU's and AuxK's denominator)."""
+    return (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
 
 
 def fvu(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     """Sum of squared errors over the summed squared deviation from the batch mean."""
-    return (x - recon).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum().clamp_min(1e-12)
+    return (x - recon).pow(2).sum() / total_variance(x)
 
 
 class SparseAutoencoder(nn.Module):
@@ -174,21 +236,47 @@ class SparseAutoencoder(nn.Module):
         recon = self.decode(z)
         losses = self.loss_terms(x, pre, z, recon)
         total = torch.stack(list(losses.values())).sum()
-        return SAEOutput(recon, z, losses, total, fvu(x, recon.detach()))
+        return SAEOutput(recon, losses, total, fvu(x, recon.detach()), dense=z)
 
     def loss_terms(self, x, pre, z, recon) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     # --- training-time housekeeping ------------------------------------------------------
 
-    def update_dead(self, z: torch.Tensor) -> None:
-        fired = (z > 0).any(dim=0)
-        self.tokens_since_fired += z.shape[0]
-        self.tokens_since_fired[fired] = 0
+    # Steps between reads of the dead set to the host (AuxK needs its size to pick k_aux). 1 (the
+    # default, and what the trainer uses on CPU, where a read costs nothing) is exact; on CUDA the
+    # trainer reads it every few steps so that a step never waits for the device: a latent that
+    # fires leaves AuxK at once (the device mask), one that dies joins at the next read.
+    dead_refresh: int = 1
+    _dead_ids: torch.Tensor | None = None  # the dead set as last read (None: read at next use)
+    _dead_age: int = 0  # steps since that read
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dead_ids = None  # tokens_since_fired is about to change
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def update_dead(self, out: SAEOutput, n_tokens: int | None = None) -> None:
+        """Count the batch's tokens against every latent that did not fire in it (no host sync)."""
+        fired = out.fired()
+        n = out.recon.shape[0] if n_tokens is None else n_tokens
+        self.tokens_since_fired.add_(n).masked_fill_(fired, 0)
+        self._dead_age += 1
+        if self._dead_age >= self.dead_refresh:
+            self._dead_ids = None
+            self._dead_age = 0
 
     @property
     def dead_mask(self) -> torch.Tensor:
+        """[m] bool: latents that have not fired in the last cfg.dead_tokens training tokens."""
         return self.tokens_since_fired >= self.cfg.dead_tokens
+
+    def dead_ids(self) -> torch.Tensor:
+        """Ids of the dead latents as last read to the host (see dead_refresh)."""
+        ids = self._dead_ids
+        if self.dead_refresh <= 1 or ids is None or ids.device != self.tokens_since_fired.device:
+            ids = self.dead_mask.nonzero().flatten()
+            self._dead_ids = ids
+        return ids
 
     @torch.no_grad()
     def normalise_decoder(self) -> None:
@@ -201,35 +289,87 @@ class SparseAutoencoder(nn.Module):
             along = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
             self.W_dec.grad -= along * self.W_dec
 
-    def auxk_loss(self, x: torch.Tensor, pre: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """AuxK (Gao et al. 2024): the top dead latents reconstruct the residual error."""
-        dead = self.dead_mask
-        n_dead = int(dead.sum())
-        if n_dead == 0:
+
+class TopKFamily(SparseAutoencoder):
+    """TopK-style SAEs, trained sparsely: FVU + AuxK over the dead latents (train/sparse.py)."""
+
+    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, SparseCodes]:
+        """(active pre-activations [nnz], their pattern) chosen from pre [n, m] (no graph)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> SAEOutput:
+        if not self.training:
+            return super().forward(x)
+        W_enc, b_enc, b_dec = self.W_enc, self.b_enc, self.b_dec
+        with torch.no_grad():
+            xc = x - b_dec
+            pre = torch.addmm(b_enc, xc, W_enc)  # the one dense product of the step
+            chosen, codes = self.select(pre)
+        values = encode_active(chosen, codes, x, W_enc, b_enc, b_dec, xc).relu()
+        codes = codes.with_values(values)
+        recon = decode_active(codes, self.W_dec) + b_dec
+        var = total_variance(x)
+        err = x - recon
+        main = err.pow(2).sum() / var
+        losses = {"fvu": main, "auxk": self.auxk_loss(x, pre, xc, err.detach(), var)}
+        del pre
+        total = losses["fvu"] + losses["auxk"]
+        return SAEOutput(recon, losses, total, main.detach(), codes=codes)
+
+    def auxk_loss(
+        self, x: torch.Tensor, pre: torch.Tensor, xc: torch.Tensor, err: torch.Tensor, var: torch.Tensor
+    ) -> torch.Tensor:
+        """AuxK (Gao et al. 2024): the k_aux most active dead latents reconstruct the residual error.
+
+        k_aux = cfg.effective_aux_k (d/2). "total-variance" (default, as the Group-SAE reference and
+        sparsify compute it): ||err - err_hat||^2 / total variance of x, times min(n_dead / k_aux, 1).
+        "error-variance" (OpenAI): ||err - err_hat||^2 over the summed squared deviation of err from
+        its batch mean, no scale. Only dead columns of pre are read; nothing runs when none is dead.
+        """
+        ids = self.dead_ids()
+        if ids.numel() == 0:
             return pre.new_zeros(())
-        err = (x - recon).detach()
-        k = min(self.cfg.effective_aux_k, n_dead)
-        masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
-        vals, idx = masked.topk(k, dim=-1)
-        z_aux = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
-        err_hat = z_aux @ self.W_dec
-        return self.cfg.aux_coef * fvu(err, err_hat).nan_to_num(0.0)
+        k_aux = self.cfg.effective_aux_k
+        mask = self.dead_mask
+        with torch.no_grad():
+            sub = pre.index_select(1, ids)
+            sub.masked_fill_(~mask[ids], -torch.inf)  # revived since the last read
+            top, j = sub.topk(min(k_aux, ids.numel()), dim=-1, sorted=False)
+            idx = ids[j]
+            still_dead = torch.isfinite(top)
+            chosen = torch.where(still_dead, top, 0.0)
+        codes = SparseCodes.from_topk(chosen, idx, self.cfg.n_latents)
+        values = encode_active(codes.values, codes, x, self.W_enc, self.b_enc, self.b_dec, xc)
+        values = values.relu() * still_dead.reshape(-1)
+        err_hat = decode_active(codes.with_values(values), self.W_dec)
+        sq = (err_hat - err).pow(2).sum()
+        if self.cfg.auxk_normalisation == "error-variance":
+            loss = sq / total_variance(err)
+        else:
+            scale = (mask.sum() / k_aux).clamp(max=1.0)
+            loss = scale * sq / var
+        return self.cfg.aux_coef * loss.nan_to_num(0.0)
 
 
 @register("topk")
-class TopKSAE(SparseAutoencoder):
+class TopKSAE(TopKFamily):
     """k largest pre-activations per token, ReLU'd; FVU + AuxK (the Group-SAE reference)."""
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         vals, idx = pre.topk(self.cfg.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
 
-    def loss_terms(self, x, pre, z, recon):
-        return {"fvu": fvu(x, recon), "auxk": self.auxk_loss(x, pre, recon)}
+    def select(self, pre):
+        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        codes = SparseCodes.from_topk(vals, idx, self.cfg.n_latents)
+        return codes.values, codes
+
+    def loss_terms(self, x, pre, z, recon):  # the dense path (eval mode): no AuxK outside training
+        return {"fvu": fvu(x, recon), "auxk": pre.new_zeros(())}
 
 
 @register("batchtopk")
-class BatchTopKSAE(SparseAutoencoder):
+class BatchTopKSAE(TopKFamily):
     """k x n largest pre-activations over the whole batch (Bussmann et al. 2024).
 
     At inference one learned threshold replaces the batch (an average of the smallest kept
@@ -249,17 +389,33 @@ class BatchTopKSAE(SparseAutoencoder):
             return pre * (pre > self.threshold)
         flat = pre.relu().flatten()
         vals, idx = flat.topk(min(self.cfg.k * pre.shape[0], flat.numel()))
-        z = torch.zeros_like(flat).scatter(-1, idx, vals).view_as(pre)
-        with torch.no_grad():
-            kept = vals[vals > 0]
-            if kept.numel():
-                self.threshold_steps += 1
-                rate = max(1.0 / float(self.threshold_steps), 0.01)  # running mean, then an EMA
-                self.threshold.lerp_(kept.min(), rate)
-        return z
+        self._track_threshold(vals)
+        return torch.zeros_like(flat).scatter(-1, idx, vals).view_as(pre)
+
+    @torch.no_grad()
+    def _track_threshold(self, kept: torch.Tensor) -> None:
+        """Running mean (then an EMA at rate 0.01) of the smallest positive kept value; no host sync."""
+        positive = kept > 0
+        any_kept = positive.any()
+        smallest = torch.where(positive, kept, torch.inf).min()
+        self.threshold_steps.add_(any_kept.long())
+        rate = (1.0 / self.threshold_steps.clamp_min(1).float()).clamp_min(0.01)
+        updated = self.threshold + (smallest - self.threshold) * rate
+        self.threshold.copy_(torch.where(any_kept, updated, self.threshold))
+
+    def select(self, pre):
+        n, m = pre.shape
+        flat = pre.flatten()
+        vals, idx = flat.topk(min(self.cfg.k * n, flat.numel()), sorted=False)
+        idx, order = idx.sort()  # row-major: CSR rows in order
+        vals = vals[order]
+        self._track_threshold(vals.relu())
+        rows = idx // m
+        crow = torch.searchsorted(rows, torch.arange(n + 1, device=pre.device))
+        return vals, SparseCodes(vals, idx % m, crow, m)
 
     def loss_terms(self, x, pre, z, recon):
-        return {"fvu": fvu(x, recon), "auxk": self.auxk_loss(x, pre, recon)}
+        return {"fvu": fvu(x, recon), "auxk": pre.new_zeros(())}
 
 
 class _JumpReLU(torch.autograd.Function):
