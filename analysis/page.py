@@ -198,25 +198,31 @@ def render_page(data: dict) -> str:
     cl = data["clustering"]
     parts.append(_section_open("clustering"))
     parts.append(
-        f"<p>Angular distance arccos(cos)/π between layers' residual streams on {cl['probe_tokens']:,} probe tokens; "
-        f"the partition used <b>{cl['distance']}</b> distances, objective <code>{cl['objective']}</code>, "
-        f"threshold {cl['threshold']:g}. White squares: the groups.</p>"
+        f"<p>Angular distance arccos(cos)/π between layers' residual streams on {cl['probe_tokens']:,} probe tokens: "
+        "<b>raw</b> takes the residuals as they are (the reference implementation's distance), <b>layer-centred</b> "
+        "subtracts each layer's mean over the probe tokens first. This run's groups come from "
+        f"<b>{html.escape(cl['distance'])}</b> distances by <b>{html.escape(cl['method'])}</b>, "
+        f"with G the smallest whose AMAD is below {cl['threshold']:g}. White squares: the groups.</p>"
     )
-    parts.append(_img(plots.distance_heatmap(cl["raw"], cl["layers"], groups, "raw angular distance"), "raw heatmap"))
+    for d in ("raw", "layer-centred"):
+        parts.append(_img(plots.distance_heatmap(cl[d], cl["layers"], groups, f"{d} angular distance"), f"{d} heatmap"))
+    parts.append(_img(plots.amad_curve(cl["curves"], cl["threshold"], len(groups)), "AMAD curves"))
     parts.append(
-        _img(plots.distance_heatmap(cl["centred"], cl["layers"], groups, "centred angular distance"), "centred heatmap")
+        f"<p>Each method's partition at this run's G = {len(groups)} ({html.escape(cl['distance'])} distances):</p>"
     )
-    parts.append(_img(plots.amad_curve(cl["dp_amad"], cl["linkage_amad"], cl["threshold"], len(groups)), "AMAD curve"))
-
-    def spans(gs):
-        return ", ".join(f"{g[0]}–{g[-1]}" if len(g) > 1 and g == list(range(g[0], g[-1] + 1)) else str(g) for g in gs)
-
     parts.append(
         _table(
             ["method", "groups", "AMAD"],
+            [[html.escape(r["method"]), _spans(r["partition"]), _fmt(r["amad"])] for r in cl["at_g"]],
+        )
+    )
+    parts.append("<p>The G that <code>groups = auto</code> picks for each distance and method:</p>")
+    parts.append(
+        _table(
+            ["distance", "method", "G", "AMAD", "groups"],
             [
-                ["dynamic programme (contiguous, used)", spans(cl["chosen_groups"]), _fmt(cl["chosen_amad"])],
-                ["complete linkage (reference method)", spans(cl["linkage_groups"]), _fmt(cl["linkage_chosen_amad"])],
+                [r["distance"], html.escape(r["method"]), str(r["groups"]), _fmt(r["amad"]), _spans(r["partition"])]
+                for r in cl["auto"]
             ],
         )
     )
@@ -279,6 +285,16 @@ def render_page(data: dict) -> str:
         "<!doctype html><html><head><meta charset='utf-8'><title>ghsae report</title>"
         f"<style>{_CSS}</style></head><body><h1>ghsae report</h1><p class='small'>written {stamp}</p>"
         f"<nav><ol>{toc}</ol></nav>{''.join(parts)}</body></html>"
+    )
+
+
+def _spans(groups: list[list[int]]) -> str:
+    """Groups as ranges ("0–9, 10–18"); a group that is not a run of layers is listed in full."""
+    return ", ".join(
+        f"{g[0]}–{g[-1]}"
+        if len(g) > 1 and g == list(range(g[0], g[-1] + 1))
+        else (str(g[0]) if len(g) == 1 else str(g))
+        for g in groups
     )
 
 

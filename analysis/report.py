@@ -27,7 +27,8 @@ from ghsae.cache.manifest import Plan, load_plan, read_json, run_info
 from ghsae.config import PipelineConfig
 from ghsae.errors import ConfigError, StoreError
 from ghsae.harvest.model import LoadedModel, load_model
-from ghsae.harvest.partition import amad, complete_linkage
+from ghsae.harvest.partition import amad, complete_linkage, solve
+from ghsae.harvest.similarity import DISTANCES, canonical_distance, distance_matrix
 from ghsae.layout import RunLayout
 from ghsae.train.io import METRICS, SAE_CONFIG, load_sae
 
@@ -149,29 +150,75 @@ def compute_account(run: RunSide, base: RunSide | None) -> dict:
 
 
 def clustering(layout: RunLayout, plan: Plan) -> dict:
+    """Both grouping methods' AMAD curves and partitions, and the G that `auto` picks for each
+    method and distance, from the run's stored probe (runs planned before grouping.method existed
+    used the DP)."""
     sim = np.load(layout.similarity)
     layers = sim["layers"].tolist()
-    distance = plan.data["amad"]["distance"]
-    dist = sim[distance]
-    pos = {layer: i for i, layer in enumerate(layers)}
+    am = plan.data["amad"]
+    distance = canonical_distance(am["distance"])
+    method = am.get("method", "dp")
+    objective = am["objective"] if method == "dp" else "layer-mean"
+    threshold = float(am["threshold"])
     G = len(plan.groups)
-    linkage_amad = np.array([amad(dist, complete_linkage(dist, g)) for g in range(1, len(layers) + 1)])
-    linkage_groups = [[layers[i] for i in grp] for grp in complete_linkage(dist, G)]
+    pos = {layer: i for i, layer in enumerate(layers)}
+
+    def named(part: list[list[int]]) -> list[list[int]]:
+        return [[layers[i] for i in g] for g in part]
+
+    solutions = {
+        d: {
+            "dp": solve(distance_matrix(sim, d), "dp", objective),
+            "agglomerative": solve(distance_matrix(sim, d), "agglomerative"),
+        }
+        for d in DISTANCES
+    }
+    dist = distance_matrix(sim, distance)
+    mine = solutions[distance]
+    unconstrained = complete_linkage(dist, G)
+    auto = [
+        {
+            "distance": d,
+            "method": _method_label(m, objective),
+            "groups": sol.auto_groups(threshold),
+            "amad": float(sol.amad[sol.auto_groups(threshold) - 1]),
+            "partition": named(sol.partitions[sol.auto_groups(threshold) - 1]),
+        }
+        for d, by_method in solutions.items()
+        for m, sol in by_method.items()
+    ]
     return {
         "layers": layers,
-        "raw": sim["raw"],
-        "centred": sim["centred"],
+        "raw": distance_matrix(sim, "raw"),
+        "layer-centred": distance_matrix(sim, "layer-centred"),
         "distance": distance,
-        "threshold": plan.data["amad"]["threshold"],
-        "objective": plan.data["amad"]["objective"],
-        "dp_amad": np.asarray(plan.data["amad"]["curve"]),
-        "linkage_amad": linkage_amad,
+        "method": _method_label(method, objective),
+        "threshold": threshold,
+        "curves": {_method_label(m, objective): sol.amad for m, sol in mine.items()},
+        "at_g": [
+            {
+                "method": _method_label(m, objective),
+                "partition": named(sol.partitions[G - 1]),
+                "amad": float(sol.amad[G - 1]),
+            }
+            for m, sol in mine.items()
+        ]
+        + [
+            {
+                "method": "complete linkage, unconstrained (not forced contiguous)",
+                "partition": named(unconstrained),
+                "amad": amad(dist, unconstrained),
+            }
+        ],
+        "auto": auto,
         "chosen_groups": plan.groups,
         "chosen_amad": amad(dist, [[pos[x] for x in g] for g in plan.groups]),
-        "linkage_groups": linkage_groups,
-        "linkage_chosen_amad": float(linkage_amad[G - 1]),
         "probe_tokens": plan.data.get("probe_tokens"),
     }
+
+
+def _method_label(method: str, objective: str) -> str:
+    return "agglomerative (complete linkage, adjacent)" if method == "agglomerative" else f"dp ({objective})"
 
 
 def mmcs_rows(run: RunSide, base: RunSide) -> list[dict]:
