@@ -221,18 +221,25 @@ def evaluate(
             coords = keep.nonzero()  # [N, 2] (context in batch, position)
             coords_global = coords.cpu() + torch.tensor([start, 0])
             row_ctx = coords_global[:, 0].numpy()  # each kept row's context
-            batch_ctx = np.arange(start, start + ids.shape[0])
-            ce = _CleanBatch(splicer, ids, resid, logits, keep) if start < ce_contexts else None
+            # exactly the first ce_contexts contexts are spliced: a prefix of this batch, and of its kept rows
+            n_ce = max(0, min(ids.shape[0], ce_contexts - start))
+            batch_ctx = np.arange(start, start + n_ce)
+            ce_rows = int(keep[:n_ce].sum())
+            ce = (
+                _CleanBatch(splicer, ids[:n_ce], {k: v[:n_ce] for k, v in resid.items()}, logits[:n_ce], keep[:n_ce])
+                if n_ce
+                else None
+            )
             if ce is not None:
                 clean_ce_sum += ce.clean_ce_sum
                 ce_tokens += ce.n_predictions
                 clean.ce[batch_ctx] = ce.clean_ce_per_context()
-                clean.rows[batch_ctx] = ce.n_predictions // ids.shape[0]
+                clean.rows[batch_ctx] = ce.n_predictions // n_ce
             for layer in layers:
                 x = resid[layer][keep].float()
                 per_layer[layer].add_rows(row_ctx, x)
                 if ce is not None:
-                    per_layer[layer].ce[batch_ctx] = ce.spliced(layer, torch.zeros_like(x))[0]
+                    per_layer[layer].ce[batch_ctx] = ce.spliced(layer, torch.zeros_like(x[:ce_rows]))[0]
                 for t in targets:
                     if layer not in t.sae.cfg.layers:
                         continue
@@ -246,7 +253,7 @@ def evaluate(
                     )
                     examples[t.name].add(z, coords_global, layer)
                     if ce is not None:
-                        ce_ctx, kl_ctx = ce.spliced(layer, recon)
+                        ce_ctx, kl_ctx = ce.spliced(layer, recon[:ce_rows])
                         per_sae[(t.name, layer)].ce[batch_ctx] = ce_ctx
                         per_sae[(t.name, layer)].kl[batch_ctx] = kl_ctx
         bar.update(ids.shape[0])

@@ -161,6 +161,20 @@ def render_page(data: dict) -> str:
 
     # --- baseline
     parts.append(_section_open("baseline"))
+    fair = data.get("fairness")
+    if fair is not None:
+        a, b = fair.eval_contexts
+        parts.append(
+            f"<p>Checked from both runs' records: the same token stream and eval split (contexts {a}–{b - 1}), and no "
+            "shard of either run harvested one of those contexts. Training tokens per SAE: group "
+            f"{fair.run_tokens_per_sae:,.0f}, per-layer {fair.base_tokens_per_sae:,.0f} "
+            f"(ratio per-layer / group {fair.tokens_ratio:.3f}).</p>"
+        )
+        if not fair.matched:
+            parts.append(
+                f'<p class="warn">Unequal training tokens per SAE (ratio {fair.tokens_ratio:.3f}), compared because '
+                "<code>--allow-unmatched</code> was given: differences below mix grouping with training length.</p>"
+            )
     if theirs:
         cmp_keys = ["fvu", "delta_ce_pct", "kl", "ce_score", "l0", "dead_pct"]
         mm = {r["layer"]: r["mmcs"] for r in data["mmcs"]}

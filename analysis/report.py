@@ -4,8 +4,8 @@
     metrics.parquet  one row per (SAE, layer)
     summary.md       the headline tables as Markdown
 
-The evals run on the run's held-out contexts (tokens.npy after the harvested ones), so neither the
-run's nor the baseline's SAEs have seen them.
+The evals run on the run's held-out contexts (tokens.npy after the harvested ones); with a baseline,
+baseline.py checks from both runs' shard records that neither run harvested them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ghsae.analysis.baseline import check_baseline
 from ghsae.analysis.evals import EvalResult, EvalTarget, evaluate
 from ghsae.analysis.metrics import mmcs
 from ghsae.cache.manifest import Plan, load_plan, read_json, run_info
@@ -70,22 +71,6 @@ def load_side(run_dir: Path, kind: str, allow_partial: bool) -> RunSide:
         seconds[name] = float(meta.get("seconds", float("nan")))
         tokens[name] = int(meta.get("tokens", 0))
     return RunSide(layout, plan, targets, seconds, tokens, folders)
-
-
-def check_baseline(run: Plan, base: Plan, base_dir: Path) -> None:
-    """A baseline must be per-layer SAEs of the same model, tokenizer and layers."""
-    problems = []
-    if base.data["model"]["fingerprint"] != run.data["model"]["fingerprint"]:
-        problems.append(f"its model is {base.data['model']['source']!r}, this run's is {run.data['model']['source']!r}")
-    if base.data["tokenizer"]["fingerprint"] != run.data["tokenizer"]["fingerprint"]:
-        problems.append("its tokenizer differs from this run's")
-    if base.layers != run.layers:
-        problems.append(f"it covers layers {base.layers}, this run {run.layers}")
-    if any(len(g) != 1 for g in base.groups):
-        sizes = sorted({len(g) for g in base.groups})
-        problems.append(f"it is not per-layer (group sizes {sizes}); harvest it with --groups per-layer")
-    if problems:
-        raise ConfigError(f"--baseline {base_dir} cannot be compared with this run: {'; '.join(problems)}")
 
 
 def eval_contexts(layout: RunLayout, plan: Plan) -> np.ndarray:
@@ -257,15 +242,20 @@ def write_report(
     allow_partial: bool = False,
     progress: bool = True,
     lm: LoadedModel | None = None,
+    allow_unmatched: bool = False,
 ) -> Path:
     from ghsae.analysis.page import render_page, render_summary
 
     run = load_side(Path(run_dir), "group", allow_partial)
-    base = None
+    base, fairness = None, None
     if baseline_dir is not None:
         base_layout = RunLayout(Path(baseline_dir))
-        check_baseline(run.plan, load_plan(base_layout), Path(baseline_dir))
+        base_plan = load_plan(base_layout)
+        check_baseline(run.layout, run.plan, {}, base_layout, base_plan, {}, allow_unmatched=True)  # before loading
         base = load_side(Path(baseline_dir), "baseline", allow_partial)
+        fairness = check_baseline(
+            run.layout, run.plan, run.fit_tokens, base.layout, base.plan, base.fit_tokens, allow_unmatched
+        )
     contexts = eval_contexts(run.layout, run.plan)
     rc = cfg.report
     if lm is None:
@@ -295,6 +285,7 @@ def write_report(
     data = {
         "run": run,
         "base": base,
+        "fairness": fairness,
         "result": result,
         "clustering": clustering(run.layout, run.plan),
         "compute": compute_account(run, base),

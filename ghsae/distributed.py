@@ -145,9 +145,7 @@ def harvest_on_cluster(
     todo = [s for s in range(n_shards) if not shard_done(layout, s)]
     t0 = time.perf_counter()
     futures = [
-        client.submit(
-            shard_fn, cfg_dict, run, s, threads, key=f"ghsae-shard-{s}-{os.getpid()}", retries=TASK_RETRIES
-        )
+        client.submit(shard_fn, cfg_dict, run, s, threads, key=f"ghsae-shard-{s}-{os.getpid()}", retries=TASK_RETRIES)
         for s in todo
     ]
     tokens = 0
