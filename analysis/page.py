@@ -88,11 +88,21 @@ def headline(data: dict) -> list[dict]:
             for k in WITH_SE:
                 row[f"{k}_se"] = result.mean_with_se(keys, k)[1]
             out.append(row)
+    ours, theirs = _by_layer(result.rows, "group"), _by_layer(result.rows, "baseline")
+    if ours and theirs:  # paired over the same eval contexts, so the error is that of the difference
+        for span, ls in (("all layers", layers), (f"layers {layers[0]}..{layers[-2]}", layers[:-1] or layers)):
+            both = [x for x in ls if x in ours and x in theirs]
+            row = {"saes": "group − per-layer", "over": span}
+            for k in WITH_SE:
+                a = [(ours[x]["sae"], x) for x in both]
+                b = [(theirs[x]["sae"], x) for x in both]
+                row[k], row[f"{k}_se"] = result.difference_with_se(a, b, k)
+            out.append(row)
     return out
 
 
 def _cells(r: dict) -> list[str]:
-    return [_pm(r.get(k), r.get(f"{k}_se"), f) for k, _, f in METRICS]
+    return [_pm(r.get(k), r.get(f"{k}_se"), f) if k in r else "–" for k, _, f in METRICS]
 
 
 def render_page(data: dict) -> str:

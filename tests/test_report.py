@@ -74,7 +74,7 @@ def test_report_with_a_baseline_holds_every_section_and_figure(fitted_runs, tiny
     text = " ".join(page.text)
     assert "complete linkage" in text and "A + G·T" in text and "latent " in text
     assert "no shard of either run harvested one of those contexts" in text and "ratio per-layer / group 1.000" in text
-    assert "--allow-unmatched" not in text
+    assert "--allow-unmatched" not in text and "group − per-layer" in text
     rows = pq.read_table(out / "metrics.parquet").to_pylist()
     # one row per (SAE, layer): 2 group SAEs over 6 layers, 6 per-layer SAEs
     assert sorted((r["kind"], r["layer"]) for r in rows) == sorted(
@@ -131,6 +131,16 @@ def test_delta_ce_is_zero_for_an_exact_reconstruction_and_large_for_zero(tiny_ll
     assert by["zero"]["ce_score"] == pytest.approx(0.0, abs=1e-6)
     assert by["zero"]["delta_ce"] > 1.0 and by["zero"]["kl"] > 1.0, by["zero"]
     assert by["zero"]["fvu"] > 0.9 and by["zero"]["dead_pct"] == 100.0
+    # the zeroed SAE's delta CE per context, by hand: its standard error is their spread / sqrt(4)
+    assert by["zero"]["ce_contexts"] == 4 and by["zero"]["ce_predictions"] == 4 * 31
+    z, i = ("zero", 2), ("identity", 2)
+    per_context = result.influence[z]["delta_ce"] * 4 + by["zero"]["delta_ce"]  # influence = (d_s - mean) / S
+    assert by["zero"]["delta_ce_se"] == pytest.approx(per_context.std(ddof=1) / 2, rel=1e-9)
+    # a difference of two SAEs on the same contexts is paired: zero minus identity has the zero's spread
+    diff, se = result.difference_with_se([z], [i], "delta_ce")
+    assert diff == pytest.approx(by["zero"]["delta_ce"] - by["identity"]["delta_ce"])
+    assert se == pytest.approx(by["zero"]["delta_ce_se"], rel=1e-3)
+    assert result.difference_with_se([z], [z], "delta_ce") == (0.0, 0.0)
 
 
 def test_missing_saes_are_named_and_allow_partial_reports_the_rest(fitted_runs, tmp_path, tiny_lm):
