@@ -6,6 +6,12 @@ measured on the non-special positions of that layer (the rows harvest would have
 the first `ce_contexts` contexts its reconstruction is spliced into the forward pass at that layer
 alone (see splice.py: only the blocks after the layer are run). Zero-ablating the same positions
 gives the CE-loss score's floor.
+
+Every figure also gets a standard error over eval contexts (the independent units: predictions
+inside one context are correlated), from per-context sums by the delta method (metrics.py).
+Each row records how many contexts and predictions its figures rest on, and EvalResult keeps the
+per-context influences so that means over layers, and differences between SAEs evaluated on the
+same contexts, get standard errors that account for the shared contexts.
 """
 
 from __future__ import annotations
@@ -17,7 +23,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ghsae.analysis.metrics import ReconstructionSums, ce_loss_score, token_ce_and_kl
+from ghsae.analysis.metrics import (
+    ReconstructionSums,
+    ce_loss_score,
+    ratio_influence,
+    standard_error,
+    token_ce_and_kl,
+)
 from ghsae.analysis.splice import Splicer
 from ghsae.harvest.model import LoadedModel
 from ghsae.train.sae import SparseAutoencoder
@@ -72,10 +84,36 @@ class TopExamples:
             self.where[s] = all_where[s, kept]
 
 
+WITH_SE = ("fvu", "delta_ce", "delta_ce_pct", "ce_score", "kl")
+"""The metrics reported with a standard error (column `<metric>_se`)."""
+
+
 @dataclass
-class _Splice:
-    ce: float = 0.0
-    kl: float = 0.0
+class _PerContext:
+    """Sums per eval context for one layer (x statistics) or one (SAE, layer) (errors, CE, KL)."""
+
+    n_contexts: int
+    d_model: int = 0
+
+    def __post_init__(self) -> None:
+        c = self.n_contexts
+        self.rows = np.zeros(c)
+        self.x_sq = np.zeros(c)  # sum ||x||^2
+        self.x_sum = np.zeros((c, self.d_model))  # sum x
+        self.sq_err = np.zeros(c)  # sum ||x - r||^2
+        self.ce = np.zeros(c)  # sum of CE over the context's predictions (spliced, zeroed or clean)
+        self.kl = np.zeros(c)
+
+    def add_rows(self, ctx: np.ndarray, x: torch.Tensor) -> None:
+        xd = x.double().cpu().numpy()
+        np.add.at(self.rows, ctx, 1.0)
+        np.add.at(self.x_sq, ctx, (xd**2).sum(1))
+        np.add.at(self.x_sum, ctx, xd)
+
+    def total_var(self) -> np.ndarray:
+        """Per context, sum ||x - m||^2 with m the mean over every context (m taken as known)."""
+        m = self.x_sum.sum(0) / max(self.rows.sum(), 1.0)
+        return self.x_sq - 2.0 * self.x_sum @ m + self.rows * float(m @ m)
 
 
 class _CleanBatch:
@@ -91,13 +129,18 @@ class _CleanBatch:
         # the clean CE from the same log-softmax the KLs use, not a second one over the vocabulary
         self.clean_ce_sum = -float(self.clean_logprobs.gather(-1, self.targets[:, None]).sum())
 
-    def spliced(self, layer: int, values: torch.Tensor) -> tuple[float, float]:
-        """(sum of CE, sum of KL) over the batch's predictions with `values` at layer's kept positions."""
+    def clean_ce_per_context(self) -> np.ndarray:
+        ce = -self.clean_logprobs.gather(-1, self.targets[:, None])[:, 0]
+        return ce.view(self.ids.shape[0], -1).sum(1).double().cpu().numpy()
+
+    def spliced(self, layer: int, values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Per context of the batch, (sum of CE, sum of KL) with `values` at layer's kept positions."""
         new = self.resid[layer].clone()
         new[self.keep] = values.to(new.dtype)
         out = self.splicer.spliced(self.ids, layer, new)[:, :-1].reshape(self.n_predictions, -1)
         ce, kl = token_ce_and_kl(self.clean_logprobs, out, self.targets, self.clean_probs)
-        return float(ce.sum()), float(kl.sum())
+        b = self.ids.shape[0]
+        return ce.view(b, -1).sum(1).double().cpu().numpy(), kl.view(b, -1).sum(1).double().cpu().numpy()
 
 
 @dataclass
@@ -106,8 +149,35 @@ class EvalResult:
     densities: dict[str, np.ndarray]  # per SAE: each latent's firing rate over all its layers' rows
     examples: dict[str, TopExamples]
     clean_ce: float
-    ce_tokens: int
+    ce_tokens: int  # predictions the CE / KL figures rest on
     eval_tokens: int
+    ce_contexts: int = 0  # contexts those predictions come from (the units of the CE standard errors)
+    eval_contexts: int = 0  # contexts of the reconstruction metrics (the units of FVU's standard error)
+    influence: dict[tuple[str, int], dict[str, np.ndarray]] = field(default_factory=dict)
+    """Per (SAE name, layer), per metric in WITH_SE: each context's influence (metrics.ratio_influence)."""
+
+    def mean_with_se(self, keys: list[tuple[str, int]], metric: str) -> tuple[float, float]:
+        """Mean of `metric` over the (SAE, layer) rows `keys`, and its standard error over contexts."""
+        by = {(r["sae"], r["layer"]): r for r in self.rows}
+        vals = [by[k][metric] for k in keys if k in by and metric in by[k]]
+        infl = [self.influence[k][metric] for k in keys if k in self.influence and metric in self.influence[k]]
+        if not vals:
+            return float("nan"), float("nan")
+        se = standard_error(np.mean(infl, axis=0)) if len(infl) == len(vals) else float("nan")
+        return float(np.mean(vals)), se
+
+    def difference_with_se(
+        self, a: list[tuple[str, int]], b: list[tuple[str, int]], metric: str
+    ) -> tuple[float, float]:
+        """Mean of `metric` over rows `a` minus over rows `b` (same contexts), with its paired standard error."""
+        ma, _ = self.mean_with_se(a, metric)
+        mb, _ = self.mean_with_se(b, metric)
+        try:
+            ia = np.mean([self.influence[k][metric] for k in a], axis=0)
+            ib = np.mean([self.influence[k][metric] for k in b], axis=0)
+        except KeyError:
+            return ma - mb, float("nan")
+        return ma - mb, standard_error(ia - ib)
 
 
 def evaluate(
@@ -127,8 +197,10 @@ def evaluate(
     layers = sorted({layer for t in targets for layer in t.sae.cfg.layers})
     splicer = Splicer(lm)
     sums = {(t.name, layer): ReconstructionSums(lm.d_model) for t in targets for layer in t.sae.cfg.layers}
-    spliced = {key: _Splice() for key in sums}
-    zero_ce = {layer: 0.0 for layer in layers}
+    n_ctx = contexts.shape[0]
+    per_layer = {layer: _PerContext(n_ctx, lm.d_model) for layer in layers}  # x statistics; zero-ablated CE
+    per_sae = {key: _PerContext(n_ctx) for key in sums}  # reconstruction errors; spliced CE and KL
+    clean = _PerContext(n_ctx)  # clean CE per context (ce), predictions per context (rows)
     clean_ce_sum, ce_tokens = 0.0, 0
     gen = torch.Generator().manual_seed(seed)
     examples = {
@@ -148,30 +220,48 @@ def evaluate(
             keep = ~torch.isin(ids, special)
             coords = keep.nonzero()  # [N, 2] (context in batch, position)
             coords_global = coords.cpu() + torch.tensor([start, 0])
-            ce = _CleanBatch(splicer, ids, resid, logits, keep) if start < ce_contexts else None
+            row_ctx = coords_global[:, 0].numpy()  # each kept row's context
+            # exactly the first ce_contexts contexts are spliced: a prefix of this batch, and of its kept rows
+            n_ce = max(0, min(ids.shape[0], ce_contexts - start))
+            batch_ctx = np.arange(start, start + n_ce)
+            ce_rows = int(keep[:n_ce].sum())
+            ce = (
+                _CleanBatch(splicer, ids[:n_ce], {k: v[:n_ce] for k, v in resid.items()}, logits[:n_ce], keep[:n_ce])
+                if n_ce
+                else None
+            )
             if ce is not None:
                 clean_ce_sum += ce.clean_ce_sum
                 ce_tokens += ce.n_predictions
+                clean.ce[batch_ctx] = ce.clean_ce_per_context()
+                clean.rows[batch_ctx] = ce.n_predictions // n_ce
             for layer in layers:
                 x = resid[layer][keep].float()
+                per_layer[layer].add_rows(row_ctx, x)
                 if ce is not None:
-                    zero_ce[layer] += ce.spliced(layer, torch.zeros_like(x))[0]
+                    per_layer[layer].ce[batch_ctx] = ce.spliced(layer, torch.zeros_like(x[:ce_rows]))[0]
                 for t in targets:
                     if layer not in t.sae.cfg.layers:
                         continue
                     z = t.sae.encode(x, layer)
                     recon = t.sae.denormalise(t.sae.decode(z), layer)
                     sums[(t.name, layer)].add(x, recon, z)
+                    np.add.at(
+                        per_sae[(t.name, layer)].sq_err,
+                        row_ctx,
+                        (x.double() - recon.double()).pow(2).sum(1).cpu().numpy(),
+                    )
                     examples[t.name].add(z, coords_global, layer)
                     if ce is not None:
-                        ce_sum, kl_sum = ce.spliced(layer, recon)
-                        spliced[(t.name, layer)].ce += ce_sum
-                        spliced[(t.name, layer)].kl += kl_sum
+                        ce_ctx, kl_ctx = ce.spliced(layer, recon[:ce_rows])
+                        per_sae[(t.name, layer)].ce[batch_ctx] = ce_ctx
+                        per_sae[(t.name, layer)].kl[batch_ctx] = kl_ctx
         bar.update(ids.shape[0])
     bar.close()
 
     clean_ce = clean_ce_sum / max(ce_tokens, 1)
-    rows, densities = [], {}
+    n_ce_ctx = int((clean.rows > 0).sum())  # CE contexts are a prefix of the eval contexts
+    rows, densities, influence = [], {}, {}
     for t in targets:
         fired = torch.zeros(t.sae.cfg.n_latents, dtype=torch.float64)
         total_rows = 0
@@ -181,9 +271,21 @@ def evaluate(
             fired += s.density() * s.rows
             total_rows += s.rows
             row = {"sae": t.name, "kind": t.kind, "group_layers": _span(t.sae.cfg.layers), "layer": layer, **m}
+            ps, pl = per_sae[(t.name, layer)], per_layer[layer]
+            infl = {"fvu": ratio_influence(ps.sq_err, pl.total_var())}
+            row.update(eval_contexts=n_ctx)
             if ce_tokens:
-                sae_ce = spliced[(t.name, layer)].ce / ce_tokens
-                z_ce = zero_ce[layer] / ce_tokens
+                sae_ce = float(ps.ce.sum()) / ce_tokens
+                z_ce = float(pl.ce.sum()) / ce_tokens
+                c = slice(0, n_ce_ctx)
+                delta = ps.ce[c] - clean.ce[c]
+                infl.update(
+                    delta_ce=ratio_influence(delta, clean.rows[c]),
+                    delta_ce_pct=ratio_influence(100.0 * delta, clean.ce[c]),
+                    # score = 1 - sum(delta) / sum(zeroed - clean): minus that ratio's influence
+                    ce_score=-ratio_influence(delta, pl.ce[c] - clean.ce[c]),
+                    kl=ratio_influence(ps.kl[c], clean.rows[c]),
+                )
                 row.update(
                     ce_clean=clean_ce,
                     ce_spliced=sae_ce,
@@ -191,11 +293,15 @@ def evaluate(
                     delta_ce_pct=100.0 * (sae_ce - clean_ce) / clean_ce,
                     ce_zero_ablation=z_ce,
                     ce_score=ce_loss_score(clean_ce, sae_ce, z_ce),
-                    kl=spliced[(t.name, layer)].kl / ce_tokens,
+                    kl=float(ps.kl.sum()) / ce_tokens,
+                    ce_predictions=ce_tokens,
+                    ce_contexts=n_ce_ctx,
                 )
+            row.update({f"{k}_se": standard_error(v) for k, v in infl.items()})
+            influence[(t.name, layer)] = infl
             rows.append(row)
         densities[t.name] = (fired / max(total_rows, 1)).numpy()
-    return EvalResult(rows, densities, examples, clean_ce, ce_tokens, int(contexts.size))
+    return EvalResult(rows, densities, examples, clean_ce, ce_tokens, int(contexts.size), n_ce_ctx, n_ctx, influence)
 
 
 def _span(layers: list[int]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -93,3 +94,27 @@ def mmcs(decoder_a: torch.Tensor, decoder_b: torch.Tensor, chunk: int = 4096) ->
     b = torch.nn.functional.normalize(decoder_b.float(), dim=-1)
     best = torch.cat([(a[i : i + chunk] @ b.T).max(dim=-1).values for i in range(0, a.shape[0], chunk)])
     return float(best.mean())
+
+
+def ratio_influence(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """Each unit's influence on R = sum(num) / sum(den), for R's standard error over units.
+
+    Units are eval contexts: predictions inside one context are correlated, contexts are
+    independent draws. Linearising R (the delta method), unit s contributes
+    (num_s - R den_s) / sum(den); the squared influences sum, times S / (S - 1), to R's variance.
+    Means of several ratios (a mean over layers) take the mean of their influences, so their
+    correlation through shared contexts is kept.
+    """
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    total = den.sum()
+    if total == 0:
+        return np.full(num.shape, np.nan)
+    return (num - (num.sum() / total) * den) / total
+
+
+def standard_error(influence: np.ndarray) -> float:
+    """Standard error from per-unit influences (NaN with fewer than two units)."""
+    s = influence.shape[0]
+    if s < 2:
+        return float("nan")
+    return float(np.sqrt(s / (s - 1) * np.square(influence).sum()))

@@ -12,6 +12,7 @@ import numpy as np
 from ghsae.analysis import plots
 from ghsae.analysis.circuit_report import render_section as circuit_section
 from ghsae.analysis.dashboards import report_block
+from ghsae.analysis.evals import WITH_SE
 from ghsae.analysis.rate import ratings_section
 
 # (column, heading, format) of the per-layer eval tables
@@ -69,17 +70,44 @@ def _mean(by_layer: dict[int, dict], layers: list[int], key: str) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def _pm(value, se, spec: str) -> str:
+    """value ± standard error, both in the metric's format (the error alone when it is missing)."""
+    if se is None or (isinstance(se, float) and math.isnan(se)):
+        return _fmt(value, spec)
+    return f"{_fmt(value, spec)} ± {_fmt(se, spec)}"
+
+
 def headline(data: dict) -> list[dict]:
-    """Mean of each metric over all layers and over layers 0..L-2 (as the paper reports), per kind."""
+    """Mean of each metric over all layers and over layers 0..L-2 (as the paper reports), per kind,
+    with the standard error over eval contexts of the metrics in WITH_SE (key `<metric>_se`)."""
+    result = data["result"]
     layers = data["run"].plan.layers
     out = []
     for kind, label in (("group", "group SAEs"), ("baseline", "per-layer SAEs")):
-        by = _by_layer(data["result"].rows, kind)
+        by = _by_layer(result.rows, kind)
         if not by:
             continue
         for span, ls in (("all layers", layers), (f"layers {layers[0]}..{layers[-2]}", layers[:-1] or layers)):
-            out.append({"saes": label, "over": span, **{k: _mean(by, ls, k) for k, _, _ in METRICS}})
+            row = {"saes": label, "over": span, **{k: _mean(by, ls, k) for k, _, _ in METRICS}}
+            keys = [(by[x]["sae"], x) for x in ls if x in by]
+            for k in WITH_SE:
+                row[f"{k}_se"] = result.mean_with_se(keys, k)[1]
+            out.append(row)
+    ours, theirs = _by_layer(result.rows, "group"), _by_layer(result.rows, "baseline")
+    if ours and theirs:  # paired over the same eval contexts, so the error is that of the difference
+        for span, ls in (("all layers", layers), (f"layers {layers[0]}..{layers[-2]}", layers[:-1] or layers)):
+            both = [x for x in ls if x in ours and x in theirs]
+            row = {"saes": "group − per-layer", "over": span}
+            for k in WITH_SE:
+                a = [(ours[x]["sae"], x) for x in both]
+                b = [(theirs[x]["sae"], x) for x in both]
+                row[k], row[f"{k}_se"] = result.difference_with_se(a, b, k)
+            out.append(row)
     return out
+
+
+def _cells(r: dict) -> list[str]:
+    return [_pm(r.get(k), r.get(f"{k}_se"), f) if k in r else "–" for k, _, f in METRICS]
 
 
 def render_page(data: dict) -> str:
@@ -95,8 +123,11 @@ def render_page(data: dict) -> str:
         f"<p>Run <code>{html.escape(str(run.layout.root))}</code>: model <b>{html.escape(plan.data['model']['source'])}</b>, "
         f"{len(layers)} layers in <b>{len(groups)} groups</b> "
         f"({', '.join(f'{g[0]}–{g[-1]}' if len(g) > 1 else str(g[0]) for g in groups)}). "
-        f"Evals on {result.eval_tokens:,} held-out tokens (harvest never stored them); spliced CE and KL on the first "
-        f"{result.ce_tokens:,} predictions. Clean CE {result.clean_ce:.4f} nats/token."
+        f"Evals on {result.eval_tokens:,} held-out tokens in {result.eval_contexts:,} contexts (harvest never stored "
+        f"them); spliced CE and KL on the first {result.ce_tokens:,} predictions ({result.ce_contexts:,} contexts), "
+        "so every ΔCE, CE score and KL below rests on that many predictions per layer. Clean CE "
+        f"{result.clean_ce:.4f} nats/token. ± is one standard error over eval contexts (the independent units; "
+        "a mean over layers shares its contexts, and its error accounts for that)."
         + (
             f" Baseline: <code>{html.escape(str(base.layout.root))}</code> (per-layer SAEs)."
             if base
@@ -105,9 +136,7 @@ def render_page(data: dict) -> str:
         + "</p>"
     )
     heads = ["SAEs", "over"] + [h for _, h, _ in METRICS]
-    parts.append(
-        _table(heads, [[r["saes"], r["over"]] + [_fmt(r[k], f) for k, _, f in METRICS] for r in headline(data)])
-    )
+    parts.append(_table(heads, [[r["saes"], r["over"]] + _cells(r) for r in headline(data)], "wide"))
     missing = [g for g in plan.group_names if g not in {t.name for t in run.targets}]
     if missing:
         parts.append(f'<p class="warn">Partial report: no SAE for {", ".join(missing)}.</p>')
@@ -125,8 +154,8 @@ def render_page(data: dict) -> str:
     for layer in layers:
         r = ours.get(layer)
         if r:
-            rows.append([str(layer), r["sae"]] + [_fmt(r.get(k), f) for k, _, f in METRICS])
-    parts.append(_table(["layer", "SAE"] + [h for _, h, _ in METRICS], rows))
+            rows.append([str(layer), r["sae"]] + _cells(r))
+    parts.append(_table(["layer", "SAE"] + [h for _, h, _ in METRICS], rows, "wide"))
     for key in PLOTTED:
         if not any(key in r for r in ours.values()):
             continue
@@ -147,6 +176,20 @@ def render_page(data: dict) -> str:
 
     # --- baseline
     parts.append(_section_open("baseline"))
+    fair = data.get("fairness")
+    if fair is not None:
+        a, b = fair.eval_contexts
+        parts.append(
+            f"<p>Checked from both runs' records: the same token stream and eval split (contexts {a}–{b - 1}), and no "
+            "shard of either run harvested one of those contexts. Training tokens per SAE: group "
+            f"{fair.run_tokens_per_sae:,.0f}, per-layer {fair.base_tokens_per_sae:,.0f} "
+            f"(ratio per-layer / group {fair.tokens_ratio:.3f}).</p>"
+        )
+        if not fair.matched:
+            parts.append(
+                f'<p class="warn">Unequal training tokens per SAE (ratio {fair.tokens_ratio:.3f}), compared because '
+                "<code>--allow-unmatched</code> was given: differences below mix grouping with training length.</p>"
+            )
     if theirs:
         cmp_keys = ["fvu", "delta_ce_pct", "kl", "ce_score", "l0", "dead_pct"]
         mm = {r["layer"]: r["mmcs"] for r in data["mmcs"]}
@@ -156,7 +199,7 @@ def render_page(data: dict) -> str:
             a, b = ours.get(layer, {}), theirs.get(layer, {})
             row = [str(layer)]
             for k in cmp_keys:
-                row += [_fmt(a.get(k), FORMAT[k]), _fmt(b.get(k), FORMAT[k])]
+                row += [_pm(a.get(k), a.get(f"{k}_se"), FORMAT[k]), _pm(b.get(k), b.get(f"{k}_se"), FORMAT[k])]
             rows.append(row + [_fmt(mm.get(layer))])
         parts.append(_table(heads, rows, "wide"))
         if data["mmcs"]:
@@ -207,25 +250,31 @@ def render_page(data: dict) -> str:
     cl = data["clustering"]
     parts.append(_section_open("clustering"))
     parts.append(
-        f"<p>Angular distance arccos(cos)/π between layers' residual streams on {cl['probe_tokens']:,} probe tokens; "
-        f"the partition used <b>{cl['distance']}</b> distances, objective <code>{cl['objective']}</code>, "
-        f"threshold {cl['threshold']:g}. White squares: the groups.</p>"
+        f"<p>Angular distance arccos(cos)/π between layers' residual streams on {cl['probe_tokens']:,} probe tokens: "
+        "<b>raw</b> takes the residuals as they are (the reference implementation's distance), <b>layer-centred</b> "
+        "subtracts each layer's mean over the probe tokens first. This run's groups come from "
+        f"<b>{html.escape(cl['distance'])}</b> distances by <b>{html.escape(cl['method'])}</b>, "
+        f"with G the smallest whose AMAD is below {cl['threshold']:g}. White squares: the groups.</p>"
     )
-    parts.append(_img(plots.distance_heatmap(cl["raw"], cl["layers"], groups, "raw angular distance"), "raw heatmap"))
+    for d in ("raw", "layer-centred"):
+        parts.append(_img(plots.distance_heatmap(cl[d], cl["layers"], groups, f"{d} angular distance"), f"{d} heatmap"))
+    parts.append(_img(plots.amad_curve(cl["curves"], cl["threshold"], len(groups)), "AMAD curves"))
     parts.append(
-        _img(plots.distance_heatmap(cl["centred"], cl["layers"], groups, "centred angular distance"), "centred heatmap")
+        f"<p>Each method's partition at this run's G = {len(groups)} ({html.escape(cl['distance'])} distances):</p>"
     )
-    parts.append(_img(plots.amad_curve(cl["dp_amad"], cl["linkage_amad"], cl["threshold"], len(groups)), "AMAD curve"))
-
-    def spans(gs):
-        return ", ".join(f"{g[0]}–{g[-1]}" if len(g) > 1 and g == list(range(g[0], g[-1] + 1)) else str(g) for g in gs)
-
     parts.append(
         _table(
             ["method", "groups", "AMAD"],
+            [[html.escape(r["method"]), _spans(r["partition"]), _fmt(r["amad"])] for r in cl["at_g"]],
+        )
+    )
+    parts.append("<p>The G that <code>groups = auto</code> picks for each distance and method:</p>")
+    parts.append(
+        _table(
+            ["distance", "method", "G", "AMAD", "groups"],
             [
-                ["dynamic programme (contiguous, used)", spans(cl["chosen_groups"]), _fmt(cl["chosen_amad"])],
-                ["complete linkage (reference method)", spans(cl["linkage_groups"]), _fmt(cl["linkage_chosen_amad"])],
+                [r["distance"], html.escape(r["method"]), str(r["groups"]), _fmt(r["amad"]), _spans(r["partition"])]
+                for r in cl["auto"]
             ],
         )
     )
@@ -291,6 +340,16 @@ def render_page(data: dict) -> str:
     )
 
 
+def _spans(groups: list[list[int]]) -> str:
+    """Groups as ranges ("0–9, 10–18"); a group that is not a run of layers is listed in full."""
+    return ", ".join(
+        f"{g[0]}–{g[-1]}"
+        if len(g) > 1 and g == list(range(g[0], g[-1] + 1))
+        else (str(g[0]) if len(g) == 1 else str(g))
+        for g in groups
+    )
+
+
 def _section_open(sid: str) -> str:
     return f'<section id="{sid}"><h2>{html.escape(dict(SECTIONS)[sid])}</h2>'
 
@@ -334,14 +393,15 @@ def render_summary(data: dict) -> str:
         "",
         f"{len(plan.layers)} layers, {len(plan.groups)} groups: "
         + ", ".join(f"{g[0]}-{g[-1]}" for g in plan.groups)
-        + f". Eval: {result.eval_tokens:,} held-out tokens; spliced CE on {result.ce_tokens:,}; "
-        f"clean CE {result.clean_ce:.4f}.",
+        + f". Eval: {result.eval_tokens:,} held-out tokens ({result.eval_contexts:,} contexts); spliced CE on "
+        f"{result.ce_tokens:,} predictions ({result.ce_contexts:,} contexts); clean CE {result.clean_ce:.4f}. "
+        "± is one standard error over eval contexts.",
         "",
         "| SAEs | over | " + " | ".join(h for _, h, _ in METRICS) + " |",
         "|---|---|" + "---|" * len(METRICS),
     ]
     for r in headline(data):
-        lines.append(f"| {r['saes']} | {r['over']} | " + " | ".join(_fmt(r[k], f) for k, _, f in METRICS) + " |")
+        lines.append(f"| {r['saes']} | {r['over']} | " + " | ".join(_cells(r)) + " |")
     lines += [
         "",
         "| layer | SAE | FVU | ΔCE % | KL | L0 |",
@@ -349,8 +409,9 @@ def render_summary(data: dict) -> str:
     ]
     for r in sorted((r for r in result.rows if r["kind"] == "group"), key=lambda r: r["layer"]):
         lines.append(
-            f"| {r['layer']} | {r['sae']} | {r['fvu']:.3f} | {_fmt(r.get('delta_ce_pct'), '{:.2f}')} | "
-            f"{_fmt(r.get('kl'), '{:.4f}')} | {r['l0']:.1f} |"
+            f"| {r['layer']} | {r['sae']} | {_pm(r['fvu'], r.get('fvu_se'), '{:.3f}')} | "
+            f"{_pm(r.get('delta_ce_pct'), r.get('delta_ce_pct_se'), '{:.2f}')} | "
+            f"{_pm(r.get('kl'), r.get('kl_se'), '{:.4f}')} | {r['l0']:.1f} |"
         )
     lines += [
         "",

@@ -78,13 +78,13 @@ def distance_heatmap(dist: np.ndarray, layers: list[int], groups: list[list[int]
     return _png(fig)
 
 
-def amad_curve(dp_amad: np.ndarray, linkage_amad: np.ndarray, threshold: float, chosen: int) -> bytes:
-    g = np.arange(1, len(dp_amad) + 1)
+def amad_curve(curves: dict[str, np.ndarray], threshold: float, chosen: int) -> bytes:
+    """AMAD of each grouping method's partition against G."""
     fig, ax = plt.subplots(figsize=(6.4, 3.0))
-    ax.plot(g, dp_amad, "o-", ms=3, label="contiguous partition (dynamic programme)")
-    ax.plot(g, linkage_amad, "x--", ms=4, label="complete linkage (not contiguous)")
+    for (label, values), style in zip(curves.items(), ("o-", "x--", "s:")):
+        ax.plot(np.arange(1, len(values) + 1), values, style, ms=3, label=label)
     ax.axhline(threshold, color="0.4", ls=":", label=f"threshold {threshold:g}")
-    ax.axvline(chosen, color=GROUP_COLOUR, lw=1, label=f"chosen G = {chosen}")
+    ax.axvline(chosen, color=GROUP_COLOUR, lw=1, label=f"this run's G = {chosen}")
     ax.set_xlabel("number of groups G")
     ax.set_ylabel("AMAD")
     ax.legend(fontsize=8)

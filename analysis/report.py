@@ -4,8 +4,8 @@
     metrics.parquet  one row per (SAE, layer)
     summary.md       the headline tables as Markdown
 
-The evals run on the run's held-out contexts (tokens.npy after the harvested ones), so neither the
-run's nor the baseline's SAEs have seen them.
+The evals run on the run's held-out contexts (tokens.npy after the harvested ones); with a baseline,
+baseline.py checks from both runs' shard records that neither run harvested them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ghsae.analysis.baseline import check_baseline
 from ghsae.analysis.circuit_report import make_tasks
 from ghsae.analysis.circuit_report import measure as measure_circuits
 from ghsae.analysis.circuits import CircuitTarget
@@ -32,7 +33,8 @@ from ghsae.cache.manifest import Plan, load_plan, read_json, run_info
 from ghsae.config import PipelineConfig
 from ghsae.errors import ConfigError, StoreError
 from ghsae.harvest.model import LoadedModel, load_model
-from ghsae.harvest.partition import amad, complete_linkage
+from ghsae.harvest.partition import amad, complete_linkage, solve
+from ghsae.harvest.similarity import DISTANCES, canonical_distance, distance_matrix
 from ghsae.layout import RunLayout
 from ghsae.train.io import METRICS, SAE_CONFIG, load_sae
 
@@ -74,22 +76,6 @@ def load_side(run_dir: Path, kind: str, allow_partial: bool) -> RunSide:
         seconds[name] = float(meta.get("seconds", float("nan")))
         tokens[name] = int(meta.get("tokens", 0))
     return RunSide(layout, plan, targets, seconds, tokens, folders)
-
-
-def check_baseline(run: Plan, base: Plan, base_dir: Path) -> None:
-    """A baseline must be per-layer SAEs of the same model, tokenizer and layers."""
-    problems = []
-    if base.data["model"]["fingerprint"] != run.data["model"]["fingerprint"]:
-        problems.append(f"its model is {base.data['model']['source']!r}, this run's is {run.data['model']['source']!r}")
-    if base.data["tokenizer"]["fingerprint"] != run.data["tokenizer"]["fingerprint"]:
-        problems.append("its tokenizer differs from this run's")
-    if base.layers != run.layers:
-        problems.append(f"it covers layers {base.layers}, this run {run.layers}")
-    if any(len(g) != 1 for g in base.groups):
-        sizes = sorted({len(g) for g in base.groups})
-        problems.append(f"it is not per-layer (group sizes {sizes}); harvest it with --groups per-layer")
-    if problems:
-        raise ConfigError(f"--baseline {base_dir} cannot be compared with this run: {'; '.join(problems)}")
 
 
 def eval_contexts(layout: RunLayout, plan: Plan) -> np.ndarray:
@@ -154,29 +140,75 @@ def compute_account(run: RunSide, base: RunSide | None) -> dict:
 
 
 def clustering(layout: RunLayout, plan: Plan) -> dict:
+    """Both grouping methods' AMAD curves and partitions, and the G that `auto` picks for each
+    method and distance, from the run's stored probe (runs planned before grouping.method existed
+    used the DP)."""
     sim = np.load(layout.similarity)
     layers = sim["layers"].tolist()
-    distance = plan.data["amad"]["distance"]
-    dist = sim[distance]
-    pos = {layer: i for i, layer in enumerate(layers)}
+    am = plan.data["amad"]
+    distance = canonical_distance(am["distance"])
+    method = am.get("method", "dp")
+    objective = am["objective"] if method == "dp" else "layer-mean"
+    threshold = float(am["threshold"])
     G = len(plan.groups)
-    linkage_amad = np.array([amad(dist, complete_linkage(dist, g)) for g in range(1, len(layers) + 1)])
-    linkage_groups = [[layers[i] for i in grp] for grp in complete_linkage(dist, G)]
+    pos = {layer: i for i, layer in enumerate(layers)}
+
+    def named(part: list[list[int]]) -> list[list[int]]:
+        return [[layers[i] for i in g] for g in part]
+
+    solutions = {
+        d: {
+            "dp": solve(distance_matrix(sim, d), "dp", objective),
+            "agglomerative": solve(distance_matrix(sim, d), "agglomerative"),
+        }
+        for d in DISTANCES
+    }
+    dist = distance_matrix(sim, distance)
+    mine = solutions[distance]
+    unconstrained = complete_linkage(dist, G)
+    auto = [
+        {
+            "distance": d,
+            "method": _method_label(m, objective),
+            "groups": sol.auto_groups(threshold),
+            "amad": float(sol.amad[sol.auto_groups(threshold) - 1]),
+            "partition": named(sol.partitions[sol.auto_groups(threshold) - 1]),
+        }
+        for d, by_method in solutions.items()
+        for m, sol in by_method.items()
+    ]
     return {
         "layers": layers,
-        "raw": sim["raw"],
-        "centred": sim["centred"],
+        "raw": distance_matrix(sim, "raw"),
+        "layer-centred": distance_matrix(sim, "layer-centred"),
         "distance": distance,
-        "threshold": plan.data["amad"]["threshold"],
-        "objective": plan.data["amad"]["objective"],
-        "dp_amad": np.asarray(plan.data["amad"]["curve"]),
-        "linkage_amad": linkage_amad,
+        "method": _method_label(method, objective),
+        "threshold": threshold,
+        "curves": {_method_label(m, objective): sol.amad for m, sol in mine.items()},
+        "at_g": [
+            {
+                "method": _method_label(m, objective),
+                "partition": named(sol.partitions[G - 1]),
+                "amad": float(sol.amad[G - 1]),
+            }
+            for m, sol in mine.items()
+        ]
+        + [
+            {
+                "method": "complete linkage, unconstrained (not forced contiguous)",
+                "partition": named(unconstrained),
+                "amad": amad(dist, unconstrained),
+            }
+        ],
+        "auto": auto,
         "chosen_groups": plan.groups,
         "chosen_amad": amad(dist, [[pos[x] for x in g] for g in plan.groups]),
-        "linkage_groups": linkage_groups,
-        "linkage_chosen_amad": float(linkage_amad[G - 1]),
         "probe_tokens": plan.data.get("probe_tokens"),
     }
+
+
+def _method_label(method: str, objective: str) -> str:
+    return "agglomerative (complete linkage, adjacent)" if method == "agglomerative" else f"dp ({objective})"
 
 
 def mmcs_rows(run: RunSide, base: RunSide) -> list[dict]:
@@ -215,15 +247,20 @@ def write_report(
     allow_partial: bool = False,
     progress: bool = True,
     lm: LoadedModel | None = None,
+    allow_unmatched: bool = False,
 ) -> Path:
     from ghsae.analysis.page import render_page, render_summary
 
     run = load_side(Path(run_dir), "group", allow_partial)
-    base = None
+    base, fairness = None, None
     if baseline_dir is not None:
         base_layout = RunLayout(Path(baseline_dir))
-        check_baseline(run.plan, load_plan(base_layout), Path(baseline_dir))
+        base_plan = load_plan(base_layout)
+        check_baseline(run.layout, run.plan, {}, base_layout, base_plan, {}, allow_unmatched=True)  # before loading
         base = load_side(Path(baseline_dir), "baseline", allow_partial)
+        fairness = check_baseline(
+            run.layout, run.plan, run.fit_tokens, base.layout, base.plan, base.fit_tokens, allow_unmatched
+        )
     contexts = eval_contexts(run.layout, run.plan)
     rc = cfg.report
     if lm is None:
@@ -260,6 +297,7 @@ def write_report(
     data = {
         "run": run,
         "base": base,
+        "fairness": fairness,
         "result": result,
         "clustering": clustering(run.layout, run.plan),
         "compute": compute_account(run, base),

@@ -240,11 +240,16 @@ def fit(
     help="A fitted per-layer run of the same model (harvest --groups per-layer) to compare with.",
 )
 @click.option("--allow-partial", is_flag=True, help="Report on the SAEs that exist when some are missing.")
+@click.option(
+    "--allow-unmatched",
+    is_flag=True,
+    help="Compare with a baseline whose SAEs trained on other than this run's tokens per SAE (the page shows the ratio).",
+)
 @click.option("--device", help="auto | cpu | cuda | cuda:N.")
 @click.option("--tasks", help="Circuit tasks to measure per layer, e.g. ioi,greater-than,sva ('' for none).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @_user_errors
-def report(config_path, run_dir, baseline, allow_partial, device, tasks, no_progress):
+def report(config_path, run_dir, baseline, allow_partial, allow_unmatched, device, tasks, no_progress):
     """Evaluate the run's SAEs on held-out tokens and write RUN/report/ (report.html, metrics.parquet, summary.md)."""
     _quiet_libraries(no_progress)
     from ghsae.analysis.report import write_report
@@ -252,7 +257,14 @@ def report(config_path, run_dir, baseline, allow_partial, device, tasks, no_prog
     task_list = None if tasks is None else [t.strip() for t in tasks.split(",") if t.strip()]
     cfg = _config(config_path, {"report.device": device, "report.tasks": task_list})
     _check_run_readable(Path(run_dir))
-    out = write_report(cfg, Path(run_dir), Path(baseline) if baseline else None, allow_partial, not no_progress)
+    out = write_report(
+        cfg,
+        Path(run_dir),
+        Path(baseline) if baseline else None,
+        allow_partial,
+        not no_progress,
+        allow_unmatched=allow_unmatched,
+    )
     click.echo(f"report: {out / 'report.html'}")
 
 

@@ -25,7 +25,8 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "pipeline.toml"
 STORAGE_DTYPES = ("float16", "bfloat16")
 COMPRESSIONS = ("none", "zstd", "blosc")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
-DISTANCES = ("centred", "raw")
+DISTANCES = ("raw", "layer-centred", "centred")  # harvest.similarity's names plus its alias "centred" (tested)
+GROUPING_METHODS = ("agglomerative", "dp")  # kept in step with harvest.partition.METHODS (tested)
 OBJECTIVES = ("layer-mean", "amad", "max")  # kept in step with harvest.partition.OBJECTIVES (tested)
 TASKS = ("ioi", "greater-than", "sva")  # kept in step with analysis.tasks.GENERATORS (tested)
 
@@ -37,6 +38,15 @@ def runtime(default: Any) -> Any:
     or with another batch size is allowed.
     """
     return field(default=default, metadata={"runtime": True})
+
+
+def added_later(default: Any, before: Any) -> Any:
+    """A field added after runs were made; `before` is what those runs did without it.
+
+    While the field holds `before` it is left out of the identity, so a run made before the field
+    existed keeps its identity (and hash) under a config that asks for the same thing.
+    """
+    return field(default=default, metadata={"before": before})
 
 
 @dataclass
@@ -109,15 +119,21 @@ class GroupingConfig:
     """auto (smallest G with AMAD below amad_threshold), per-layer (G = L, the baseline), a number G, or [[first, last], ...] ranges."""
     amad_threshold: float = 0.2
     """AMAD threshold for groups = auto; the paper's range is 0.14 to 0.20."""
+    method: str = added_later("dp", before="dp")
+    """How each G's partition is found: dp (exact dynamic program for `objective`) or agglomerative
+    (the paper's complete-linkage clustering of the distance matrix, adjacent clusters only)."""
     objective: str = "layer-mean"
-    """What the partition minimises for each G: layer-mean (mean over layers of their group's diameter), amad (degenerate: favours singletons) or max."""
-    distance: str = "centred"
-    """Which angular distance the partition uses: centred (each layer minus its mean, as the reference) or raw."""
+    """What the dp method minimises for each G: layer-mean (mean over layers of their group's diameter), amad (degenerate: favours singletons) or max."""
+    distance: str = "raw"
+    """Which angular distance the partition uses: raw (plain cosines, as the reference implementation)
+    or layer-centred (each layer minus its mean over tokens first). "centred" is read as layer-centred
+    (runs made before the rename); it is kept as written, so such a run's identity does not change."""
     layers: str | list[int] = "all"
     """Layers to harvest: all, or [first, last] inclusive."""
 
     def __post_init__(self) -> None:
         _check_choice("grouping.distance", self.distance, DISTANCES)
+        _check_choice("grouping.method", self.method, GROUPING_METHODS)
         _check_choice("grouping.objective", self.objective, OBJECTIVES)
         if not 0.0 < self.amad_threshold < 1.0:
             raise ConfigError(f"grouping.amad_threshold is {self.amad_threshold}; expected a value in (0, 1)")
@@ -316,7 +332,10 @@ class PipelineConfig:
                 continue
             obj = getattr(self, section.name)
             out[section.name] = {
-                f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if not f.metadata.get("runtime")
+                f.name: getattr(obj, f.name)
+                for f in dataclasses.fields(obj)
+                if not f.metadata.get("runtime")
+                and not ("before" in f.metadata and getattr(obj, f.name) == f.metadata["before"])
             }
         return out
 

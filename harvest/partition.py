@@ -1,21 +1,28 @@
-"""Contiguous layer groups for every number of groups G, by an exact dynamic program.
+"""Contiguous layer groups for every number of groups G: agglomerative clustering or an exact DP.
 
 AMAD(P) = mean over groups of the largest pairwise angular distance inside the group (its
-diameter; Ghilardi et al. 2025). The reference clusters distance-matrix rows agglomeratively.
-Here a dynamic program over contiguous segmentations finds, for each G, the partition that is
-optimal for an objective:
+diameter; Ghilardi et al. 2025). G is the smallest G whose partition has AMAD below the
+threshold (the paper's criterion), applied to the chosen method's own partitions. Two methods
+(`grouping.method`):
 
-- "amad": least AMAD itself. Exact, but degenerate on real models: AMAD averages over groups,
-  so a singleton group counts as a free 0 and the optimum is one huge group plus singletons
-  (SmolLM2-135M, G=3: layers 0-27 | 28 | 29).
-- "layer-mean" (default): least mean over *layers* of their group's diameter,
-  sum_g |g| * diam(g) / L. Each layer is charged the spread of the group its SAE must serve,
-  which is what costs reconstruction quality; groups come out balanced, and their AMAD is lower
-  than complete linkage's at every G we measured.
-- "max": least largest diameter (minimax): every group's layers are within that distance.
+- "agglomerative" (default): the paper's method, complete-linkage agglomerative clustering of the
+  angular-distance matrix, where only adjacent clusters may merge, so every group is a run of
+  consecutive layers. Merging the pair whose largest cross distance is smallest is, for contiguous
+  clusters, merging the pair whose union has the smallest diameter, the quantity AMAD averages.
+  The reference passes the matrix's rows to sklearn's AgglomerativeClustering, which does not
+  force contiguity; `complete_linkage` below is that unconstrained clustering on the distances
+  themselves, kept for comparison (on SmolLM2-135M's probe it returns the same contiguous
+  partitions for every G, ARCHITECTURE.md).
+- "dp": a dynamic program over contiguous segmentations that is exact for a named objective:
+  - "layer-mean": least mean over *layers* of their group's diameter, sum_g |g| diam(g) / L. Each
+    layer is charged the spread of the group its SAE must serve; groups come out balanced.
+  - "amad": least AMAD itself. Degenerate on real models: AMAD averages over groups, so a
+    singleton counts as a free 0 and the optimum is one huge group plus singletons.
+  - "max": least largest diameter (minimax).
+  All share best[g][j] = agg(best[g-1][i], cost(i, j-1)) over split points i: O(L^3).
 
-G is then the smallest G whose partition has AMAD below the threshold, the paper's criterion.
-All objectives share best[g][j] = agg(best[g-1][i], cost(i, j-1)) over split points i: O(L^3).
+Which method's partitions give the better SAEs at equal G and tokens was measured on the embedded
+default (ARCHITECTURE.md, "Grouping").
 """
 
 from __future__ import annotations
@@ -28,15 +35,24 @@ import numpy as np
 from ghsae.errors import ConfigError
 
 Partition = list[list[int]]  # each group a list of consecutive positions into the layer list
+METHODS = ("agglomerative", "dp")
 OBJECTIVES = ("layer-mean", "amad", "max")
+LINKAGE = "complete-linkage"  # the agglomerative method's criterion, named like an objective in records
 
 
-@dataclass
+@dataclass(frozen=True)
 class PartitionSolution:
-    objective: str
-    value: np.ndarray  # [L] optimal objective value for G = 1..L (index G-1)
-    amad: np.ndarray  # [L] AMAD of each optimal partition
-    partitions: list[Partition]  # optimal partition for G = 1..L (index G-1)
+    """A method's partition for every G = 1..L, with each partition's AMAD."""
+
+    method: str
+    objective: str  # the DP's objective, or LINKAGE for agglomerative clustering
+    value: np.ndarray  # [L] the criterion at each G: DP objective, or the last merge's height
+    amad: np.ndarray  # [L] AMAD of each partition
+    partitions: list[Partition]  # partition for G = 1..L (index G-1)
+
+    def auto_groups(self, threshold: float) -> int:
+        """The smallest G whose partition's AMAD is below threshold (AMAD(L) = 0, so one exists)."""
+        return int(np.nonzero(self.amad < threshold)[0][0]) + 1
 
 
 def segment_diameters(dist: np.ndarray) -> np.ndarray:
@@ -63,11 +79,61 @@ def objective_value(dist: np.ndarray, partition: Partition, objective: str) -> f
     return float((sizes * diams).sum() / sizes.sum())
 
 
-def solve_partitions(dist: np.ndarray, objective: str = "layer-mean") -> PartitionSolution:
+def solve(dist: np.ndarray, method: str, objective: str = "layer-mean") -> PartitionSolution:
+    """Every G's partition by `method` (`objective` is used by the DP only)."""
+    if method == "agglomerative":
+        return agglomerative_partitions(dist)
+    if method == "dp":
+        return solve_partitions(dist, objective)
+    raise ValueError(f"unknown grouping method {method!r}; expected one of {METHODS}")
+
+
+def _check_square(dist: np.ndarray) -> np.ndarray:
     dist = np.asarray(dist, dtype=np.float64)
     n = dist.shape[0]
-    if dist.shape != (n, n) or n == 0:
+    if dist.ndim != 2 or dist.shape != (n, n) or n == 0:
         raise ValueError(f"distance matrix must be square and non-empty, got {dist.shape}")
+    return dist
+
+
+def agglomerative_partitions(dist: np.ndarray) -> PartitionSolution:
+    """Complete linkage restricted to adjacent clusters; one merge per G from L down to 1.
+
+    link[a] is the complete linkage (largest cross distance) between cluster a and cluster a+1;
+    after a merge the new cluster's links follow Lance-Williams for complete linkage,
+    d(A u B, C) = max(d(A, C), d(B, C)), so no distance is recomputed from the matrix.
+    """
+    dist = _check_square(dist)
+    n = dist.shape[0]
+    clusters: list[list[int]] = [[i] for i in range(n)]
+    # cross[a][b]: complete linkage between clusters a and b (kept for every pair, as merges need
+    # the merged cluster's linkage to its new neighbours)
+    cross = dist.copy()
+    partitions: list[Partition] = [[] for _ in range(n)]
+    heights = np.zeros(n)
+    partitions[n - 1] = [list(c) for c in clusters]
+    while len(clusters) > 1:
+        links = [cross[a, a + 1] for a in range(len(clusters) - 1)]
+        a = int(np.argmin(links))  # ties go to the leftmost pair: deterministic
+        merged = np.maximum(cross[a], cross[a + 1])
+        cross[a], cross[:, a] = merged, merged
+        cross[a, a] = 0.0
+        cross = np.delete(np.delete(cross, a + 1, axis=0), a + 1, axis=1)
+        clusters[a] = clusters[a] + clusters[a + 1]
+        del clusters[a + 1]
+        g = len(clusters)
+        partitions[g - 1] = [list(c) for c in clusters]
+        heights[g - 1] = links[a]
+    amads = np.array([amad(dist, p) for p in partitions])
+    return PartitionSolution(
+        method="agglomerative", objective=LINKAGE, value=heights, amad=amads, partitions=partitions
+    )
+
+
+def solve_partitions(dist: np.ndarray, objective: str = "layer-mean") -> PartitionSolution:
+    """The exact DP: for every G, the contiguous partition with the least `objective`."""
+    dist = _check_square(dist)
+    n = dist.shape[0]
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
     diam = segment_diameters(dist)
@@ -95,7 +161,7 @@ def solve_partitions(dist: np.ndarray, objective: str = "layer-mean") -> Partiti
         partitions.append(bounds[::-1])
     value = np.array([objective_value(dist, p, objective) for p in partitions])
     amads = np.array([amad(dist, p) for p in partitions])
-    return PartitionSolution(objective=objective, value=value, amad=amads, partitions=partitions)
+    return PartitionSolution(method="dp", objective=objective, value=value, amad=amads, partitions=partitions)
 
 
 def brute_force(dist: np.ndarray, n_groups: int, objective: str) -> tuple[float, Partition]:
@@ -112,9 +178,9 @@ def brute_force(dist: np.ndarray, n_groups: int, objective: str) -> tuple[float,
 
 
 def complete_linkage(dist: np.ndarray, n_groups: int) -> Partition:
-    """Unconstrained complete-linkage agglomerative clustering (the reference's method), for comparison.
+    """Unconstrained complete-linkage clustering (groups need not be contiguous), for comparison.
 
-    Groups need not be contiguous; returned sorted by their first layer.
+    Returned sorted by each group's first layer.
     """
     clusters: list[list[int]] = [[i] for i in range(dist.shape[0])]
     while len(clusters) > n_groups:
@@ -132,13 +198,12 @@ def complete_linkage(dist: np.ndarray, n_groups: int) -> Partition:
 def choose_groups(
     solution: PartitionSolution, spec: str | int | list[list[int]], threshold: float, layers: list[int]
 ) -> list[list[int]]:
-    """Resolve grouping.groups against the AMAD solution; returns groups of model layer indices."""
+    """Resolve grouping.groups against the method's partitions; returns groups of model layer indices."""
     n = len(layers)
     if spec == "per-layer":
         positions: Partition = [[i] for i in range(n)]
     elif spec == "auto":
-        below = np.nonzero(solution.amad < threshold)[0]
-        positions = solution.partitions[int(below[0])]  # AMAD(L) = 0, so below is never empty
+        positions = solution.partitions[solution.auto_groups(threshold) - 1]
     elif isinstance(spec, int):
         if spec > n:
             raise ConfigError(f"grouping.groups is {spec} but only {n} layers are harvested; expected at most {n}")

@@ -26,8 +26,8 @@ from ghsae.cache.manifest import Plan, load_plan, plan_complete, read_json, writ
 from ghsae.config import PipelineConfig
 from ghsae.errors import ConfigError, ModelError, RunDirError
 from ghsae.harvest.model import LoadedModel
-from ghsae.harvest.partition import amad, choose_groups, solve_partitions
-from ghsae.harvest.similarity import probe_similarity
+from ghsae.harvest.partition import amad, choose_groups, solve
+from ghsae.harvest.similarity import canonical_distance, distance_matrix, probe_similarity
 from ghsae.harvest.text import dataset_description, iter_documents, iter_token_documents, pack_contexts, write_contexts
 from ghsae.layout import PLAN_FILE, RunLayout, group_name
 from ghsae.locks import wait_lock
@@ -143,9 +143,10 @@ def _build_plan(cfg: PipelineConfig, lm: LoadedModel, layers: list[int], staging
     bar = tqdm(total=2 * probe.size, unit="tok", unit_scale=True, desc="probe", disable=not progress)
     sim = probe_similarity(lm, lambda: context_batches(probe, hv.batch_size, lm.device), layers, bar)
     bar.close()
-    dist = sim.centred if cfg.grouping.distance == "centred" else sim.raw
-    solution = solve_partitions(dist, cfg.grouping.objective)
-    groups = choose_groups(solution, cfg.grouping.groups, cfg.grouping.amad_threshold, layers)
+    gc = cfg.grouping
+    dist = distance_matrix(sim, gc.distance)
+    solution = solve(dist, gc.method, gc.objective)
+    groups = choose_groups(solution, gc.groups, gc.amad_threshold, layers)
     np.savez(
         staging / "similarity.npz",
         layers=np.array(layers),
@@ -183,8 +184,9 @@ def _build_plan(cfg: PipelineConfig, lm: LoadedModel, layers: list[int], staging
         "n_shards": math.ceil(n_harvest / per_shard),
         "shard_rows": hv.shard_tokens,
         "amad": {
-            "distance": cfg.grouping.distance,
-            "threshold": cfg.grouping.amad_threshold,
+            "distance": canonical_distance(gc.distance),
+            "method": solution.method,
+            "threshold": gc.amad_threshold,
             "objective": solution.objective,
             "curve": solution.amad.tolist(),
             "objective_curve": solution.value.tolist(),
@@ -195,7 +197,14 @@ def _build_plan(cfg: PipelineConfig, lm: LoadedModel, layers: list[int], staging
         "seconds": time.perf_counter() - t0,  # tokenise + probe + partition: part of the report's harvest cost A
     }
     write_json_atomic(staging / "plan.json", plan)
-    log.info("plan: %d layers in %d groups %s", len(layers), len(groups), [f"{g[0]}-{g[-1]}" for g in groups])
+    log.info(
+        "plan: %d layers in %d groups %s (%s distance, %s)",
+        len(layers),
+        len(groups),
+        [f"{g[0]}-{g[-1]}" for g in groups],
+        canonical_distance(gc.distance),
+        solution.method if solution.method == "agglomerative" else f"dp, {solution.objective}",
+    )
 
 
 def _amad_of(dist: np.ndarray, layers: list[int], groups: list[list[int]]) -> float:

@@ -58,3 +58,43 @@ def test_angular_distance_of_known_angles():
         ]
     )
     np.testing.assert_allclose(sums, expected, atol=1e-6)
+
+
+def test_probe_distances_equal_a_direct_numpy_computation(tiny_lm):
+    """raw: arccos of plain cosines; layer-centred: the same after subtracting each layer's mean over the
+    probe's non-special tokens. Computed here from the hooked residuals with numpy, token by token."""
+    from ghsae.harvest.similarity import distance_matrix, probe_similarity
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(4, 300, (3, 12), generator=gen) for _ in range(2)]
+    for b in batches:
+        b[:, 0] = 1  # BOS: special, left out of every statistic
+        b[0, 5] = 2  # an EOS inside a context
+    layers = [0, 2, 3, 5]
+    sim = probe_similarity(tiny_lm, lambda: iter(batches), layers)
+
+    special = set(tiny_lm.special_ids)
+    resid: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
+    for b in batches:
+        got: dict[int, torch.Tensor] = {}
+        capture_layers(
+            tiny_lm.model, tiny_lm.blocks, b, layers, lambda layer, x, got=got: got.__setitem__(layer, x.clone())
+        )
+        keep = np.array([t not in special for t in b.reshape(-1).tolist()])
+        for layer in layers:
+            resid[layer].append(got[layer].reshape(-1, got[layer].shape[-1]).double().numpy()[keep])
+    X = np.stack([np.concatenate(resid[layer]) for layer in layers])  # [L, n, d]
+
+    def mean_angle(x: np.ndarray) -> np.ndarray:
+        u = x / np.linalg.norm(x, axis=-1, keepdims=True)
+        cos = np.clip(np.einsum("ind,jnd->ijn", u, u), -1, 1)
+        out = np.arccos(cos).mean(-1) / np.pi
+        np.fill_diagonal(out, 0.0)
+        return out
+
+    assert sim.tokens == X.shape[1] == 2 * 3 * 11 - 2  # each batch: 3 BOS and one EOS left out
+    np.testing.assert_allclose(distance_matrix(sim, "raw"), mean_angle(X), atol=2e-5)
+    centred = mean_angle(X - X.mean(axis=1, keepdims=True))
+    np.testing.assert_allclose(distance_matrix(sim, "layer-centred"), centred, atol=2e-5)
+    np.testing.assert_allclose(distance_matrix(sim, "centred"), centred, atol=2e-5)  # the old name reads the same
+    assert not np.allclose(centred, mean_angle(X), atol=1e-3), "the two distances must differ on this data"

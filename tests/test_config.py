@@ -88,3 +88,35 @@ def test_runtime_fields_do_not_change_the_run_identity():
 
 def test_config_objectives_match_the_partition_module():
     assert OBJECTIVES == partition.OBJECTIVES
+
+
+def test_config_methods_and_distances_match_the_harvest_modules():
+    from ghsae.config import DISTANCES, GROUPING_METHODS
+    from ghsae.harvest import similarity
+
+    assert GROUPING_METHODS == partition.METHODS
+    assert set(DISTANCES) == set(similarity.DISTANCES) | set(similarity.ALIASES)
+    assert all(similarity.canonical_distance(d) in similarity.DISTANCES for d in DISTANCES)
+
+
+def test_a_run_made_before_the_grouping_rename_keeps_its_identity():
+    # config.json of a run made on main before grouping.method existed, with the old distance name
+    before = {
+        "amad_threshold": 0.2,
+        "distance": "centred",
+        "groups": "auto",
+        "layers": "all",
+        "objective": "layer-mean",
+    }
+    cfg = config_from_dict({"grouping": {"distance": "centred", "method": "dp"}})
+    assert cfg.identity()["grouping"] == before
+    # asking for something those runs could not do changes the identity
+    other = config_from_dict({"grouping": {"distance": "centred", "method": "agglomerative"}})
+    assert other.identity()["grouping"] == {**before, "method": "agglomerative"}
+
+
+def test_an_unknown_distance_names_the_choices():
+    with pytest.raises(
+        ConfigError, match="grouping.distance is 'reference'; expected one of raw, layer-centred, centred"
+    ):
+        config_from_dict({"grouping": {"distance": "reference"}})

@@ -241,3 +241,25 @@ def test_the_cuda_loader_delivers_the_same_batches_as_the_cpu_loader(tmp_path, t
     on_gpu = [b.x.cpu() for b in ActivationLoader(reader, device=torch.device("cuda"), **args).batches(0)]
     assert len(on_cpu) == len(on_gpu) > 1
     assert all(torch.equal(a, b) for a, b in zip(on_cpu, on_gpu)), "widening and scaling must match exactly"
+
+
+def test_fit_centre_scales_after_centring_so_the_mean_centred_norm_is_sqrt_d(
+    tmp_path, tiny_llama, text_dataset, tiny_lm
+):
+    small = {"fit.expansion": 2, "fit.k": 4, "fit.batch_size": 128, "fit.tokens": 256}
+    cfg, layout = harvested(tmp_path, tiny_llama, text_dataset, tiny_lm, **small, **{"fit.centre": True})
+    fit(cfg, layout.root, progress=False)
+    d = 32
+    for group, layers in (("group_00", [0, 1, 2]), ("group_01", [3, 4, 5])):
+        sae = load_sae(layout.sae_dir(group))
+        reader = reader_for(layout, group)
+        acts, layer = map(np.concatenate, zip(*(reader.read(p) for s in reader.shard_rows for p in reader.pieces(s))))
+        x = to_float32(acts, "float16").astype(np.float64)
+        for i, lay in enumerate(layers):
+            rows = x[layer == lay]
+            mean, scale = sae.norm_mean[i].double().numpy(), float(sae.norm_scale[i])
+            centred_norm = np.linalg.norm((rows - mean) * scale, axis=1).mean()
+            assert centred_norm == pytest.approx(np.sqrt(d), rel=0.01)
+            # the uncentred factor would miss: it makes E||x|| = sqrt(d), and these layers' means are not small
+            uncentred = np.sqrt(d) / np.linalg.norm(rows, axis=1).mean()
+            assert np.linalg.norm((rows - mean) * uncentred, axis=1).mean() != pytest.approx(np.sqrt(d), rel=0.01)

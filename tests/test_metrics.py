@@ -87,3 +87,34 @@ def test_a_spliced_pass_equals_a_full_pass_with_the_layer_replaced(tiny_models, 
         assert not torch.allclose(got, clean_logits, atol=1e-3), "the splice must change the output"
     # the blocks are restored afterwards
     assert all(type(b).__name__ != "_StandIn" for b in lm.blocks)
+
+
+def test_standard_error_of_a_mean_over_equal_contexts_is_the_textbook_one():
+    # With the same number of predictions per context, sum(num) / sum(den) is the mean of the
+    # per-context means, and its error must be their sample standard deviation / sqrt(S).
+    import numpy as np
+
+    from ghsae.analysis.metrics import ratio_influence, standard_error
+
+    rng = np.random.default_rng(0)
+    per_context_mean = rng.normal(0.3, 0.1, size=12)
+    n = np.full(12, 255.0)
+    se = standard_error(ratio_influence(per_context_mean * n, n))
+    assert se == pytest.approx(per_context_mean.std(ddof=1) / np.sqrt(12), rel=1e-12)
+
+
+def test_standard_error_of_a_ratio_matches_a_bootstrap_over_contexts():
+    import numpy as np
+
+    from ghsae.analysis.metrics import ratio_influence, standard_error
+
+    rng = np.random.default_rng(1)
+    den = rng.uniform(500, 800, size=40)  # e.g. clean CE summed per context
+    num = 0.05 * den + rng.normal(0, 5, size=40)  # e.g. delta CE summed per context
+    se = standard_error(ratio_influence(num, den))
+    boot = []
+    for _ in range(4000):
+        i = rng.integers(0, 40, size=40)
+        boot.append(num[i].sum() / den[i].sum())
+    assert se == pytest.approx(np.std(boot), rel=0.1)
+    assert np.isnan(standard_error(ratio_influence(num[:1], den[:1])))  # one context: no error bar

@@ -5,12 +5,15 @@ import pytest
 
 from ghsae.errors import ConfigError
 from ghsae.harvest.partition import (
+    METHODS,
     OBJECTIVES,
+    agglomerative_partitions,
     amad,
     brute_force,
     choose_groups,
     complete_linkage,
     segment_diameters,
+    solve,
     solve_partitions,
 )
 
@@ -87,3 +90,59 @@ def test_more_groups_than_layers_is_refused():
 def test_complete_linkage_merges_the_closest_layers_first():
     dist = np.array([[0, 0.1, 0.9, 0.9], [0.1, 0, 0.9, 0.9], [0.9, 0.9, 0, 0.2], [0.9, 0.9, 0.2, 0]])
     assert complete_linkage(dist, 2) == [[0, 1], [2, 3]]
+
+
+def plain_adjacent_complete_linkage(dist: np.ndarray, n_groups: int) -> list[list[int]]:
+    """The textbook algorithm, written independently: merge the adjacent pair of clusters whose
+    largest cross distance is smallest (leftmost on ties), recomputing every link from the matrix."""
+    clusters = [[i] for i in range(dist.shape[0])]
+    while len(clusters) > n_groups:
+        links = []
+        for a in range(len(clusters) - 1):
+            links.append(max(dist[i, j] for i in clusters[a] for j in clusters[a + 1]))
+        a = links.index(min(links))
+        clusters[a : a + 2] = [clusters[a] + clusters[a + 1]]
+    return clusters
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_agglomerative_matches_a_plain_implementation_for_every_g(seed):
+    n = 5 + seed  # 5..12 layers
+    dist = random_distances(n, 100 + seed)
+    solution = agglomerative_partitions(dist)
+    for g in range(1, n + 1):
+        expected = plain_adjacent_complete_linkage(dist, g)
+        assert solution.partitions[g - 1] == expected
+        assert solution.amad[g - 1] == pytest.approx(amad(dist, expected), abs=1e-12)
+
+
+def test_agglomerative_groups_are_contiguous_and_nested():
+    dist = random_distances(10, 7)
+    parts = agglomerative_partitions(dist).partitions
+    for g, part in enumerate(parts, start=1):
+        assert len(part) == g and [i for grp in part for i in grp] == list(range(10))
+    # hierarchical: every group at G is inside one group at G - 1
+    for finer, coarser in zip(parts[1:], parts[:-1]):
+        assert all(any(set(f) <= set(c) for c in coarser) for f in finer)
+
+
+def test_agglomerative_equals_unconstrained_linkage_when_distance_grows_with_layer_gap():
+    # Points on a line: every cross distance to a non-neighbour exceeds one to a neighbour, so the
+    # contiguity constraint never binds and both agree with the paper's (unconstrained) clustering.
+    x = np.cumsum(np.random.default_rng(3).uniform(0.01, 0.1, size=12))
+    dist = np.abs(x[:, None] - x[None, :])
+    solution = agglomerative_partitions(dist)
+    for g in range(1, 13):
+        assert solution.partitions[g - 1] == complete_linkage(dist, g)
+
+
+def test_methods_dispatch_and_auto_uses_each_methods_own_partitions():
+    dist = random_distances(9, 11)
+    for method in METHODS:
+        sol = solve(dist, method)
+        assert sol.method == method
+        g = sol.auto_groups(0.3)
+        assert sol.amad[g - 1] < 0.3 and all(sol.amad[: g - 1] >= 0.3)
+        assert choose_groups(sol, "auto", 0.3, list(range(9))) == sol.partitions[g - 1]
+    with pytest.raises(ValueError, match="unknown grouping method"):
+        solve(dist, "kmeans")

@@ -73,6 +73,8 @@ def test_report_with_a_baseline_holds_every_section_and_figure(fitted_runs, tiny
     assert images["clustering"] == 3 and images["training"] == 1
     text = " ".join(page.text)
     assert "complete linkage" in text and "A + G·T" in text and "latent " in text
+    assert "no shard of either run harvested one of those contexts" in text and "ratio per-layer / group 1.000" in text
+    assert "--allow-unmatched" not in text and "group − per-layer" in text
     rows = pq.read_table(out / "metrics.parquet").to_pylist()
     # one row per (SAE, layer): 2 group SAEs over 6 layers, 6 per-layer SAEs
     assert sorted((r["kind"], r["layer"]) for r in rows) == sorted(
@@ -82,6 +84,10 @@ def test_report_with_a_baseline_holds_every_section_and_figure(fitted_runs, tiny
         assert 0 <= r["fvu"] < 1.5 and r["l0"] <= 4 + 1e-9  # (a random model: zeroing may not hurt)
         assert r["delta_ce"] == pytest.approx(r["ce_spliced"] - r["ce_clean"])
         assert r["kl"] >= -1e-6
+        # every CE figure rests on the first report.ce_tokens positions' predictions (2 contexts of 64)
+        assert r["ce_contexts"] == 2 and r["ce_predictions"] == 2 * 63 and r["eval_contexts"] == 4
+        for k in ("fvu", "delta_ce", "delta_ce_pct", "ce_score", "kl"):
+            assert r[f"{k}_se"] > 0 and r[f"{k}_se"] < float("inf")
     summary = (out / "summary.md").read_text()
     assert "per-layer SAEs" in summary and "A + G·T" in summary
 
@@ -125,6 +131,16 @@ def test_delta_ce_is_zero_for_an_exact_reconstruction_and_large_for_zero(tiny_ll
     assert by["zero"]["ce_score"] == pytest.approx(0.0, abs=1e-6)
     assert by["zero"]["delta_ce"] > 1.0 and by["zero"]["kl"] > 1.0, by["zero"]
     assert by["zero"]["fvu"] > 0.9 and by["zero"]["dead_pct"] == 100.0
+    # the zeroed SAE's delta CE per context, by hand: its standard error is their spread / sqrt(4)
+    assert by["zero"]["ce_contexts"] == 4 and by["zero"]["ce_predictions"] == 4 * 31
+    z, i = ("zero", 2), ("identity", 2)
+    per_context = result.influence[z]["delta_ce"] * 4 + by["zero"]["delta_ce"]  # influence = (d_s - mean) / S
+    assert by["zero"]["delta_ce_se"] == pytest.approx(per_context.std(ddof=1) / 2, rel=1e-9)
+    # a difference of two SAEs on the same contexts is paired: zero minus identity has the zero's spread
+    diff, se = result.difference_with_se([z], [i], "delta_ce")
+    assert diff == pytest.approx(by["zero"]["delta_ce"] - by["identity"]["delta_ce"])
+    assert se == pytest.approx(by["zero"]["delta_ce_se"], rel=1e-3)
+    assert result.difference_with_se([z], [z], "delta_ce") == (0.0, 0.0)
 
 
 def test_missing_saes_are_named_and_allow_partial_reports_the_rest(fitted_runs, tmp_path, tiny_lm):
@@ -184,3 +200,52 @@ def test_the_report_command_loads_the_run_model_itself(fitted_runs, tmp_path):
     result = CliRunner().invoke(main, ["report", "--config", str(config), "--run-dir", str(copy), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert (copy / "report" / "report.html").is_file() and "report:" in result.output
+
+
+def _harvest_baseline(tmp_path, name, model, dataset, lm=None, **overrides):
+    cfg = tiny_config(model, dataset, **{"grouping.groups": "per-layer", **FIT, **REPORT, **overrides})
+    harvest(cfg, tmp_path / name, progress=False, lm=lm)
+    return cfg, tmp_path / name
+
+
+def test_a_baseline_that_harvested_the_runs_eval_contexts_is_refused(
+    fitted_runs, tmp_path, tiny_llama, text_dataset, tiny_lm
+):
+    cfg, run = fitted_runs["grouped"]
+    # 2,560 positions: contexts 0-39 harvested, while the run evaluates on its contexts 32-35
+    _, longer = _harvest_baseline(tmp_path, "longer", tiny_llama, text_dataset, lm=tiny_lm, **{"harvest.tokens": 2560})
+    with pytest.raises(
+        ConfigError, match=r"the baseline harvested contexts 32-39, which include the eval contexts 32-35"
+    ):
+        write_report(cfg, run, longer, progress=False, lm=tiny_lm)
+
+
+def test_a_baseline_from_another_dataset_is_refused(fitted_runs, tmp_path, tiny_llama, tiny_lm):
+    import json
+
+    from conftest import generate_documents
+
+    cfg, run = fitted_runs["grouped"]
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"text": d}) + "\n" for d in generate_documents(600, seed=5)))
+    _, base = _harvest_baseline(tmp_path, "otherdata", tiny_llama, other, lm=tiny_lm)
+    with pytest.raises(ConfigError, match="harvested from dataset .*other.jsonl"):
+        write_report(cfg, run, base, progress=False, lm=tiny_lm)
+
+
+def test_unequal_tokens_per_sae_are_refused_unless_allowed_and_then_shown(fitted_runs, tmp_path, tiny_lm):
+    cfg, run = fitted_runs["grouped"]
+    _, base = fitted_runs["per_layer"]
+    shorter = tmp_path / "shorter"
+    shutil.copytree(base, shorter, ignore=shutil.ignore_patterns("saes", "report"))
+    short_cfg = tiny_config(
+        cfg.model.path, cfg.data.dataset, **{"grouping.groups": "per-layer", **FIT, **REPORT, "fit.tokens": 512}
+    )
+    fit(short_cfg, shorter, progress=False)
+    with pytest.raises(
+        ConfigError, match=r"trained on 512 tokens each, this run's on 1,024 \(ratio 0.500\).*--allow-unmatched"
+    ):
+        write_report(cfg, run, shorter, progress=False, lm=tiny_lm)
+    out = write_report(cfg, run, shorter, progress=False, lm=tiny_lm, allow_unmatched=True)
+    page = (out / "report.html").read_text()
+    assert "Unequal training tokens per SAE (ratio 0.500)" in page and "--allow-unmatched" in page

@@ -3,6 +3,13 @@
 Each group's SAE serves the layers of its group: it carries one normalisation factor per layer
 (sqrt(d) / E||x||, from the harvest's statistics over every stored row), and its loader
 normalises each row by the factor of the layer it was drawn from.
+
+With fit.centre, each layer's mean is subtracted first and the factor is sqrt(d) / E||x - mean||,
+so the centred rows have E||x - mean|| = sqrt(d) (the factor of the uncentred norm would leave
+them 0.62-1.13 of that on SmolLM2, issue 10). The shard records' sums give E||x - mean||^2
+exactly (E||x||^2 - ||mean||^2) but not E||x - mean||, which differs from that RMS by the spread
+of the centred norms; so E||x - mean|| is measured in one pass over the group's stored rows (the
+rows the SAE trains on, one layer's rows being exactly those stored for it).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ghsae.cache.loader import ActivationLoader, GroupReader
+from ghsae.cache.loader import ActivationLoader, GroupReader, layer_lookup_table
 from ghsae.cache.manifest import (
     NormStats,
     Plan,
@@ -152,6 +159,14 @@ def _train_group(
     scale_np, mean_np = stats.for_layers(layers, d)
     scale = torch.from_numpy(scale_np).float()
     mean = torch.from_numpy(mean_np).float() if fc.centre else None
+    store = ActivationStore.open(layout.acts)
+    rows = group_shard_rows(layout, plan, group, shards)
+    verifier = ShardVerifier(layout, plan, store)
+    if mean is not None:
+        reader = GroupReader(store, group, rows, verify=verifier)
+        scale = centred_scale(
+            ActivationLoader(reader, 4096, 0, torch.device("cpu"), layers, torch.ones(len(layers)), mean), layers, d
+        )
 
     torch.manual_seed(fc.seed * 1_000_003 + gi)  # distinct, reproducible initialisation per group
     sae = build_sae(
@@ -168,9 +183,7 @@ def _train_group(
         )
     )
     sae.set_normalisation(scale, mean)
-    store = ActivationStore.open(layout.acts)
-    rows = group_shard_rows(layout, plan, group, shards)
-    reader = GroupReader(store, group, rows, verify=ShardVerifier(layout, plan, store))
+    reader = GroupReader(store, group, rows, verify=verifier)
     loader = ActivationLoader(reader, fc.batch_size, fc.seed, device, layers, scale, mean)
     sae.to(device)
     if fc.init_from:
@@ -195,6 +208,22 @@ def _train_group(
     )
     final = state.metrics[-1]["fvu"] if state.metrics else None
     return FitResult(group, layers, state.tokens, state.step, final, str(out_dir))
+
+
+@torch.no_grad()
+def centred_scale(centring: ActivationLoader, layers: list[int], d_model: int) -> torch.Tensor:
+    """Per layer, sqrt(d) / E||x - mean|| over one epoch of a loader that only centres (scale 1)."""
+    lookup = layer_lookup_table(layers)
+    norm_sum = torch.zeros(len(layers), dtype=torch.float64)
+    count = torch.zeros(len(layers), dtype=torch.float64)
+    for batch in centring.batches(0):
+        at = lookup[batch.layer.cpu()]
+        norm_sum.index_add_(0, at, batch.x.double().norm(dim=-1).cpu())
+        count.index_add_(0, at, torch.ones(len(at), dtype=torch.float64))
+    if bool((count == 0).any()):
+        empty = [layers[i] for i in torch.nonzero(count == 0).flatten().tolist()]
+        raise StoreError(f"fit.centre needs rows of every layer; the store holds none for layers {empty}")
+    return (d_model**0.5 / (norm_sum / count).clamp_min(1e-12)).float()
 
 
 @torch.no_grad()
