@@ -25,7 +25,7 @@ from ghsae.train.fit import fit
 
 FIT = {"fit.expansion": 2, "fit.k": 4, "fit.batch_size": 128, "fit.tokens": 1024, "fit.lr": 3e-3}
 REPORT = {"report.ce_tokens": 128, "report.latents_shown": 2, "report.examples_per_latent": 2}
-TASKS = {"report.task_prompts": 8, "report.task_kept": [0, 4, 64], "report.task_layers": [1, 4]}
+TASKS = {"report.task_prompts": 8, "report.task_kept": [0, 4, 64], "report.task_layers": [4]}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_report_with_tasks_draws_every_curve_with_controls_and_dashboards(runs, 
     table = pq.read_table(run / "report" / "circuits.parquet").to_pylist()
     kinds = {(r["task"], r["kind"], r["layer"]) for r in table}
     for task in ("ioi", "greater-than", "sva"):
-        for layer in (1, 4):
+        for layer in (4,):
             assert {k for t, k, x in kinds if t == task and x == layer} == {"group", "baseline", "random", "zero"}
     assert {r["n"] for r in table if r["kind"] == "group"} == {0, 4, 64}
     # the shown latents carry a histogram and their promoted / suppressed tokens
