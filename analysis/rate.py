@@ -98,8 +98,9 @@ class RatingError(GhsaeError):
 def build_kit(
     cfg, run_dir: Path, baseline_dir: Path | None, n_latents: int, out: Path | None, progress: bool = True, lm=None
 ) -> tuple[Path, RatingKey]:
+    from ghsae.analysis.baseline import check_baseline
     from ghsae.analysis.dashboards import collect, contexts_html, histogram_svg, tokens_html
-    from ghsae.analysis.report import check_baseline, eval_contexts, load_side, token_strings
+    from ghsae.analysis.report import eval_contexts, load_side, token_strings
     from ghsae.cache.manifest import load_plan
     from ghsae.harvest.model import load_model
     from ghsae.layout import RunLayout
@@ -109,7 +110,10 @@ def build_kit(
     run = load_side(Path(run_dir), "group", allow_partial=True)
     base = None
     if baseline_dir is not None:
-        check_baseline(run.plan, load_plan(RunLayout(Path(baseline_dir))), Path(baseline_dir))
+        base_layout = RunLayout(Path(baseline_dir))
+        # the same model, data and eval split as the report asks; unequal tokens per SAE do not
+        # stop a blind rating (the scores table names each SAE, so the reader sees the budgets)
+        check_baseline(run.layout, run.plan, {}, base_layout, load_plan(base_layout), {}, allow_unmatched=True)
         base = load_side(Path(baseline_dir), "baseline", allow_partial=True)
     contexts = eval_contexts(run.layout, run.plan)
     if lm is None:
