@@ -5,7 +5,7 @@ diameter; Ghilardi et al. 2025). G is the smallest G whose partition has AMAD be
 threshold (the paper's criterion), applied to the chosen method's own partitions. Two methods
 (`grouping.method`):
 
-- "agglomerative" (default): the paper's method, complete-linkage agglomerative clustering of the
+- "agglomerative": the paper's method, complete-linkage agglomerative clustering of the
   angular-distance matrix, where only adjacent clusters may merge, so every group is a run of
   consecutive layers. Merging the pair whose largest cross distance is smallest is, for contiguous
   clusters, merging the pair whose union has the smallest diameter, the quantity AMAD averages.
@@ -13,7 +13,7 @@ threshold (the paper's criterion), applied to the chosen method's own partitions
   force contiguity; `complete_linkage` below is that unconstrained clustering on the distances
   themselves, kept for comparison (on SmolLM2-135M's probe it returns the same contiguous
   partitions for every G, ARCHITECTURE.md).
-- "dp": a dynamic program over contiguous segmentations that is exact for a named objective:
+- "dp" (default): a dynamic program over contiguous segmentations that is exact for a named objective:
   - "layer-mean": least mean over *layers* of their group's diameter, sum_g |g| diam(g) / L. Each
     layer is charged the spread of the group its SAE must serve; groups come out balanced.
   - "amad": least AMAD itself. Degenerate on real models: AMAD averages over groups, so a
