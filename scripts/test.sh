@@ -12,7 +12,8 @@ python3 -m venv .venv
 # The rating page's test drives a real browser: Debian's chromium and its driver (a browser that a
 # library downloads for itself cannot run here). CI runs as root; install them only when missing.
 if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
-    apt-get update && apt-get install -y chromium chromium-driver
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q && apt-get install -y -q chromium chromium-driver
 fi
 .venv/bin/ruff check .
 .venv/bin/mypy
