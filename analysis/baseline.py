@@ -38,16 +38,9 @@ class BaselineCheck:
         return self.base_tokens_per_sae / max(self.run_tokens_per_sae, 1e-12)
 
 
-def check_baseline(
-    run_layout: RunLayout,
-    run: Plan,
-    run_tokens: dict[str, int],
-    base_layout: RunLayout,
-    base: Plan,
-    base_tokens: dict[str, int],
-    allow_unmatched: bool = False,
-) -> BaselineCheck:
-    """Refuse an unfair baseline with every reason found; return what the page reports."""
+def check_baseline_data(run_layout: RunLayout, run: Plan, base_layout: RunLayout, base: Plan) -> None:
+    """Refuse, with every reason found, a baseline of another model, layers, token stream or eval
+    split, or one whose harvest covers the evaluated contexts. Needs no SAE: run it before loading."""
     where = f"--baseline {base_layout.root}"
     problems = _identity_problems(run, base)
     if problems:
@@ -55,6 +48,17 @@ def check_baseline(
     problems = _data_problems(run_layout, run, base_layout, base)
     if problems:
         raise ConfigError(f"{where} is not a fair comparison: {'; '.join(problems)}")
+
+
+def check_baseline_tokens(
+    run: Plan,
+    run_tokens: dict[str, int],
+    base_layout: RunLayout,
+    base_tokens: dict[str, int],
+    allow_unmatched: bool = False,
+) -> BaselineCheck:
+    """After check_baseline_data: refuse unequal training tokens per SAE unless allowed; return
+    what the page reports."""
     run_t = float(np.mean(list(run_tokens.values()))) if run_tokens else 0.0
     base_t = float(np.mean(list(base_tokens.values()))) if base_tokens else 0.0
     matched = abs(base_t - run_t) <= TOKENS_TOLERANCE * max(run_t, 1.0)
@@ -62,9 +66,9 @@ def check_baseline(
     check = BaselineCheck((first, first + n_eval), run_t, base_t, matched)
     if not matched and not allow_unmatched:
         raise ConfigError(
-            f"{where} is not a fair comparison: its SAEs trained on {base_t:,.0f} tokens each, this run's on "
-            f"{run_t:,.0f} (ratio {check.tokens_ratio:.3f}); fit both with the same fit.tokens, or pass "
-            "--allow-unmatched to compare anyway (the page then shows the ratio)"
+            f"--baseline {base_layout.root} is not a fair comparison: its SAEs trained on {base_t:,.0f} tokens "
+            f"each, this run's on {run_t:,.0f} (ratio {check.tokens_ratio:.3f}); fit both with the same "
+            "fit.tokens, or pass --allow-unmatched to compare anyway (the page then shows the ratio)"
         )
     return check
 

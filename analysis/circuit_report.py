@@ -9,9 +9,8 @@ panel; a table of the per-group means (unweighted over the group's layers) follo
 from __future__ import annotations
 
 import html
+import io
 import logging
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pyarrow.parquet as pq
 from ghsae.analysis import plots
 from ghsae.analysis.circuits import MEASURES, CircuitTarget, Curve, TaskCircuits, curve_rows, run_task
 from ghsae.analysis.tasks import TaskPrompts, make_task, parse_tasks
+from ghsae.cache.manifest import write_bytes_atomic
 from ghsae.harvest.model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,9 @@ def measure(
         tuple(results), tuple(tuple(g) for g in groups), rc.task_prompts, sum(r.seconds for r in results)
     )
     path = out_dir / CIRCUITS_FILE
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    pq.write_table(pa.Table.from_pylist(curve_rows(results)), tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(curve_rows(results)), buffer)
+    write_bytes_atomic(path, buffer.getbuffer())
     return report
 
 

@@ -22,14 +22,13 @@ import hashlib
 import html
 import json
 import math
-import os
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ghsae.analysis.rate_page import RATINGS, render
+from ghsae.cache.manifest import write_bytes_atomic
 from ghsae.errors import ConfigError, GhsaeError
 
 KEY_FILE = "rating-key.json"
@@ -98,7 +97,7 @@ class RatingError(GhsaeError):
 def build_kit(
     cfg, run_dir: Path, baseline_dir: Path | None, n_latents: int, out: Path | None, progress: bool = True, lm=None
 ) -> tuple[Path, RatingKey]:
-    from ghsae.analysis.baseline import check_baseline
+    from ghsae.analysis.baseline import check_baseline_data
     from ghsae.analysis.dashboards import collect, contexts_html, histogram_svg, tokens_html
     from ghsae.analysis.report import eval_contexts, load_side, token_strings
     from ghsae.cache.manifest import load_plan
@@ -113,7 +112,7 @@ def build_kit(
         base_layout = RunLayout(Path(baseline_dir))
         # the same model, data and eval split as the report asks; unequal tokens per SAE do not
         # stop a blind rating (the scores table names each SAE, so the reader sees the budgets)
-        check_baseline(run.layout, run.plan, {}, base_layout, load_plan(base_layout), {}, allow_unmatched=True)
+        check_baseline_data(run.layout, run.plan, base_layout, load_plan(base_layout))
         base = load_side(Path(baseline_dir), "baseline", allow_partial=True)
     contexts = eval_contexts(run.layout, run.plan)
     if lm is None:
@@ -261,6 +260,4 @@ def ratings_section(scores: list[Score] | None) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes_atomic(path, text.encode("utf-8"))

@@ -10,10 +10,9 @@ baseline.py checks from both runs' shard records that neither run harvested them
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ghsae.analysis.baseline import check_baseline
+from ghsae.analysis.baseline import check_baseline_data, check_baseline_tokens
 from ghsae.analysis.circuit_report import make_tasks
 from ghsae.analysis.circuit_report import measure as measure_circuits
 from ghsae.analysis.circuits import CircuitTarget
@@ -29,7 +28,7 @@ from ghsae.analysis.dashboards import report_views
 from ghsae.analysis.evals import EvalResult, EvalTarget, evaluate
 from ghsae.analysis.metrics import mmcs
 from ghsae.analysis.rate import load_scores
-from ghsae.cache.manifest import Plan, load_plan, read_json, run_info
+from ghsae.cache.manifest import Plan, load_plan, read_json, run_info, write_bytes_atomic
 from ghsae.config import PipelineConfig
 from ghsae.errors import ConfigError, StoreError
 from ghsae.harvest.model import LoadedModel, load_model
@@ -256,11 +255,9 @@ def write_report(
     if baseline_dir is not None:
         base_layout = RunLayout(Path(baseline_dir))
         base_plan = load_plan(base_layout)
-        check_baseline(run.layout, run.plan, {}, base_layout, base_plan, {}, allow_unmatched=True)  # before loading
+        check_baseline_data(run.layout, run.plan, base_layout, base_plan)  # before loading any SAE
         base = load_side(Path(baseline_dir), "baseline", allow_partial)
-        fairness = check_baseline(
-            run.layout, run.plan, run.fit_tokens, base.layout, base.plan, base.fit_tokens, allow_unmatched
-        )
+        fairness = check_baseline_tokens(run.plan, run.fit_tokens, base.layout, base.fit_tokens, allow_unmatched)
     contexts = eval_contexts(run.layout, run.plan)
     rc = cfg.report
     if lm is None:
@@ -316,12 +313,10 @@ def write_report(
 
 
 def _write_parquet(path: Path, result: EvalResult) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    pq.write_table(pa.Table.from_pylist(result.rows), tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(result.rows), buffer)
+    write_bytes_atomic(path, buffer.getbuffer())
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes_atomic(path, text.encode("utf-8"))
