@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -119,8 +118,7 @@ class GroupReader:
         key = (name, shard)
         if key not in self._files:
             arr = self.store.array(self.group, name)
-            folder = Path(self.store.path) / self.group / name / "c"
-            path = folder / str(shard) / "0" if arr.ndim == 2 else folder / str(shard)
+            path = self.store.shard_file(self.group, name, shard)
             if not path.is_file():
                 raise StoreError(
                     f"{path} is missing: shard {shard} of {self.group} is recorded done but has no data file"

@@ -191,14 +191,19 @@ class ActivationStore:
             full = np.full((cap, *arr.shape[1:]), 0 if name == "acts" else -1, dtype=arr.dtype)
             full[:n] = arr
             target = self.array(group, name)
-            self._drop_shard_file(group, name, target, shard)
+            self._drop_shard_file(group, name, shard)
             target[region] = full
 
-    def _drop_shard_file(self, group: str, name: str, arr: zarr.Array, shard: int) -> None:
+    def shard_file(self, group: str, name: str, shard: int) -> Path:
+        """The Zarr shard file holding work shard `shard` of one array (the one place this path is built)."""
+        arr = self.array(group, name)
+        key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
+        return Path(self.path) / group / name / key
+
+    def _drop_shard_file(self, group: str, name: str, shard: int) -> None:
         """Delete what a killed writer left of this shard: zarr merges a write into the existing shard file
         (reading its index), so a half-written file would make the rewrite fail or keep stale bytes."""
-        key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
-        (Path(self.path) / group / name / key).unlink(missing_ok=True)
+        self.shard_file(group, name, shard).unlink(missing_ok=True)
 
     def read_shard(self, group: str, shard: int, n_rows: int, checksums: dict[str, str] | None = None) -> ShardRows:
         """Read the valid rows of a shard; with checksums, refuse data that does not match its record."""

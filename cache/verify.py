@@ -33,9 +33,7 @@ _LOCK = threading.Lock()  # the loader reads (and so verifies) in a background t
 
 def shard_file(store: ActivationStore, group: str, name: str, shard: int) -> Path:
     """The Zarr shard file holding work shard `shard` of one array."""
-    arr = store.array(group, name)
-    key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
-    return Path(store.path) / group / name / key
+    return store.shard_file(group, name, shard)
 
 
 def file_sizes(store: ActivationStore, group: str, shard: int) -> dict[str, int]:
@@ -103,7 +101,8 @@ class ShardVerifier:
         record = load_shard_record(self.layout, shard, self.plan.data["config_hash"])
         sums = "".join(record.get("groups", {}).get(group, {}).get("checksums", {}).values())
         key = (str(Path(self.store.path).resolve()), group, shard, sums)
-        if key in _VERIFIED:
+        if key in _VERIFIED:  # checked by another reader of this process
+            self._seen.add((group, shard))
             return
         with _LOCK:
             if key not in _VERIFIED:
