@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
+from runs import small_config
 
 from conftest import generate_documents, save_tiny_model
-from runs import small_config
 
 # Fields whose values are wall-clock measurements (seconds taken, time written).
 _VOLATILE_JSON = re.compile(rb'("(?:created|seconds|written_at)": )-?[0-9][0-9.e+-]*')
