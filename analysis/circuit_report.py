@@ -9,23 +9,21 @@ panel; a table of the per-group means (unweighted over the group's layers) follo
 from __future__ import annotations
 
 import html
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ghsae.analysis import plots
 from ghsae.analysis.circuits import MEASURES, CircuitTarget, Curve, TaskCircuits, curve_rows, run_task
 from ghsae.analysis.tasks import TaskPrompts, make_task, parse_tasks
-from ghsae.cache.manifest import write_bytes_atomic
-from ghsae.harvest.model import LoadedModel
+from ghsae.atomic import write_parquet_atomic
+from ghsae.layers import span
+from ghsae.layout import CIRCUITS
+from ghsae.lm import LoadedModel
 
 log = logging.getLogger(__name__)
-CIRCUITS_FILE = "circuits.parquet"
 TITLES = {
     "faithfulness": "faithfulness (top N + error kept)",
     "faithfulness_no_error": "faithfulness, error mean-ablated too",
@@ -73,10 +71,7 @@ def measure(
     report = CircuitReport(
         tuple(results), tuple(tuple(g) for g in groups), rc.task_prompts, sum(r.seconds for r in results)
     )
-    path = out_dir / CIRCUITS_FILE
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(curve_rows(results)), buffer)
-    write_bytes_atomic(path, buffer.getbuffer())
+    write_parquet_atomic(out_dir / CIRCUITS, curve_rows(results))
     return report
 
 
@@ -193,8 +188,7 @@ def _group_table(r: TaskCircuits, groups) -> str:
             if not n:
                 continue
             at = dict(zip(n, vals))
-            span = f"{g[0]}–{g[-1]}" if len(g) > 1 else str(g[0])
-            rows.append([span, measure] + [f"{at[x]:.3f}" if x in at else "–" for x in grid])
+            rows.append([span(g, "–"), measure] + [f"{at[x]:.3f}" if x in at else "–" for x in grid])
     return "<p>Group SAEs, mean over each group's measured layers:</p>" + _table(
         ["layers", "measure"] + [f"N={x}" for x in grid], rows, "wide"
     )

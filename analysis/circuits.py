@@ -37,8 +37,8 @@ import torch
 
 from ghsae.analysis.splice import Splicer
 from ghsae.analysis.tasks import TaskPrompts
-from ghsae.harvest.model import LoadedModel
-from ghsae.train.sae import SparseAutoencoder, build_sae
+from ghsae.lm import LoadedModel
+from ghsae.sae import SparseAutoencoder, build_sae
 
 MEASURES = ("faithfulness", "faithfulness_no_error", "completeness")
 
@@ -95,7 +95,7 @@ class Dictionary:
     def recon(self, z: torch.Tensor) -> torch.Tensor:
         if self.sae is None:
             return z.new_zeros(z.shape[0], self.d_model)
-        return self.sae.denormalise(self.sae.decode(z), self.layer)
+        return self.sae.decode(z, self.layer)
 
     def decoder_rows(self) -> torch.Tensor:
         """[m, d]: d recon(z) / d z_i in raw units (recon is affine in z, so this is exact)."""

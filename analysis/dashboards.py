@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from ghsae.analysis.evals import TopExamples
-from ghsae.harvest.capture import capture_layers
-from ghsae.harvest.model import LoadedModel
-from ghsae.train.sae import SparseAutoencoder
+from ghsae.hooks import capture_layers
+from ghsae.lm import LoadedModel
+from ghsae.sae import SparseAutoencoder
 
 HIST_BINS = 24
 

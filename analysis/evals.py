@@ -31,8 +31,9 @@ from ghsae.analysis.metrics import (
     token_ce_and_kl,
 )
 from ghsae.analysis.splice import Splicer
-from ghsae.harvest.model import LoadedModel
-from ghsae.train.sae import SparseAutoencoder
+from ghsae.layers import span
+from ghsae.lm import LoadedModel
+from ghsae.sae import SparseAutoencoder
 
 
 @dataclass
@@ -244,7 +245,7 @@ def evaluate(
                     if layer not in t.sae.cfg.layers:
                         continue
                     z = t.sae.encode(x, layer)
-                    recon = t.sae.denormalise(t.sae.decode(z), layer)
+                    recon = t.sae.decode(z, layer)
                     sums[(t.name, layer)].add(x, recon, z)
                     np.add.at(
                         per_sae[(t.name, layer)].sq_err,
@@ -270,7 +271,7 @@ def evaluate(
             m = s.finish()
             fired += s.density() * s.rows
             total_rows += s.rows
-            row = {"sae": t.name, "kind": t.kind, "group_layers": _span(t.sae.cfg.layers), "layer": layer, **m}
+            row = {"sae": t.name, "kind": t.kind, "group_layers": span(t.sae.cfg.layers), "layer": layer, **m}
             ps, pl = per_sae[(t.name, layer)], per_layer[layer]
             infl = {"fvu": ratio_influence(ps.sq_err, pl.total_var())}
             row.update(eval_contexts=n_ctx)
@@ -303,6 +304,3 @@ def evaluate(
         densities[t.name] = (fired / max(total_rows, 1)).numpy()
     return EvalResult(rows, densities, examples, clean_ce, ce_tokens, int(contexts.size), n_ce_ctx, n_ctx, influence)
 
-
-def _span(layers: list[int]) -> str:
-    return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])

@@ -1,4 +1,7 @@
-"""Render the report's data as one self-contained HTML page (PNG figures inlined) and as Markdown."""
+"""Render a ReportData as one self-contained HTML page (PNG figures inlined) and as Markdown.
+
+One function per section, in SECTIONS order; each takes the ReportData and returns its HTML.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from ghsae.analysis.circuit_report import render_section as circuit_section
 from ghsae.analysis.dashboards import report_block
 from ghsae.analysis.evals import WITH_SE
 from ghsae.analysis.rate import ratings_section
+from ghsae.analysis.report import ReportData, SAEKind
+from ghsae.layers import span, spans
 
 # (column, heading, format) of the per-layer eval tables
 METRICS = [
@@ -61,10 +66,6 @@ def _table(headers: list[str], rows: list[list[str]], cls: str = "") -> str:
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def _by_layer(rows: list[dict], kind: str) -> dict[int, dict]:
-    return {r["layer"]: r for r in rows if r["kind"] == kind}
-
-
 def _mean(by_layer: dict[int, dict], layers: list[int], key: str) -> float:
     vals = [by_layer[x][key] for x in layers if x in by_layer and key in by_layer[x]]
     return float(np.mean(vals)) if vals else float("nan")
@@ -77,27 +78,32 @@ def _pm(value, se, spec: str) -> str:
     return f"{_fmt(value, spec)} ± {_fmt(se, spec)}"
 
 
-def headline(data: dict) -> list[dict]:
+def _spans_of(data: ReportData) -> list[tuple[str, list[int]]]:
+    """The two spans every headline is given over: all layers, and 0..L-2 (as the paper reports)."""
+    layers = list(data.plan.layers)
+    return [("all layers", layers), (f"layers {layers[0]}..{layers[-2]}", layers[:-1] or layers)]
+
+
+def headline(data: ReportData) -> list[dict]:
     """Mean of each metric over all layers and over layers 0..L-2 (as the paper reports), per kind,
     with the standard error over eval contexts of the metrics in WITH_SE (key `<metric>_se`)."""
-    result = data["result"]
-    layers = data["run"].plan.layers
+    result = data.result
     out = []
-    for kind, label in (("group", "group SAEs"), ("baseline", "per-layer SAEs")):
-        by = _by_layer(result.rows, kind)
+    for kind in SAEKind:
+        by = data.rows(kind)
         if not by:
             continue
-        for span, ls in (("all layers", layers), (f"layers {layers[0]}..{layers[-2]}", layers[:-1] or layers)):
-            row = {"saes": label, "over": span, **{k: _mean(by, ls, k) for k, _, _ in METRICS}}
+        for label, ls in _spans_of(data):
+            row = {"saes": kind.label, "over": label, **{k: _mean(by, ls, k) for k, _, _ in METRICS}}
             keys = [(by[x]["sae"], x) for x in ls if x in by]
             for k in WITH_SE:
                 row[f"{k}_se"] = result.mean_with_se(keys, k)[1]
             out.append(row)
-    ours, theirs = _by_layer(result.rows, "group"), _by_layer(result.rows, "baseline")
+    ours, theirs = data.rows(SAEKind.GROUP), data.rows(SAEKind.BASELINE)
     if ours and theirs:  # paired over the same eval contexts, so the error is that of the difference
-        for span, ls in (("all layers", layers), (f"layers {layers[0]}..{layers[-2]}", layers[:-1] or layers)):
+        for label, ls in _spans_of(data):
             both = [x for x in ls if x in ours and x in theirs]
-            row = {"saes": "group − per-layer", "over": span}
+            row = {"saes": "group − per-layer", "over": label}
             for k in WITH_SE:
                 a = [(ours[x]["sae"], x) for x in both]
                 b = [(theirs[x]["sae"], x) for x in both]
@@ -110,73 +116,61 @@ def _cells(r: dict) -> list[str]:
     return [_pm(r.get(k), r.get(f"{k}_se"), f) if k in r else "–" for k, _, f in METRICS]
 
 
-def render_page(data: dict) -> str:
-    run, base, result, rc = data["run"], data["base"], data["result"], data["report_cfg"]
-    plan = run.plan
-    layers, groups = plan.layers, plan.groups
-    ours, theirs = _by_layer(result.rows, "group"), _by_layer(result.rows, "baseline")
-    parts: list[str] = []
-
-    # --- summary
-    parts.append(_section_open("summary"))
-    parts.append(
-        f"<p>Run <code>{html.escape(str(run.layout.root))}</code>: model <b>{html.escape(plan.data['model']['source'])}</b>, "
-        f"{len(layers)} layers in <b>{len(groups)} groups</b> "
-        f"({', '.join(f'{g[0]}–{g[-1]}' if len(g) > 1 else str(g[0]) for g in groups)}). "
+def summary_section(data: ReportData) -> str:
+    run, base, result, plan = data.side.run, data.base, data.result, data.plan
+    parts = [
+        f"<p>Run <code>{html.escape(str(run.root))}</code>: model <b>{html.escape(plan.model.source)}</b>, "
+        f"{len(plan.layers)} layers in <b>{len(plan.groups)} groups</b> ({spans(plan.groups)}). "
         f"Evals on {result.eval_tokens:,} held-out tokens in {result.eval_contexts:,} contexts (harvest never stored "
         f"them); spliced CE and KL on the first {result.ce_tokens:,} predictions ({result.ce_contexts:,} contexts), "
         "so every ΔCE, CE score and KL below rests on that many predictions per layer. Clean CE "
         f"{result.clean_ce:.4f} nats/token. ± is one standard error over eval contexts (the independent units; "
         "a mean over layers shares its contexts, and its error accounts for that)."
         + (
-            f" Baseline: <code>{html.escape(str(base.layout.root))}</code> (per-layer SAEs)."
+            f" Baseline: <code>{html.escape(str(base.run.root))}</code> (per-layer SAEs)."
             if base
             else " No baseline given (<code>--baseline RUN</code> adds per-layer SAEs)."
         )
         + "</p>"
-    )
+    ]
     heads = ["SAEs", "over"] + [h for _, h, _ in METRICS]
     parts.append(_table(heads, [[r["saes"], r["over"]] + _cells(r) for r in headline(data)], "wide"))
-    missing = [g for g in plan.group_names if g not in {t.name for t in run.targets}]
+    missing = [g for g in plan.group_names if g not in data.side.names]
     if missing:
         parts.append(f'<p class="warn">Partial report: no SAE for {", ".join(missing)}.</p>')
-    parts.append("</section>")
+    return "".join(parts)
 
-    # --- evals per layer
-    parts.append(_section_open("evals"))
-    parts.append(
+
+def evals_section(data: ReportData) -> str:
+    layers, groups = list(data.plan.layers), [list(g) for g in data.plan.groups]
+    ours, theirs = data.rows(SAEKind.GROUP), data.rows(SAEKind.BASELINE)
+    parts = [
         "<p>Each layer's rows are reconstructed by the SAE of its group (normalised by that layer's factor, "
         "reconstructed in raw units). ΔCE: CE with the reconstruction spliced in at that layer alone, minus clean CE; "
         "CE score: 1 − ΔCE / (CE with the layer zeroed − clean CE); KL: from the clean next-token distribution. "
         "Special tokens (BOS/EOS) are neither evaluated nor replaced, as harvest never stores them.</p>"
-    )
-    rows = []
-    for layer in layers:
-        r = ours.get(layer)
-        if r:
-            rows.append([str(layer), r["sae"]] + _cells(r))
+    ]
+    rows = [[str(layer), ours[layer]["sae"]] + _cells(ours[layer]) for layer in layers if layer in ours]
     parts.append(_table(["layer", "SAE"] + [h for _, h, _ in METRICS], rows, "wide"))
     for key in PLOTTED:
         if not any(key in r for r in ours.values()):
             continue
         heading = HEADING[key]
-        parts.append(
-            _img(
-                plots.per_layer_metric(
-                    layers,
-                    [ours.get(x, {}).get(key, np.nan) for x in layers],
-                    groups,
-                    heading,
-                    [theirs.get(x, {}).get(key, np.nan) for x in layers] if theirs else None,
-                ),
-                f"{heading} per layer",
-            )
+        png = plots.per_layer_metric(
+            layers,
+            [ours.get(x, {}).get(key, np.nan) for x in layers],
+            groups,
+            heading,
+            [theirs.get(x, {}).get(key, np.nan) for x in layers] if theirs else None,
         )
-    parts.append("</section>")
+        parts.append(_img(png, f"{heading} per layer"))
+    return "".join(parts)
 
-    # --- baseline
-    parts.append(_section_open("baseline"))
-    fair = data.get("fairness")
+
+def baseline_section(data: ReportData) -> str:
+    layers, groups = list(data.plan.layers), [list(g) for g in data.plan.groups]
+    parts = []
+    fair = data.fairness
     if fair is not None:
         a, b = fair.eval_contexts
         parts.append(
@@ -190,50 +184,50 @@ def render_page(data: dict) -> str:
                 f'<p class="warn">Unequal training tokens per SAE (ratio {fair.tokens_ratio:.3f}), compared because '
                 "<code>--allow-unmatched</code> was given: differences below mix grouping with training length.</p>"
             )
-    if theirs:
-        cmp_keys = ["fvu", "delta_ce_pct", "kl", "ce_score", "l0", "dead_pct"]
-        mm = {r["layer"]: r["mmcs"] for r in data["mmcs"]}
-        heads = ["layer"] + [f"{HEADING[k]} {side}" for k in cmp_keys for side in ("group", "per-layer")] + ["MMCS"]
-        rows = []
-        for layer in layers:
-            a, b = ours.get(layer, {}), theirs.get(layer, {})
-            row = [str(layer)]
-            for k in cmp_keys:
-                row += [_pm(a.get(k), a.get(f"{k}_se"), FORMAT[k]), _pm(b.get(k), b.get(f"{k}_se"), FORMAT[k])]
-            rows.append(row + [_fmt(mm.get(layer))])
-        parts.append(_table(heads, rows, "wide"))
-        if data["mmcs"]:
-            parts.append(
-                _img(
-                    plots.per_layer_metric(
-                        layers, [mm.get(x, np.nan) for x in layers], groups, "MMCS: group decoder vs per-layer decoder"
-                    ),
-                    "MMCS per layer",
-                )
-            )
-        parts.append(
-            "<p>MMCS: for each latent of the group SAE, the best cosine similarity with a decoder row of that "
-            "layer's per-layer SAE, averaged.</p>"
-        )
-    else:
+    ours, theirs = data.rows(SAEKind.GROUP), data.rows(SAEKind.BASELINE)
+    if not theirs:
         parts.append(
             "<p>No baseline. Harvest the same model with <code>--groups per-layer</code>, fit it with the same "
             "<code>fit.tokens</code>, and pass it as <code>ghsae report --baseline BASE_RUN</code>.</p>"
         )
-    parts.append("</section>")
+        return "".join(parts)
+    cmp_keys = ["fvu", "delta_ce_pct", "kl", "ce_score", "l0", "dead_pct"]
+    mm = data.mmcs
+    heads = ["layer"] + [f"{HEADING[k]} {side}" for k in cmp_keys for side in ("group", "per-layer")] + ["MMCS"]
+    rows = []
+    for layer in layers:
+        a, b = ours.get(layer, {}), theirs.get(layer, {})
+        row = [str(layer)]
+        for k in cmp_keys:
+            row += [_pm(a.get(k), a.get(f"{k}_se"), FORMAT[k]), _pm(b.get(k), b.get(f"{k}_se"), FORMAT[k])]
+        rows.append(row + [_fmt(mm.get(layer))])
+    parts.append(_table(heads, rows, "wide"))
+    if mm:
+        png = plots.per_layer_metric(
+            layers, [mm.get(x, np.nan) for x in layers], groups, "MMCS: group decoder vs per-layer decoder"
+        )
+        parts.append(_img(png, "MMCS per layer"))
+    parts.append(
+        "<p>MMCS: for each latent of the group SAE, the best cosine similarity with a decoder row of that "
+        "layer's per-layer SAE, averaged.</p>"
+    )
+    return "".join(parts)
 
-    # --- circuits and ratings (their own modules render them)
-    parts.append(_section_open("circuits") + circuit_section(data.get("circuits")) + "</section>")
-    parts.append(_section_open("ratings") + ratings_section(data.get("ratings")) + "</section>")
 
-    # --- density
-    parts.append(_section_open("latents-density"))
-    dens = result.densities
-    group_d = {t.name: dens[t.name] for t in run.targets}
-    parts.append(_img(plots.density_histogram(group_d, "group SAEs"), "latent density, group SAEs"))
-    if base:
-        base_d = {t.name: dens[t.name] for t in base.targets}
-        parts.append(_img(plots.density_histogram(base_d, "per-layer SAEs"), "latent density, per-layer SAEs"))
+def circuits_section(data: ReportData) -> str:
+    return circuit_section(data.circuits)
+
+
+def ratings_page_section(data: ReportData) -> str:
+    return ratings_section(data.ratings)
+
+
+def density_section(data: ReportData) -> str:
+    dens = data.result.densities
+    parts = []
+    for side in data.sides:
+        side_d = {t.name: dens[t.name] for t in side.targets}
+        parts.append(_img(plots.density_histogram(side_d, side.kind.label), f"latent density, {side.kind.label}"))
     drows = [
         [
             html.escape(t.name),
@@ -241,121 +235,117 @@ def render_page(data: dict) -> str:
             _fmt(100.0 * float((dens[t.name] == 0).mean()), "{:.1f}"),
             _fmt(100.0 * float((dens[t.name] > 0.1).mean()), "{:.1f}"),
         ]
-        for t in run.targets + (base.targets if base else [])
+        for side in data.sides
+        for t in side.targets
     ]
     parts.append(_table(["SAE", "latents", "dead % (never active on eval)", "dense % (> 10% of tokens)"], drows))
-    parts.append("</section>")
+    return "".join(parts)
 
-    # --- clustering
-    cl = data["clustering"]
-    parts.append(_section_open("clustering"))
-    parts.append(
-        f"<p>Angular distance arccos(cos)/π between layers' residual streams on {cl['probe_tokens']:,} probe tokens: "
+
+def clustering_section(data: ReportData) -> str:
+    cl = data.clustering
+    groups = cl.chosen_groups
+    parts = [
+        f"<p>Angular distance arccos(cos)/π between layers' residual streams on {cl.probe_tokens:,} probe tokens: "
         "<b>raw</b> takes the residuals as they are (the reference implementation's distance), <b>layer-centred</b> "
         "subtracts each layer's mean over the probe tokens first. This run's groups come from "
-        f"<b>{html.escape(cl['distance'])}</b> distances by <b>{html.escape(cl['method'])}</b>, "
-        f"with G the smallest whose AMAD is below {cl['threshold']:g}. White squares: the groups.</p>"
-    )
-    for d in ("raw", "layer-centred"):
-        parts.append(_img(plots.distance_heatmap(cl[d], cl["layers"], groups, f"{d} angular distance"), f"{d} heatmap"))
-    parts.append(_img(plots.amad_curve(cl["curves"], cl["threshold"], len(groups)), "AMAD curves"))
-    parts.append(
-        f"<p>Each method's partition at this run's G = {len(groups)} ({html.escape(cl['distance'])} distances):</p>"
-    )
+        f"<b>{html.escape(cl.distance)}</b> distances by <b>{html.escape(cl.method)}</b>, "
+        f"with G the smallest whose AMAD is below {cl.threshold:g} (this run's partition: AMAD "
+        f"{cl.chosen_amad:.3f}). White squares: the groups.</p>"
+    ]
+    for d, matrix in cl.matrices.items():
+        parts.append(_img(plots.distance_heatmap(matrix, cl.layers, groups, f"{d} angular distance"), f"{d} heatmap"))
+    parts.append(_img(plots.amad_curve(cl.curves, cl.threshold, len(groups)), "AMAD curves"))
+    parts.append(f"<p>Each method's partition at this run's G = {len(groups)} ({html.escape(cl.distance)} distances):</p>")
     parts.append(
         _table(
             ["method", "groups", "AMAD"],
-            [[html.escape(r["method"]), _spans(r["partition"]), _fmt(r["amad"])] for r in cl["at_g"]],
+            [[html.escape(r.method), spans(r.partition), _fmt(r.amad)] for r in cl.at_g],
         )
     )
     parts.append("<p>The G that <code>groups = auto</code> picks for each distance and method:</p>")
     parts.append(
         _table(
             ["distance", "method", "G", "AMAD", "groups"],
-            [
-                [r["distance"], html.escape(r["method"]), str(r["groups"]), _fmt(r["amad"]), _spans(r["partition"])]
-                for r in cl["auto"]
-            ],
+            [[r.distance, html.escape(r.method), str(r.groups), _fmt(r.amad), spans(r.partition)] for r in cl.auto],
         )
     )
-    parts.append("</section>")
+    return "".join(parts)
 
-    # --- compute
-    c = data["compute"]
-    parts.append(_section_open("compute"))
-    A, T, TL = c["harvest_seconds"], c["fit_seconds_per_sae"], c["per_layer_fit_seconds_per_sae"]
+
+def compute_section(data: ReportData) -> str:
+    c = data.compute
     mib = 2**20
-    parts.append(
-        _table(
-            ["", "grouped (this run)", f"per-layer ({c['per_layer_source']})"],
+    return _table(
+        ["", "grouped (this run)", f"per-layer ({c.per_layer_source})"],
+        [
+            ["SAEs", str(c.groups), str(c.layers)],
+            ["harvest A (s, measured)", _fmt(c.harvest_seconds, "{:.1f}"), _fmt(c.per_layer_harvest_seconds, "{:.1f}")],
+            ["fit T per SAE (s)", _fmt(c.fit_seconds_per_sae, "{:.1f}"), _fmt(c.per_layer_fit_seconds_per_sae, "{:.1f}")],
+            ["training tokens per SAE", f"{c.fit_tokens_per_sae:,}", ""],
+            ["A + G·T vs A + L·T (s)", _fmt(c.grouped_total_seconds, "{:.1f}"), _fmt(c.per_layer_total_seconds, "{:.1f}")],
+            ["speed-up", "", _fmt(c.speedup, "{:.2f}×")],
             [
-                ["SAEs", str(c["groups"]), str(c["layers"])],
-                ["harvest A (s, measured)", _fmt(A, "{:.1f}"), _fmt(c["per_layer_harvest_seconds"], "{:.1f}")],
-                ["fit T per SAE (s)", _fmt(T, "{:.1f}"), _fmt(TL, "{:.1f}")],
-                ["training tokens per SAE", f"{c['fit_tokens_per_sae']:,}", ""],
-                [
-                    "A + G·T vs A + L·T (s)",
-                    _fmt(c["grouped_total_seconds"], "{:.1f}"),
-                    _fmt(c["per_layer_total_seconds"], "{:.1f}"),
-                ],
-                ["speed-up", "", _fmt(c["speedup"], "{:.2f}×")],
-                [
-                    "activation store on disk",
-                    _fmt(c["bytes_on_disk"] / mib, "{:,.1f} MiB"),
-                    _fmt(c["per_layer_bytes_on_disk"] / mib if c["per_layer_bytes_on_disk"] else None, "{:,.1f} MiB"),
-                ],
-                [
-                    "bytes per token",
-                    _fmt(c["bytes_per_token"], "{:,.0f}"),
-                    _fmt(c["per_layer_bytes_per_token"], "{:,.0f}") + " (every layer)",
-                ],
+                "activation store on disk",
+                _fmt(c.bytes_on_disk / mib, "{:,.1f} MiB"),
+                _fmt(c.per_layer_bytes_on_disk / mib if c.per_layer_bytes_on_disk else None, "{:,.1f} MiB"),
             ],
-        )
+            [
+                "bytes per token",
+                _fmt(c.bytes_per_token, "{:,.0f}"),
+                _fmt(c.per_layer_bytes_per_token, "{:,.0f}") + " (every layer)",
+            ],
+        ],
     )
-    parts.append("</section>")
 
-    # --- training curves
-    parts.append(_section_open("training"))
-    if data["curves"]:
-        parts.append(_img(plots.training_curves(data["curves"]), "training curves"))
-    parts.append("</section>")
 
-    # --- latents
-    parts.append(_section_open("latents"))
-    parts.append(
+def training_section(data: ReportData) -> str:
+    return _img(plots.training_curves(data.curves), "training curves") if data.curves else ""
+
+
+def latents_section(data: ReportData) -> str:
+    rc = data.settings
+    parts = [
         f"<p>For a random sample of each SAE's latents that fired on the eval tokens: the {rc.examples_per_latent} "
         "held-out contexts where each fires hardest, the firing token <mark>marked</mark>, and the layer the row "
         "came from.</p>"
-    )
-    for t in run.targets + (base.targets if base else []):
-        parts.append(_latent_block(t.name, result.examples[t.name], data, rc))
-    parts.append("</section>")
+    ]
+    for side in data.sides:
+        parts += [_latent_block(t.name, data) for t in side.targets]
+    return "".join(parts)
 
+
+SECTION_RENDERERS = {
+    "summary": summary_section,
+    "evals": evals_section,
+    "baseline": baseline_section,
+    "circuits": circuits_section,
+    "ratings": ratings_page_section,
+    "latents-density": density_section,
+    "clustering": clustering_section,
+    "compute": compute_section,
+    "training": training_section,
+    "latents": latents_section,
+}
+
+
+def render_page(data: ReportData) -> str:
+    body = "".join(
+        f'<section id="{sid}"><h2>{html.escape(title)}</h2>{SECTION_RENDERERS[sid](data)}</section>'
+        for sid, title in SECTIONS
+    )
     toc = "".join(f'<li><a href="#{sid}">{html.escape(title)}</a></li>' for sid, title in SECTIONS)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>ghsae report</title>"
         f"<style>{_CSS}</style></head><body><h1>ghsae report</h1><p class='small'>written {stamp}</p>"
-        f"<nav><ol>{toc}</ol></nav>{''.join(parts)}</body></html>"
+        f"<nav><ol>{toc}</ol></nav>{body}</body></html>"
     )
 
 
-def _spans(groups: list[list[int]]) -> str:
-    """Groups as ranges ("0–9, 10–18"); a group that is not a run of layers is listed in full."""
-    return ", ".join(
-        f"{g[0]}–{g[-1]}"
-        if len(g) > 1 and g == list(range(g[0], g[-1] + 1))
-        else (str(g[0]) if len(g) == 1 else str(g))
-        for g in groups
-    )
-
-
-def _section_open(sid: str) -> str:
-    return f'<section id="{sid}"><h2>{html.escape(dict(SECTIONS)[sid])}</h2>'
-
-
-def _latent_block(name: str, ex, data: dict, rc) -> str:
-    contexts, text = data["contexts"], data["token_text"]
+def _latent_block(name: str, data: ReportData) -> str:
+    ex, rc = data.result.examples[name], data.settings
+    contexts, text = data.contexts, data.token_text
     shown = 0
     blocks = [f"<h3>{html.escape(name)}</h3>"]
     for i, latent in enumerate(ex.latents.tolist()):
@@ -379,20 +369,19 @@ def _latent_block(name: str, ex, data: dict, rc) -> str:
                 f"<span class='ctx'>{''.join(toks)}</span></li>"
             )
         blocks.append(f"<p>latent {latent}</p><ul class='examples'>{''.join(lines)}</ul>")
-        blocks.append(report_block(data.get("dashboards", {}).get((name, latent), [])))
+        blocks.append(report_block(data.dashboards.get((name, latent), [])))
     if shown == 0:
         blocks.append("<p>none of the sampled latents fired on the eval tokens.</p>")
     return "".join(blocks)
 
 
-def render_summary(data: dict) -> str:
-    run, result, c = data["run"], data["result"], data["compute"]
-    plan = run.plan
+def render_summary(data: ReportData) -> str:
+    plan, result, c = data.plan, data.result, data.compute
     lines = [
-        f"# ghsae report: {plan.data['model']['source']}",
+        f"# ghsae report: {plan.model.source}",
         "",
         f"{len(plan.layers)} layers, {len(plan.groups)} groups: "
-        + ", ".join(f"{g[0]}-{g[-1]}" for g in plan.groups)
+        + ", ".join(span(g) for g in plan.groups)
         + f". Eval: {result.eval_tokens:,} held-out tokens ({result.eval_contexts:,} contexts); spliced CE on "
         f"{result.ce_tokens:,} predictions ({result.ce_contexts:,} contexts); clean CE {result.clean_ce:.4f}. "
         "± is one standard error over eval contexts.",
@@ -407,18 +396,18 @@ def render_summary(data: dict) -> str:
         "| layer | SAE | FVU | ΔCE % | KL | L0 |",
         "|---|---|---|---|---|---|",
     ]
-    for r in sorted((r for r in result.rows if r["kind"] == "group"), key=lambda r: r["layer"]):
+    for layer, r in sorted(data.rows(SAEKind.GROUP).items()):
         lines.append(
-            f"| {r['layer']} | {r['sae']} | {_pm(r['fvu'], r.get('fvu_se'), '{:.3f}')} | "
+            f"| {layer} | {r['sae']} | {_pm(r['fvu'], r.get('fvu_se'), '{:.3f}')} | "
             f"{_pm(r.get('delta_ce_pct'), r.get('delta_ce_pct_se'), '{:.2f}')} | "
             f"{_pm(r.get('kl'), r.get('kl_se'), '{:.4f}')} | {r['l0']:.1f} |"
         )
     lines += [
         "",
-        f"Compute: A = {_fmt(c['harvest_seconds'], '{:.1f}')} s, T = {c['fit_seconds_per_sae']:.1f} s per SAE; "
-        f"A + G·T = {c['grouped_total_seconds']:.1f} s against A + L·T = {c['per_layer_total_seconds']:.1f} s "
-        f"({c['per_layer_source']}): {c['speedup']:.2f}x. Storage {c['bytes_per_token']:,.0f} B/token against "
-        f"{c['per_layer_bytes_per_token']:,} for every layer.",
+        f"Compute: A = {_fmt(c.harvest_seconds, '{:.1f}')} s, T = {c.fit_seconds_per_sae:.1f} s per SAE; "
+        f"A + G·T = {c.grouped_total_seconds:.1f} s against A + L·T = {c.per_layer_total_seconds:.1f} s "
+        f"({c.per_layer_source}): {c.speedup:.2f}x. Storage {c.bytes_per_token or 0:,.0f} B/token against "
+        f"{c.per_layer_bytes_per_token:,} for every layer.",
         "",
     ]
     return "\n".join(lines)

@@ -28,12 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from ghsae.analysis.rate_page import RATINGS, render
-from ghsae.cache.manifest import write_bytes_atomic
+from ghsae.atomic import write_text_atomic
 from ghsae.errors import ConfigError, GhsaeError
-
-KEY_FILE = "rating-key.json"
-SCORES_FILE = "ratings.json"
-PAGE_FILE = "rating.html"
+from ghsae.layout import RATING_KEY, RATING_PAGE, RATING_SCORES, RunLayout
 
 
 @dataclass(frozen=True)
@@ -94,33 +91,29 @@ class RatingError(GhsaeError):
 # --- building the kit --------------------------------------------------------------------------
 
 
-def build_kit(
-    cfg, run_dir: Path, baseline_dir: Path | None, n_latents: int, out: Path | None, progress: bool = True, lm=None
-) -> tuple[Path, RatingKey]:
+def build_kit(cfg, run, lm, baseline=None, n_latents: int = 96, out: Path | None = None) -> tuple[Path, RatingKey]:
+    """The blind rating page of `run`'s SAEs (a ghsae.run.Run), mixed with `baseline`'s when given,
+    using the loaded model `lm`; the key goes to RUN/report/rating-key.json."""
     from ghsae.analysis.baseline import check_baseline_data
     from ghsae.analysis.dashboards import collect, contexts_html, histogram_svg, tokens_html
-    from ghsae.analysis.report import eval_contexts, load_side, token_strings
-    from ghsae.cache.manifest import load_plan
-    from ghsae.harvest.model import load_model
-    from ghsae.layout import RunLayout
+    from ghsae.analysis.report import SAEKind, load_side, token_strings
 
     if n_latents < 1:
         raise ConfigError(f"--latents is {n_latents}; expected a positive number of latents per SAE and layer")
-    run = load_side(Path(run_dir), "group", allow_partial=True)
+    run_dir = run.root
+    side = load_side(run, SAEKind.GROUP, allow_partial=True)
     base = None
-    if baseline_dir is not None:
-        base_layout = RunLayout(Path(baseline_dir))
+    if baseline is not None:
         # the same model, data and eval split as the report asks; unequal tokens per SAE do not
         # stop a blind rating (the scores table names each SAE, so the reader sees the budgets)
-        check_baseline_data(run.layout, run.plan, base_layout, load_plan(base_layout))
-        base = load_side(Path(baseline_dir), "baseline", allow_partial=True)
-    contexts = eval_contexts(run.layout, run.plan)
-    if lm is None:
-        model_path = json.loads(run.layout.config.read_text())["identity"]["model"]["path"]
-        lm = load_model(model_path, cfg.report.device, "auto")
+        check_baseline_data(run, baseline)
+        base = load_side(baseline, SAEKind.BASELINE, allow_partial=True)
+    baseline_dir = baseline.root if baseline is not None else None
+    contexts = run.eval_contexts()
+    lm.check_matches(run.plan.model)
     seed = cfg.fit.seed
     rng = np.random.default_rng([seed, 14])
-    targets = run.targets + (base.targets if base else [])
+    targets = side.targets + (base.targets if base else [])
     # twice as many candidates as asked: those that never fire on the eval tokens are dropped
     wanted = {
         t.name: (
@@ -132,7 +125,7 @@ def build_kit(
         )
         for t in targets
     }
-    special = run.plan.data["tokenizer"]["special_ids"]
+    special = list(run.plan.tokenizer.special_ids)
     views = collect(lm, contexts, special, wanted, cfg.report.examples_per_latent, cfg.report.batch_contexts)
     text = token_strings(lm, contexts)
     kinds = {t.name: t.kind for t in targets}
@@ -158,11 +151,11 @@ def build_kit(
         "<b>unsure</b>? Keys 1 / 2 / 3 rate, arrows move. Ratings stay in this browser until you download them; "
         f"then run <code>ghsae rate {html.escape(str(run_dir))} --score ratings.csv</code>."
     )
-    out = Path(out) if out else run.layout.report / PAGE_FILE
+    out = Path(out) if out else run.layout.report_file(RATING_PAGE)
     out.parent.mkdir(parents=True, exist_ok=True)
     run.layout.report.mkdir(exist_ok=True)
-    _write(run.layout.report / KEY_FILE, key.to_json())
-    _write(out, render(kit, bodies, intro))
+    write_text_atomic(run.layout.report_file(RATING_KEY), key.to_json())
+    write_text_atomic(out, render(kit, bodies, intro))
     return out, key
 
 
@@ -196,10 +189,8 @@ def read_ratings(path: Path, key: RatingKey) -> dict[str, str]:
 
 def score(run_dir: Path, ratings_csv: Path) -> list[Score]:
     """Unblind: the interpretable share per SAE and layer, with Wilson intervals; also written to RUN/report."""
-    from ghsae.layout import RunLayout
-
     layout = RunLayout(Path(run_dir))
-    key_path = layout.report / KEY_FILE
+    key_path = layout.report_file(RATING_KEY)
     if not key_path.is_file():
         raise RatingError(f"{key_path} not found; write a rating page first with `ghsae rate {run_dir}`")
     key = RatingKey.from_json(key_path.read_text())
@@ -215,12 +206,14 @@ def score(run_dir: Path, ratings_csv: Path) -> list[Score]:
         low, high = wilson(c["interpretable"], n)
         p = c["interpretable"] / n if n else float("nan")
         scores.append(Score(sae, kind, layer, c["interpretable"], c["not"], c["unsure"], p, low, high))
-    _write(layout.report / SCORES_FILE, json.dumps({"kit": key.kit, "scores": [asdict(s) for s in scores]}, indent=1))
+    write_text_atomic(
+        layout.report_file(RATING_SCORES), json.dumps({"kit": key.kit, "scores": [asdict(s) for s in scores]}, indent=1)
+    )
     return scores
 
 
 def load_scores(report_dir: Path) -> list[Score] | None:
-    path = Path(report_dir) / SCORES_FILE
+    path = Path(report_dir) / RATING_SCORES
     if not path.is_file():
         return None
     return [Score(**s) for s in json.loads(path.read_text())["scores"]]
@@ -258,6 +251,3 @@ def ratings_section(scores: list[Score] | None) -> str:
         f"<th>not</th><th>unsure</th><th>share</th><th>95% CI</th></tr></thead><tbody>{rows}</tbody></table>"
     )
 
-
-def _write(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))

@@ -3,229 +3,268 @@
     report.html      one self-contained page: evals, baseline comparison, clustering, compute, latents
     metrics.parquet  one row per (SAE, layer)
     summary.md       the headline tables as Markdown
+    settings.json    the [report] settings, fit seed and model settings the report was made with
 
+`gather` measures everything into one ReportData; page.py renders it, one function per section.
 The evals run on the run's held-out contexts (tokens.npy after the harvested ones); with a baseline,
 baseline.py checks from both runs' shard records that neither run harvested them.
 """
 
 from __future__ import annotations
 
-import io
-import json
+import enum
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ghsae.analysis.baseline import check_baseline_data, check_baseline_tokens
-from ghsae.analysis.circuit_report import make_tasks
+from ghsae.analysis.baseline import BaselineCheck, check_baseline_data, check_baseline_tokens
+from ghsae.analysis.circuit_report import CircuitReport, make_tasks
 from ghsae.analysis.circuit_report import measure as measure_circuits
 from ghsae.analysis.circuits import CircuitTarget
-from ghsae.analysis.dashboards import report_views
+from ghsae.analysis.dashboards import LatentView, report_views
 from ghsae.analysis.evals import EvalResult, EvalTarget, evaluate
 from ghsae.analysis.metrics import mmcs
-from ghsae.analysis.rate import load_scores
-from ghsae.cache.manifest import Plan, load_plan, read_json, run_info, write_bytes_atomic
-from ghsae.config import PipelineConfig
-from ghsae.errors import ConfigError, StoreError
-from ghsae.harvest.model import LoadedModel, load_model
-from ghsae.harvest.partition import amad, complete_linkage, solve
-from ghsae.harvest.similarity import DISTANCES, canonical_distance, distance_matrix
-from ghsae.layout import RunLayout
-from ghsae.train.io import METRICS, SAE_CONFIG, load_sae
+from ghsae.analysis.rate import Score, load_scores
+from ghsae.atomic import write_parquet_atomic, write_text_atomic
+from ghsae.config import PipelineConfig, ReportConfig, config_from_dict
+from ghsae.errors import StoreError
+from ghsae.harvest import DISTANCES, amad, canonical_distance, complete_linkage, distance_matrix, solve
+from ghsae.layout import REPORT_METRICS, REPORT_PAGE, REPORT_SETTINGS, REPORT_SUMMARY, sae_training_metrics
+from ghsae.lm import LoadedModel
+from ghsae.records import ReportSettings, save_record
+from ghsae.run import Run
+from ghsae.train.provenance import fit_settings, settings_diffs
 
 log = logging.getLogger(__name__)
 
+class SAEKind(enum.StrEnum):
+    """Which side of the comparison an SAE is on (the `kind` column of metrics.parquet)."""
+
+    GROUP = "group"  # this run's group SAEs
+    BASELINE = "baseline"  # a per-layer baseline run's SAEs
+
+    @property
+    def label(self) -> str:
+        return "group SAEs" if self is SAEKind.GROUP else "per-layer SAEs"
+
 
 @dataclass
-class RunSide:
+class ReportSide:
     """One run's SAEs and bookkeeping, as the report needs them."""
 
-    layout: RunLayout
-    plan: Plan
+    run: Run
+    kind: SAEKind
     targets: list[EvalTarget]
-    fit_seconds: dict[str, float]
+    fit_seconds: dict[str, float]  # per target name: training wall time (the report's T)
     fit_tokens: dict[str, int]
     folders: dict[str, Path]  # each target's SAE folder, by target name
 
+    @property
+    def names(self) -> set[str]:
+        return {t.name for t in self.targets}
 
-def load_side(run_dir: Path, kind: str, allow_partial: bool) -> RunSide:
-    layout = RunLayout(run_dir)
-    plan = load_plan(layout)
-    have = [g for g in plan.group_names if layout.sae_trained(g)]
-    missing = [g for g in plan.group_names if g not in have]
-    what = "run" if kind == "group" else "baseline run"
+
+def load_side(run: Run, kind: SAEKind, allow_partial: bool) -> ReportSide:
+    """The run's trained SAEs (all of them unless allow_partial), refused when one was trained with
+    fit settings other than the run's (saes/fit.json)."""
+    have = run.trained_groups()
+    missing = [g for g in run.plan.group_names if g not in have]
+    what = "run" if kind is SAEKind.GROUP else "baseline run"
     if not have:
-        raise StoreError(f"the {what} {run_dir} has no trained SAE; run `ghsae fit --run-dir {run_dir}` first")
+        raise StoreError(f"the {what} {run.root} has no trained SAE; run `ghsae fit --run-dir {run.root}` first")
     if missing and not allow_partial:
         raise StoreError(
-            f"the {what} {run_dir} has no trained SAE for {', '.join(missing)}; run `ghsae fit --run-dir {run_dir}` "
+            f"the {what} {run.root} has no trained SAE for {', '.join(missing)}; run `ghsae fit --run-dir {run.root}` "
             "for them, or pass --allow-partial to report on the SAEs that exist"
         )
+    saved = run.fit_settings()
     targets, seconds, tokens, folders = [], {}, {}, {}
     for g in have:
-        folder = layout.sae_dir(g)
-        name = g if kind == "group" else f"per-layer {g}"
-        targets.append(EvalTarget(name, kind, load_sae(folder)))
-        folders[name] = folder
-        meta = read_json(folder / SAE_CONFIG)
-        seconds[name] = float(meta.get("seconds", float("nan")))
-        tokens[name] = int(meta.get("tokens", 0))
-    return RunSide(layout, plan, targets, seconds, tokens, folders)
+        record = run.sae_record(g)
+        if saved is not None and record.provenance is not None:
+            diffs = settings_diffs(
+                dict(record.provenance.fit), fit_settings(config_from_dict({"fit": dict(saved.fit)})), "SAE"
+            )
+            if diffs:
+                raise StoreError(
+                    f"the {what}'s SAE {g} was trained with other fit settings than the run's {run.layout.fit_settings} "
+                    f"({'; '.join(diffs[:4])}); train it with the run's settings: "
+                    f"`ghsae fit --run-dir {run.root} --group {g} --overwrite`"
+                )
+        name = g if kind is SAEKind.GROUP else f"per-layer {g}"
+        targets.append(EvalTarget(name, kind.value, run.sae(g)))
+        folders[name] = run.layout.sae_dir(g)
+        seconds[name] = float(record.seconds) if record.seconds is not None else float("nan")
+        tokens[name] = record.tokens
+    return ReportSide(run, kind, targets, seconds, tokens, folders)
 
 
-def eval_contexts(layout: RunLayout, plan: Plan) -> np.ndarray:
-    n_eval = int(plan.data.get("n_contexts_eval", 0))
-    if n_eval == 0:
-        raise ConfigError(
-            f"{layout.root} holds no held-out tokens (harvest.eval_tokens was 0); the report evaluates on them. "
-            "Harvest again with harvest.eval_tokens > 0"
-        )
-    tokens = np.load(layout.tokens, mmap_mode="r")
-    return np.asarray(tokens[plan.n_contexts_harvest : plan.n_contexts_harvest + n_eval])
+# --- compute and clustering ----------------------------------------------------------------------
 
 
-def harvest_seconds(layout: RunLayout, plan: Plan) -> float | None:
-    """A: the measured wall time of the plan step plus every shard (None when not recorded)."""
-    info_seconds = plan.data.get("seconds")
-    shards = [read_json(layout.shard_record(s)).get("seconds") for s in range(plan.n_shards)]
-    if info_seconds is None or any(s is None for s in shards):
-        return None
-    return float(info_seconds) + float(sum(shards))
+@dataclass(frozen=True)
+class ComputeAccount:
+    """A + G·T against A + L·T, with the measured A and T; storage against every layer's."""
+
+    layers: int
+    groups: int
+    harvest_seconds: float | None  # A, measured
+    fit_seconds_per_sae: float  # T, measured
+    fit_tokens_per_sae: int
+    bytes_on_disk: int
+    bytes_per_token: float | None
+    per_layer_bytes_per_token: int
+    storage_ratio: float | None
+    per_layer_source: str  # "measured on the baseline run" or "estimated: ..."
+    per_layer_harvest_seconds: float | None
+    per_layer_fit_seconds_per_sae: float
+    per_layer_bytes_on_disk: int | None
+
+    @property
+    def grouped_total_seconds(self) -> float:
+        return (self.harvest_seconds or 0.0) + self.groups * self.fit_seconds_per_sae
+
+    @property
+    def per_layer_total_seconds(self) -> float:
+        return (self.per_layer_harvest_seconds or 0.0) + self.layers * self.per_layer_fit_seconds_per_sae
+
+    @property
+    def speedup(self) -> float:
+        return self.per_layer_total_seconds / max(self.grouped_total_seconds, 1e-9)
 
 
-def compute_account(run: RunSide, base: RunSide | None) -> dict:
-    """A + G*T against A + L*T, with the measured A and T; storage against every layer's."""
-    info = run_info(run.layout)
-    L, G = len(run.plan.layers), len(run.plan.groups)
-    A = harvest_seconds(run.layout, run.plan)
-    T_group = float(np.mean(list(run.fit_seconds.values())))
-    account = {
-        "layers": L,
-        "groups": G,
-        "harvest_seconds": A,
-        "fit_seconds_per_sae": T_group,
-        "fit_tokens_per_sae": int(np.mean(list(run.fit_tokens.values()))),
-        "grouped_total_seconds": (A or 0.0) + G * T_group,
-        "bytes_on_disk": info["bytes_on_disk"],
-        "bytes_per_token": info["bytes_per_token"],
-        "per_layer_bytes_per_token": info["per_layer_bytes_per_token"],
-        "storage_ratio": info["storage_ratio"],
-    }
+def compute_account(side: ReportSide, base: ReportSide | None) -> ComputeAccount:
+    info = side.run.info()
+    A = side.run.harvest_seconds()
+    T = float(np.mean(list(side.fit_seconds.values())))
     if base is not None:
-        binfo = run_info(base.layout)
-        A_base = harvest_seconds(base.layout, base.plan)
-        T_base = float(np.mean(list(base.fit_seconds.values())))
-        account.update(
-            per_layer_source="measured on the baseline run",
-            per_layer_harvest_seconds=A_base,
-            per_layer_fit_seconds_per_sae=T_base,
-            per_layer_total_seconds=(A_base or 0.0) + L * T_base,
-            per_layer_bytes_on_disk=binfo["bytes_on_disk"],
-        )
+        source = "measured on the baseline run"
+        A_base, T_base = base.run.harvest_seconds(), float(np.mean(list(base.fit_seconds.values())))
+        base_bytes: int | None = base.run.info().bytes_on_disk
     else:
-        account.update(
-            per_layer_source="estimated: same A, L SAEs at this run's measured T",
-            per_layer_harvest_seconds=A,
-            per_layer_fit_seconds_per_sae=T_group,
-            per_layer_total_seconds=(A or 0.0) + L * T_group,
-            per_layer_bytes_on_disk=None,
-        )
-    account["speedup"] = account["per_layer_total_seconds"] / max(account["grouped_total_seconds"], 1e-9)
-    return account
+        source, A_base, T_base, base_bytes = "estimated: same A, L SAEs at this run's measured T", A, T, None
+    return ComputeAccount(
+        layers=len(side.run.plan.layers),
+        groups=len(side.run.plan.groups),
+        harvest_seconds=A,
+        fit_seconds_per_sae=T,
+        fit_tokens_per_sae=int(np.mean(list(side.fit_tokens.values()))),
+        bytes_on_disk=info.bytes_on_disk,
+        bytes_per_token=info.bytes_per_token,
+        per_layer_bytes_per_token=info.per_layer_bytes_per_token,
+        storage_ratio=info.storage_ratio,
+        per_layer_source=source,
+        per_layer_harvest_seconds=A_base,
+        per_layer_fit_seconds_per_sae=T_base,
+        per_layer_bytes_on_disk=base_bytes,
+    )
 
 
-def clustering(layout: RunLayout, plan: Plan) -> dict:
-    """Both grouping methods' AMAD curves and partitions, and the G that `auto` picks for each
-    method and distance, from the run's stored probe (runs planned before grouping.method existed
-    used the DP)."""
-    sim = np.load(layout.similarity)
+@dataclass(frozen=True)
+class PartitionAtG:
+    method: str
+    partition: list[list[int]]
+    amad: float
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """The G that `groups = auto` picks for one distance and method, and its partition."""
+
+    distance: str
+    method: str
+    groups: int
+    amad: float
+    partition: list[list[int]]
+
+
+@dataclass(frozen=True)
+class Clustering:
+    """Both grouping methods' AMAD curves and partitions, and the G `auto` picks for each method and
+    distance, from the run's stored probe; the run's own choice read from its plan."""
+
+    layers: list[int]
+    matrices: dict[str, np.ndarray]  # raw / layer-centred distance matrices
+    distance: str  # this run's
+    method: str  # this run's, as a label
+    threshold: float
+    curves: dict[str, np.ndarray]  # method label -> AMAD at G = 1..L (this run's distance)
+    at_g: list[PartitionAtG]
+    auto: list[AutoChoice]
+    chosen_groups: list[list[int]]
+    chosen_amad: float
+    probe_tokens: int
+
+
+def method_label(method: str, objective: str) -> str:
+    return "agglomerative (complete linkage, adjacent)" if method == "agglomerative" else f"dp ({objective})"
+
+
+def clustering(run: Run) -> Clustering:
+    sim = np.load(run.layout.similarity)
     layers = sim["layers"].tolist()
-    am = plan.data["amad"]
-    distance = canonical_distance(am["distance"])
-    method = am.get("method", "dp")
-    objective = am["objective"] if method == "dp" else "layer-mean"
-    threshold = float(am["threshold"])
-    G = len(plan.groups)
-    pos = {layer: i for i, layer in enumerate(layers)}
+    gr = run.plan.grouping
+    distance = canonical_distance(gr.distance)
+    objective = gr.objective if gr.method == "dp" else "layer-mean"
+    G = len(run.plan.groups)
 
     def named(part: list[list[int]]) -> list[list[int]]:
         return [[layers[i] for i in g] for g in part]
 
+    matrices = {d: distance_matrix(sim, d) for d in DISTANCES}
     solutions = {
-        d: {
-            "dp": solve(distance_matrix(sim, d), "dp", objective),
-            "agglomerative": solve(distance_matrix(sim, d), "agglomerative"),
-        }
+        d: {"dp": solve(matrices[d], "dp", objective), "agglomerative": solve(matrices[d], "agglomerative")}
         for d in DISTANCES
     }
-    dist = distance_matrix(sim, distance)
     mine = solutions[distance]
-    unconstrained = complete_linkage(dist, G)
-    auto = [
-        {
-            "distance": d,
-            "method": _method_label(m, objective),
-            "groups": sol.auto_groups(threshold),
-            "amad": float(sol.amad[sol.auto_groups(threshold) - 1]),
-            "partition": named(sol.partitions[sol.auto_groups(threshold) - 1]),
-        }
-        for d, by_method in solutions.items()
-        for m, sol in by_method.items()
-    ]
-    return {
-        "layers": layers,
-        "raw": distance_matrix(sim, "raw"),
-        "layer-centred": distance_matrix(sim, "layer-centred"),
-        "distance": distance,
-        "method": _method_label(method, objective),
-        "threshold": threshold,
-        "curves": {_method_label(m, objective): sol.amad for m, sol in mine.items()},
-        "at_g": [
-            {
-                "method": _method_label(m, objective),
-                "partition": named(sol.partitions[G - 1]),
-                "amad": float(sol.amad[G - 1]),
-            }
-            for m, sol in mine.items()
-        ]
-        + [
-            {
-                "method": "complete linkage, unconstrained (not forced contiguous)",
-                "partition": named(unconstrained),
-                "amad": amad(dist, unconstrained),
-            }
-        ],
-        "auto": auto,
-        "chosen_groups": plan.groups,
-        "chosen_amad": amad(dist, [[pos[x] for x in g] for g in plan.groups]),
-        "probe_tokens": plan.data.get("probe_tokens"),
-    }
+    unconstrained = complete_linkage(matrices[distance], G)
+    auto = []
+    for d, by_method in solutions.items():
+        for m, sol in by_method.items():
+            g = sol.auto_groups(float(gr.threshold))
+            auto.append(AutoChoice(d, method_label(m, objective), g, float(sol.amad[g - 1]), named(sol.partitions[g - 1])))
+    at_g = [PartitionAtG(method_label(m, objective), named(sol.partitions[G - 1]), float(sol.amad[G - 1])) for m, sol in mine.items()]
+    at_g.append(
+        PartitionAtG(
+            "complete linkage, unconstrained (not forced contiguous)",
+            named(unconstrained),
+            amad(matrices[distance], unconstrained),
+        )
+    )
+    return Clustering(
+        layers=layers,
+        matrices=matrices,
+        distance=distance,
+        method=method_label(gr.method, objective),
+        threshold=float(gr.threshold),
+        curves={method_label(m, objective): sol.amad for m, sol in mine.items()},
+        at_g=at_g,
+        auto=auto,
+        chosen_groups=[list(g) for g in run.plan.groups],
+        chosen_amad=float(gr.chosen_amad),  # recorded by the plan step, not recomputed
+        probe_tokens=run.plan.probe_tokens,
+    )
 
 
-def _method_label(method: str, objective: str) -> str:
-    return "agglomerative (complete linkage, adjacent)" if method == "agglomerative" else f"dp ({objective})"
-
-
-def mmcs_rows(run: RunSide, base: RunSide) -> list[dict]:
+def mmcs_by_layer(side: ReportSide, base: ReportSide) -> dict[int, float]:
     """For each layer: MMCS between the group SAE's decoder and that layer's per-layer SAE decoder."""
     base_by_layer = {t.sae.cfg.layers[0]: t for t in base.targets}
-    rows = []
-    for t in run.targets:
+    out = {}
+    for t in side.targets:
         for layer in t.sae.cfg.layers:
             b = base_by_layer.get(layer)
             if b is not None:
-                rows.append({"layer": layer, "sae": t.name, "mmcs": mmcs(t.sae.W_dec.detach(), b.sae.W_dec.detach())})
-    return rows
+                out[layer] = mmcs(t.sae.W_dec.detach(), b.sae.W_dec.detach())
+    return out
 
 
-def training_curves(side: RunSide) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def training_curves(side: ReportSide) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     curves = {}
     for t in side.targets:
-        path = side.folders[t.name] / METRICS
+        path = sae_training_metrics(side.folders[t.name])
         if path.is_file():
             table = pq.read_table(path, columns=["tokens", "fvu"])
             curves[t.name] = (table["tokens"].to_numpy(), table["fvu"].to_numpy())
@@ -239,84 +278,125 @@ def token_strings(lm: LoadedModel, contexts: np.ndarray) -> dict[int, str]:
     return {i: tok.decode([i], clean_up_tokenization_spaces=False) for i in ids}
 
 
-def write_report(
-    cfg: PipelineConfig,
-    run_dir: Path,
-    baseline_dir: Path | None = None,
-    allow_partial: bool = False,
-    progress: bool = True,
-    lm: LoadedModel | None = None,
-    allow_unmatched: bool = False,
-) -> Path:
-    from ghsae.analysis.page import render_page, render_summary
+# --- the report ---------------------------------------------------------------------------------
 
-    run = load_side(Path(run_dir), "group", allow_partial)
+
+@dataclass
+class ReportData:
+    """Everything the page and the summary show, measured once."""
+
+    side: ReportSide
+    base: ReportSide | None
+    fairness: BaselineCheck | None
+    result: EvalResult
+    clustering: Clustering
+    compute: ComputeAccount
+    mmcs: dict[int, float]  # layer -> MMCS against the baseline's SAE of that layer
+    curves: dict[str, tuple[np.ndarray, np.ndarray]]  # SAE name -> (tokens, training FVU)
+    contexts: np.ndarray
+    token_text: dict[int, str]
+    settings: ReportConfig
+    circuits: CircuitReport | None = None
+    dashboards: dict[tuple[str, int], list[LatentView]] = field(default_factory=dict)
+    ratings: list[Score] | None = None
+
+    @property
+    def plan(self):
+        return self.side.run.plan
+
+    @property
+    def sides(self) -> list[ReportSide]:
+        return [self.side] + ([self.base] if self.base else [])
+
+    def rows(self, kind: SAEKind) -> dict[int, dict]:
+        """metrics.parquet's rows of one kind, by layer."""
+        return {r["layer"]: r for r in self.result.rows if r["kind"] == kind.value}
+
+
+def report_model_settings(run: Run, cfg: PipelineConfig) -> tuple[str, str, str]:
+    """(path, device, dtype) of the model the report loads: the run's model as harvested, the report's
+    device, the run's compute dtype."""
+    return str(run.config.identity["model"]["path"]), cfg.report.device, cfg.model.dtype
+
+
+def gather(
+    cfg: PipelineConfig,
+    run: Run,
+    lm: LoadedModel,
+    baseline: Run | None = None,
+    *,
+    allow_partial: bool = False,
+    allow_unmatched: bool = False,
+    progress: bool = True,
+) -> ReportData:
+    """Measure every section of the report (the slow part: evals, dashboards, circuits)."""
+    side = load_side(run, SAEKind.GROUP, allow_partial)
     base, fairness = None, None
-    if baseline_dir is not None:
-        base_layout = RunLayout(Path(baseline_dir))
-        base_plan = load_plan(base_layout)
-        check_baseline_data(run.layout, run.plan, base_layout, base_plan)  # before loading any SAE
-        base = load_side(Path(baseline_dir), "baseline", allow_partial)
-        fairness = check_baseline_tokens(run.plan, run.fit_tokens, base.layout, base.fit_tokens, allow_unmatched)
-    contexts = eval_contexts(run.layout, run.plan)
-    rc = cfg.report
-    if lm is None:
-        model_path = json.loads(run.layout.config.read_text())["identity"]["model"]["path"]  # as harvested
-        lm = load_model(model_path, rc.device, "auto")
-    if lm.fingerprint != run.plan.data["model"]["fingerprint"]:
-        raise ConfigError(
-            f"the model loaded for the report ({lm.source.description}) is not the one {run_dir} was harvested with"
-        )
-    targets = run.targets + (base.targets if base else [])
-    # generated before the slow evals: a task the tokenizer cannot express fails here
-    tasks = make_tasks(rc.tasks, lm.tokenizer, rc.task_prompts, cfg.fit.seed)
-    ctx_len = contexts.shape[1]
+    if baseline is not None:
+        check_baseline_data(run, baseline)  # before loading any of its SAEs
+        base = load_side(baseline, SAEKind.BASELINE, allow_partial)
+        fairness = check_baseline_tokens(run, side.fit_tokens, baseline, base.fit_tokens, allow_unmatched)
+    lm.check_matches(run.plan.model)
+    contexts = run.eval_contexts()
+    rc, seed = cfg.report, cfg.fit.seed
+    targets = side.targets + (base.targets if base else [])
+    tasks = make_tasks(rc.tasks, lm.tokenizer, rc.task_prompts, seed)  # before the slow evals: fails early
+    special = list(run.plan.tokenizer.special_ids)
     result = evaluate(
         lm,
         contexts,
         targets,
-        run.plan.data["tokenizer"]["special_ids"],
-        ce_contexts=-(-rc.ce_tokens // ctx_len),
+        special,
+        ce_contexts=-(-rc.ce_tokens // contexts.shape[1]),
         batch_contexts=rc.batch_contexts,
         latents_sampled=4 * rc.latents_shown,
         examples_per_latent=rc.examples_per_latent,
-        seed=cfg.fit.seed,
+        seed=seed,
         progress=progress,
     )
-    out = run.layout.report
-    out.mkdir(exist_ok=True)
-    _write_parquet(out / "metrics.parquet", result)
-    special = run.plan.data["tokenizer"]["special_ids"]
+    run.layout.report.mkdir(exist_ok=True)
     circuits = None
     if tasks:
         circuit_targets = [CircuitTarget(t.name, t.kind, t.sae) for t in targets]
-        circuits = measure_circuits(lm, tasks, circuit_targets, run.plan.groups, rc, cfg.fit.seed, out)
-    data = {
-        "run": run,
-        "base": base,
-        "fairness": fairness,
-        "result": result,
-        "clustering": clustering(run.layout, run.plan),
-        "compute": compute_account(run, base),
-        "mmcs": mmcs_rows(run, base) if base else [],
-        "curves": {**training_curves(run), **(training_curves(base) if base else {})},
-        "contexts": contexts,
-        "token_text": token_strings(lm, contexts),
-        "report_cfg": rc,
-        "circuits": circuits,
-        "dashboards": report_views(lm, contexts, special, targets, result.examples, rc),
-        "ratings": load_scores(out),
-    }
-    _write_text(out / "report.html", render_page(data))
-    _write_text(out / "summary.md", render_summary(data))
+        circuits = measure_circuits(
+            lm, tasks, circuit_targets, [list(g) for g in run.plan.groups], rc, seed, run.layout.report
+        )
+    return ReportData(
+        side=side,
+        base=base,
+        fairness=fairness,
+        result=result,
+        clustering=clustering(run),
+        compute=compute_account(side, base),
+        mmcs=mmcs_by_layer(side, base) if base else {},
+        curves={**training_curves(side), **(training_curves(base) if base else {})},
+        contexts=contexts,
+        token_text=token_strings(lm, contexts),
+        settings=rc,
+        circuits=circuits,
+        dashboards=report_views(lm, contexts, special, targets, result.examples, rc),
+        ratings=load_scores(run.layout.report),
+    )
+
+
+def write_report(data: ReportData, cfg: PipelineConfig) -> Path:
+    """metrics.parquet, report.html, summary.md and settings.json, each written atomically."""
+    from ghsae.analysis.page import render_page, render_summary
+
+    layout = data.side.run.layout
+    out = layout.report
+    out.mkdir(exist_ok=True)
+    write_parquet_atomic(layout.report_file(REPORT_METRICS), data.result.rows)
+    write_text_atomic(layout.report_file(REPORT_PAGE), render_page(data))
+    write_text_atomic(layout.report_file(REPORT_SUMMARY), render_summary(data))
+    path, device, dtype = report_model_settings(data.side.run, cfg)
+    save_record(
+        layout.report_file(REPORT_SETTINGS),
+        ReportSettings(
+            report=cfg.to_dict()["report"],
+            seed=cfg.fit.seed,
+            model={"path": path, "device": device, "dtype": dtype},
+            baseline=str(data.base.run.root) if data.base else None,
+        ),
+    )
     return out
-
-
-def _write_parquet(path: Path, result: EvalResult) -> None:
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(result.rows), buffer)
-    write_bytes_atomic(path, buffer.getbuffer())
-
-
-def _write_text(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ghsae.harvest.model import LoadedModel
+from ghsae.lm import LoadedModel
 
 
 def _residual(output: object) -> torch.Tensor:

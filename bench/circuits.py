@@ -20,7 +20,7 @@ from ghsae.analysis.circuit_report import make_tasks, mean_curve, measure, rende
 from ghsae.analysis.circuits import MEASURES, CircuitTarget
 from ghsae.analysis.report import load_side
 from ghsae.config import load_config
-from ghsae.harvest.model import load_model
+from ghsae.lm import load_model
 
 
 def _ints(text: str | None) -> list[int]:

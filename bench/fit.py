@@ -35,9 +35,9 @@ from ghsae.cache.loader import ActivationLoader, GroupReader, LoaderBatch
 from ghsae.cache.manifest import aggregate_stats, done_shards, group_shard_rows, load_plan
 from ghsae.cache.store import ActivationStore
 from ghsae.config import load_config
-from ghsae.harvest.model import pick_device
+from ghsae.device import pick_device
 from ghsae.layout import RunLayout
-from ghsae.train.sae import SAEConfig, build_sae
+from ghsae.sae import SAEConfig, build_sae
 from ghsae.train.trainer import Trainer
 
 try:

@@ -23,11 +23,11 @@ import torch
 
 from ghsae.cache.manifest import load_plan
 from ghsae.config import load_config
-from ghsae.harvest.capture import capture_layers
-from ghsae.harvest.model import load_model
 from ghsae.harvest.plan import context_batches
 from ghsae.harvest.run import harvest
+from ghsae.hooks import capture_layers
 from ghsae.layout import RunLayout
+from ghsae.lm import load_model
 
 
 def bare_forward_tok_s(lm, tokens: np.ndarray, batch_size: int, last_layer: int) -> float:

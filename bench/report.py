@@ -16,7 +16,7 @@ import time
 import torch
 
 from ghsae.analysis.splice import Splicer
-from ghsae.harvest.model import load_model
+from ghsae.lm import load_model
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ import torch
 
 from ghsae.cache.store import ActivationStore
 from ghsae.errors import StoreError
+from ghsae.layers import layer_lookup_table
 
 _EMPTY_CHUNK = np.uint64(2**64 - 1)
 _INDEX_CRC_BYTES = 4  # the shard index is followed by its crc32c
@@ -47,13 +48,6 @@ class Piece:
 class LoaderBatch:
     x: torch.Tensor  # [n, d] float32, normalised, on the loader's device
     layer: torch.Tensor  # [n] model layer of each row, on the device
-
-
-def layer_lookup_table(layers: list[int]) -> torch.Tensor:
-    """lookup[layer] = position of `layer` in `layers` (-1 for layers not listed)."""
-    lookup = torch.full((max(layers) + 1,), -1, dtype=torch.long)
-    lookup[torch.tensor(layers)] = torch.arange(len(layers))
-    return lookup
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from ghsae.errors import StoreError
 
 ROW_FIELDS = {"layer": np.int16, "token": np.int32, "seq": np.int32, "pos": np.int32}
 ROW_METADATA_BYTES = sum(np.dtype(t).itemsize for t in ROW_FIELDS.values())
+ARRAYS = ("acts", *ROW_FIELDS)  # every array of a group, activations first
 FORMAT_VERSION = 1
 
 
@@ -200,6 +201,14 @@ class ActivationStore:
         key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
         return Path(self.path) / group / name / key
 
+    def file_sizes(self, group: str, shard: int) -> dict[str, int]:
+        """Bytes on disk of each array's shard file (0 when absent); written into the shard record."""
+        out = {}
+        for name in ARRAYS:
+            path = self.shard_file(group, name, shard)
+            out[name] = path.stat().st_size if path.is_file() else 0
+        return out
+
     def _drop_shard_file(self, group: str, name: str, shard: int) -> None:
         """Delete what a killed writer left of this shard: zarr merges a write into the existing shard file
         (reading its index), so a half-written file would make the rewrite fail or keep stale bytes."""
@@ -211,7 +220,7 @@ class ActivationStore:
             raise StoreError(f"{self.path} has no group {group!r}; it holds {', '.join(self.groups)}")
         region = self._rows(shard)
         rows_slice = slice(region.start, region.start + n_rows)
-        rows = ShardRows(**{name: np.asarray(self.array(group, name)[rows_slice]) for name in ("acts", *ROW_FIELDS)})
+        rows = ShardRows(**{name: np.asarray(self.array(group, name)[rows_slice]) for name in ARRAYS})
         if rows.acts.shape != (n_rows, self.geometry.d_model):
             raise StoreError(
                 f"shard {shard} of {group}: read {rows.acts.shape}, expected ({n_rows}, {self.geometry.d_model})"

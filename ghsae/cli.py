@@ -1,4 +1,9 @@
-"""The `ghsae` command line. Each stage is one subcommand; flags override pipeline.toml."""
+"""The `ghsae` command line: one subcommand per stage, each a thin call into ghsae.pipeline.
+
+Options shared by several commands are defined once below. Settings come from the run folder
+when it exists (ghsae.pipeline.settings_for), else from --config or the embedded pipeline.toml;
+flags override them.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,6 @@ from pathlib import Path
 
 import click
 
-from ghsae.config import PipelineConfig, load_config
 from ghsae.errors import ConfigError, GhsaeError
 
 
@@ -89,16 +93,67 @@ def _parse_groups(text: str | None) -> str | int | list[list[int]] | None:
         raise ConfigError(f"--groups is {text!r}; expected auto, per-layer, a number, or ranges like 0-3,4-9") from None
 
 
-def _config(config_path: str | None, overrides: dict) -> PipelineConfig:
-    return load_config(config_path, overrides)
-
-
 def _quiet_libraries(no_progress: bool) -> None:
     """--no-progress also silences transformers' own bars (model loading, GGUF de-quantising)."""
     if no_progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+
+
+# --- options shared by several commands, defined once ----------------------------------------
+
+
+def _compose(*decorators):
+    def apply(fn):
+        for d in reversed(decorators):
+            fn = d(fn)
+        return fn
+
+    return apply
+
+
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), help="pipeline.toml (default: the run's own settings, else the embedded one)."
+)
+device_option = click.option("--device", help="auto | cpu | cuda | cuda:N.")
+progress_option = click.option("--no-progress", is_flag=True, help="No progress bars.")
+allow_partial_option = click.option("--allow-partial", is_flag=True, help="Work with the shards / SAEs that exist so far.")
+baseline_option = click.option(
+    "--baseline",
+    type=click.Path(exists=True, file_okay=False),
+    help="A fitted per-layer run of the same model (harvest --groups per-layer) to compare with.",
+)
+executor_options = _compose(
+    click.option("--workers", type=int, help="Run the tasks on a local dask cluster of N worker processes."),
+    click.option("--scheduler", help="Run the tasks on the dask cluster at this address (e.g. tcp://host:8786)."),
+)
+data_options = _compose(
+    click.option("--model", help="Model folder, .gguf file, hub id or builtin:smollm2-135m."),
+    click.option("--dataset", help="Dataset file, folder or glob (.txt/.jsonl/.parquet) or builtin:python-docs."),
+    click.option("--tokens", type=int, help="Token positions to harvest."),
+    click.option("--groups", help="auto | per-layer | G | ranges like 0-3,4-9."),
+)
+
+
+def _existing_run_dir(help_text: str):
+    return click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False), help=help_text)
+
+
+def _executor(workers: int | None, scheduler: str | None, no_progress: bool):
+    from ghsae.executors import open_executor
+
+    return open_executor(workers, scheduler, progress=not no_progress)
+
+
+def _data_overrides(model, dataset, tokens, groups, device) -> dict:
+    return {
+        "model.path": model,
+        "model.device": device,
+        "data.dataset": dataset,
+        "harvest.tokens": tokens,
+        "grouping.groups": _parse_groups(groups),
+    }
 
 
 @click.group()
@@ -111,16 +166,11 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False), help="pipeline.toml (default: the embedded one)."
-)
+@config_option
 @click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="Run folder to create or resume.")
-@click.option("--model", help="Model folder, .gguf file, hub id or builtin:smollm2-135m.")
-@click.option("--dataset", help="Dataset file, folder or glob (.txt/.jsonl/.parquet) or builtin:python-docs.")
-@click.option("--tokens", type=int, help="Token positions to harvest.")
+@data_options
 @click.option("--seed", type=int, help="Seed of the layer draws and shuffles.")
-@click.option("--groups", help="auto | per-layer | G | ranges like 0-3,4-9.")
-@click.option("--device", help="auto | cpu | cuda | cuda:N.")
+@device_option
 @click.option("--batch-size", type=int, help="Contexts per forward pass.")
 @click.option(
     "--shard", "shard_spec", default="0/1", show_default=True, help="Run shards i, i+n, ... only (cluster array jobs)."
@@ -129,216 +179,149 @@ def main(verbose: bool) -> None:
     "--plan-only", is_flag=True, help="Tokenise, probe and partition, then stop (the first step of an array job)."
 )
 @click.option("--overwrite", is_flag=True, help="Delete a run in --run-dir that has a different config.")
-@click.option("--workers", type=int, help="Spread the shards over a local dask cluster of N worker processes.")
-@click.option("--scheduler", help="Spread the shards over the dask cluster at this address (e.g. tcp://host:8786).")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@executor_options
+@progress_option
 @_user_errors
 def harvest(
-    config_path,
-    run_dir,
-    model,
-    dataset,
-    tokens,
-    seed,
-    groups,
-    device,
-    batch_size,
-    shard_spec,
-    plan_only,
-    overwrite,
-    workers,
-    scheduler,
-    no_progress,
-):
+    config_path, run_dir, model, dataset, tokens, groups, seed, device, batch_size, shard_spec, plan_only, overwrite,
+    workers, scheduler, no_progress,
+):  # fmt: skip
     """Measure layer similarity, group the layers, and cache group-subsampled activations."""
+    from ghsae import pipeline
+    from ghsae.harvest.steps import ShardSlice, summary_line
+
     _quiet_libraries(no_progress)
-    from ghsae.harvest.run import ShardSlice, summary_line
-    from ghsae.harvest.run import harvest as run_harvest
-
-    cfg = _config(
-        config_path,
-        {
-            "model.path": model,
-            "model.device": device,
-            "data.dataset": dataset,
-            "harvest.tokens": tokens,
-            "harvest.seed": seed,
-            "harvest.batch_size": batch_size,
-            "grouping.groups": _parse_groups(groups),
-        },
-    )
-    if workers or scheduler:
-        from ghsae.distributed import cluster_client, harvest_on_cluster
-
-        if shard_spec != "0/1" or plan_only:
-            raise ConfigError("--shard and --plan-only split work by hand; with --workers/--scheduler dask does it")
-        with cluster_client(workers, scheduler) as client:
-            summary = harvest_on_cluster(cfg, Path(run_dir), client, overwrite, not no_progress)
-    else:
-        summary = run_harvest(cfg, Path(run_dir), ShardSlice.parse(shard_spec), overwrite, plan_only, not no_progress)
+    overrides = _data_overrides(model, dataset, tokens, groups, device)
+    overrides.update({"harvest.seed": seed, "harvest.batch_size": batch_size})
+    cfg = pipeline.settings_for(run_dir, config_path, overrides)
+    shards = ShardSlice.parse(shard_spec)
+    if (workers is not None or scheduler) and (not shards.whole or plan_only):
+        raise ConfigError("--shard and --plan-only split work by hand; with --workers/--scheduler dask does it")
+    with _executor(workers, scheduler, no_progress) as ex:
+        summary = pipeline.harvest(
+            cfg, run_dir, ex, shards=shards, overwrite=overwrite, plan_only=plan_only, progress=not no_progress
+        )
     click.echo(summary_line(summary))
 
 
 @main.command()
-@click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False), help="pipeline.toml (default: the embedded one)."
-)
-@click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False), help="A harvested run folder.")
+@config_option
+@_existing_run_dir("A harvested run folder.")
 @click.option("--group", "groups", multiple=True, help="Train only this group (repeatable); default: every group.")
-@click.option("--device", help="auto | cpu | cuda | cuda:N.")
+@device_option
 @click.option("--architecture", help="topk | batchtopk | jumprelu | relu.")
 @click.option("--tokens", type=int, help="Training tokens per SAE (0: one pass over the group's rows).")
-@click.option("--allow-partial", is_flag=True, help="Train on the shards harvested so far.")
+@allow_partial_option
 @click.option(
     "--overwrite",
     is_flag=True,
-    help="Start over an SAE trained or begun with other fit settings or on another store (refused otherwise).",
+    help="Train again SAEs trained or begun with other fit settings or on another store (refused otherwise).",
 )
-@click.option("--workers", type=int, help="Train the groups in parallel on a local dask cluster of N processes.")
-@click.option("--scheduler", help="Train the groups on the dask cluster at this address.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@executor_options
+@progress_option
 @_user_errors
-def fit(
-    config_path,
-    run_dir,
-    groups,
-    device,
-    architecture,
-    tokens,
-    allow_partial,
-    overwrite,
-    workers,
-    scheduler,
-    no_progress,
-):
+def fit(config_path, run_dir, groups, device, architecture, tokens, allow_partial, overwrite, workers, scheduler, no_progress):
     """Train one SAE per layer group from the run's activation store."""
-    from ghsae.train.fit import fit as run_fit
+    from ghsae import pipeline
     from ghsae.train.fit import summary_lines
 
-    cfg = _config(config_path, {"fit.device": device, "fit.architecture": architecture, "fit.tokens": tokens})
-    if workers or scheduler:
-        from ghsae.distributed import cluster_client, fit_on_cluster
-
-        with cluster_client(workers, scheduler) as client:
-            results = fit_on_cluster(
-                cfg, Path(run_dir), client, list(groups) or None, allow_partial, not no_progress, overwrite
-            )
-    else:
-        results = run_fit(cfg, Path(run_dir), list(groups) or None, allow_partial, not no_progress, overwrite)
+    overrides = {"fit.device": device, "fit.architecture": architecture, "fit.tokens": tokens}
+    cfg = pipeline.settings_for(run_dir, config_path, overrides, sections=("fit",))
+    with _executor(workers, scheduler, no_progress) as ex:
+        results = pipeline.fit(
+            cfg,
+            run_dir,
+            ex,
+            groups=list(groups) or None,
+            allow_partial=allow_partial,
+            overwrite=overwrite,
+            progress=not no_progress,
+        )
     for line in summary_lines(results):
         click.echo(line)
 
 
 @main.command()
-@click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False), help="pipeline.toml (default: the embedded one)."
-)
-@click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False), help="A fitted run folder.")
-@click.option(
-    "--baseline",
-    type=click.Path(exists=True, file_okay=False),
-    help="A fitted per-layer run of the same model (harvest --groups per-layer) to compare with.",
-)
-@click.option("--allow-partial", is_flag=True, help="Report on the SAEs that exist when some are missing.")
+@config_option
+@_existing_run_dir("A fitted run folder.")
+@baseline_option
+@allow_partial_option
 @click.option(
     "--allow-unmatched",
     is_flag=True,
     help="Compare with a baseline whose SAEs trained on other than this run's tokens per SAE (the page shows the ratio).",
 )
-@click.option("--device", help="auto | cpu | cuda | cuda:N.")
+@device_option
 @click.option("--tasks", help="Circuit tasks to measure per layer, e.g. ioi,greater-than,sva ('' for none).")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@executor_options
+@progress_option
 @_user_errors
-def report(config_path, run_dir, baseline, allow_partial, allow_unmatched, device, tasks, no_progress):
+def report(config_path, run_dir, baseline, allow_partial, allow_unmatched, device, tasks, workers, scheduler, no_progress):
     """Evaluate the run's SAEs on held-out tokens and write RUN/report/ (report.html, metrics.parquet, summary.md)."""
-    _quiet_libraries(no_progress)
-    from ghsae.analysis.report import write_report
+    from ghsae import pipeline
 
+    _quiet_libraries(no_progress)
     task_list = None if tasks is None else [t.strip() for t in tasks.split(",") if t.strip()]
-    cfg = _config(config_path, {"report.device": device, "report.tasks": task_list})
-    _check_run_readable(Path(run_dir))
-    out = write_report(
-        cfg,
-        Path(run_dir),
-        Path(baseline) if baseline else None,
-        allow_partial,
-        not no_progress,
-        allow_unmatched=allow_unmatched,
-    )
+    cfg = pipeline.settings_for(run_dir, config_path, {"report.device": device, "report.tasks": task_list}, ("report",))
+    with _executor(workers, scheduler, no_progress) as ex:
+        out = pipeline.report(
+            cfg,
+            run_dir,
+            ex,
+            baseline=baseline,
+            allow_partial=allow_partial,
+            allow_unmatched=allow_unmatched,
+            progress=not no_progress,
+        )
     click.echo(f"report: {out / 'report.html'}")
 
 
 @main.command(name="run")
-@click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False), help="pipeline.toml (default: the embedded one)."
-)
+@config_option
 @click.option(
     "--run-dir", default="runs/default", show_default=True, type=click.Path(file_okay=False), help="Run folder."
 )
-@click.option("--model", help="Model folder, .gguf file, hub id or builtin:smollm2-135m.")
-@click.option("--dataset", help="Dataset file, folder or glob (.txt/.jsonl/.parquet) or builtin:python-docs.")
-@click.option("--tokens", type=int, help="Token positions to harvest.")
-@click.option("--groups", help="auto | per-layer | G | ranges like 0-3,4-9.")
+@data_options
 @click.option("--device", help="auto | cpu | cuda | cuda:N (every stage).")
-@click.option(
-    "--baseline", type=click.Path(exists=True, file_okay=False), help="A fitted per-layer run to compare with."
-)
-@click.option("--overwrite", is_flag=True, help="Delete a run in --run-dir that has a different config.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@baseline_option
+@click.option("--overwrite", is_flag=True, help="Replace a run in --run-dir made with other settings.")
+@executor_options
+@progress_option
 @_user_errors
-def run_pipeline(config_path, run_dir, model, dataset, tokens, groups, device, baseline, overwrite, no_progress):
+def run_pipeline(
+    config_path, run_dir, model, dataset, tokens, groups, device, baseline, overwrite, workers, scheduler, no_progress
+):  # fmt: skip
     """The whole pipeline: harvest, fit every group's SAE, report. Each stage resumes where it stopped."""
-    _quiet_libraries(no_progress)
     import time
 
-    from ghsae.analysis.report import write_report
-    from ghsae.harvest.model import load_model
-    from ghsae.harvest.run import ShardSlice, prepare_run_dir, summary_line
-    from ghsae.harvest.run import harvest as run_harvest
-    from ghsae.harvest.text import resolve_files
-    from ghsae.layout import RunLayout
-    from ghsae.train.fit import fit as run_fit
-    from ghsae.train.fit import summary_lines
+    from ghsae import pipeline
 
-    cfg = _config(
-        config_path,
-        {
-            "model.path": model,
-            "model.device": device,
-            "fit.device": device,
-            "report.device": device,
-            "data.dataset": dataset,
-            "harvest.tokens": tokens,
-            "grouping.groups": _parse_groups(groups),
-        },
-    )
+    _quiet_libraries(no_progress)
+    overrides = _data_overrides(model, dataset, tokens, groups, device)
+    overrides.update({"fit.device": device, "report.device": device})
+    cfg = pipeline.settings_for(run_dir, config_path, overrides)
     t0 = time.perf_counter()
-    progress = not no_progress
-    # a refused run folder or a missing dataset fails before the slow model load
-    prepare_run_dir(RunLayout(Path(run_dir)), cfg, overwrite)
-    resolve_files(cfg.data.dataset)
-    lm = load_model(cfg.model.path, cfg.model.device, cfg.model.dtype)  # loaded once, for harvest and report
-    click.echo(summary_line(run_harvest(cfg, Path(run_dir), ShardSlice(), overwrite, False, progress, lm=lm)))
-    for line in summary_lines(run_fit(cfg, Path(run_dir), None, False, progress)):
-        click.echo(line)
-    out = write_report(cfg, Path(run_dir), Path(baseline) if baseline else None, False, progress, lm=lm)
+    with _executor(workers, scheduler, no_progress) as ex:
+        out = pipeline.run_all(
+            cfg, run_dir, ex, baseline=baseline, overwrite=overwrite, progress=not no_progress, say=click.echo
+        )
     click.echo(f"report: {out / 'report.html'} ({time.perf_counter() - t0:,.0f} s in all)")
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False), help="pipeline.toml (default: the embedded one)."
-)
-@click.option("--baseline", type=click.Path(exists=True, file_okay=False), help="A fitted per-layer run to mix in.")
+@config_option
+@baseline_option
 @click.option("--latents", default=96, show_default=True, help="Latents drawn per SAE and per layer.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Page to write (default RUN/report/rating.html).")
 @click.option("--score", "ratings", type=click.Path(exists=True, dir_okay=False), help="Score a downloaded CSV.")
-@click.option("--device", help="auto | cpu | cuda | cuda:N.")
+@device_option
 @_user_errors
 def rate(run_dir, config_path, baseline, latents, out, ratings, device):
     """Blind interpretability rating: write a rating page, or (--score) unblind a downloaded ratings CSV."""
+    from ghsae import pipeline
     from ghsae.analysis.rate import build_kit, score, table_lines
+    from ghsae.run import Run
 
     if ratings:
         for line in table_lines(score(Path(run_dir), Path(ratings))):
@@ -346,9 +329,11 @@ def rate(run_dir, config_path, baseline, latents, out, ratings, device):
         click.echo(f"written to {Path(run_dir) / 'report' / 'ratings.json'}; the next `ghsae report` shows it")
         return
     _quiet_libraries(True)
-    cfg = _config(config_path, {"report.device": device})
-    page, key = build_kit(cfg, Path(run_dir), Path(baseline) if baseline else None, latents, out)
-    click.echo(f"rating page: {page} ({len(key.items)} latents, kit {key.kit}); key kept in {Path(run_dir) / 'report'}")
+    cfg = pipeline.settings_for(run_dir, config_path, {"report.device": device}, ("report",))
+    run = Run.open(run_dir)
+    base = Run.open(baseline) if baseline else None
+    page, key = build_kit(cfg, run, pipeline.report_model(cfg, run), base, latents, Path(out) if out else None)
+    click.echo(f"rating page: {page} ({len(key.items)} latents, kit {key.kit}); key kept in {run.layout.report}")
 
 
 @main.command()
@@ -359,29 +344,11 @@ def rate(run_dir, config_path, baseline, latents, out, ratings, device):
 @_user_errors
 def export(run_dir, out, fmt, overwrite):
     """Write the run's SAEs for another library: one SAELens folder per layer, normalisation folded in."""
+    from ghsae.run import Run
     from ghsae.train.export import export_run
 
-    folders = export_run(Path(run_dir), Path(out), fmt, overwrite)
+    folders = export_run(Run.open(run_dir), Path(out), fmt, overwrite)
     click.echo(f"wrote {len(folders)} {fmt} SAE folders to {out} ({folders[0].name} .. {folders[-1].name})")
-
-
-def _check_run_readable(run_dir: Path) -> None:
-    """What `report` trusts, checked before the model load: config.json, tokens.npy, and every shard
-    verified against its record (the SAEs were trained on those rows)."""
-    from ghsae.cache.manifest import read_json, require_tokens
-    from ghsae.cache.verify import verify_run
-    from ghsae.errors import StoreError
-    from ghsae.layout import RunLayout
-
-    layout = RunLayout(run_dir)
-    read_json(layout.config)
-    require_tokens(layout)
-    problems, _ = verify_run(layout)
-    if problems:
-        raise StoreError(
-            problems[0]
-            + (f" (and {len(problems) - 1} more problems: see `ghsae verify {run_dir}`)" if len(problems) > 1 else "")
-        )
 
 
 @main.command()
@@ -390,16 +357,15 @@ def _check_run_readable(run_dir: Path) -> None:
 def verify(run_dir):
     """Check a run folder against its records: every shard's files, row counts, layer ids and checksums,
     the plan's files, and each trained SAE's files. Writes nothing; exit 2 on any problem."""
-    from ghsae.cache.verify import verify_run
     from ghsae.errors import StoreError
-    from ghsae.layout import RunLayout
-    from ghsae.train.io import load_sae
+    from ghsae.run import Run
+    from ghsae.sae import load_sae
 
-    layout = RunLayout(Path(run_dir))
-    problems, shards = verify_run(layout)
-    saes = sorted(p for p in layout.saes.iterdir() if p.is_dir()) if layout.saes.is_dir() else []
+    run = Run.open(run_dir)
+    problems, shards = run.verify()
+    saes = sorted(p for p in run.layout.saes.iterdir() if p.is_dir()) if run.layout.saes.is_dir() else []
     for folder in saes:
-        if layout.sae_trained(folder.name):
+        if run.layout.sae_trained(folder.name):
             try:
                 load_sae(folder)
             except GhsaeError as e:
@@ -419,29 +385,42 @@ def verify(run_dir):
 @_user_errors
 def info(run_dir, as_json):
     """What a run folder holds: groups, shards done and missing, sizes."""
-    from ghsae.cache.manifest import run_info
-    from ghsae.layout import RunLayout
+    from ghsae.layers import span
+    from ghsae.run import Run
 
-    data = run_info(RunLayout(Path(run_dir)))
+    data = Run.open(run_dir).info()
     if as_json:
-        click.echo(json.dumps(data))
+        click.echo(json.dumps(data.to_json()))
         return
-    click.echo(f"run {data['run_dir']} ({data['model']})")
-    for name, g in zip(data["group_names"], data["groups"]):
-        click.echo(f"  {name}: layers {g[0]}-{g[-1]} ({len(g)}), {data['rows_per_group'][name]:,} rows")
+    click.echo(f"run {data.run_dir} ({data.model})")
+    for name, g in zip(data.group_names, data.groups):
+        click.echo(f"  {name}: layers {span(g)} ({len(g)}), {data.rows_per_group[name]:,} rows")
     click.echo(
-        f"  shards {data['shards_done']}/{data['shards_total']} done"
-        + (f", missing {data['shards_missing'][:20]}" if data["shards_missing"] else "")
+        f"  shards {data.shards_done}/{data.shards_total} done"
+        + (f", missing {data.shards_missing[:20]}" if data.shards_missing else "")
     )
     click.echo(
-        f"  SAEs {len(data['saes_trained'])}/{len(data['group_names'])} trained"
-        + (f", missing {', '.join(data['saes_missing'])}" if data["saes_missing"] else "")
+        f"  SAEs {len(data.saes_trained)}/{len(data.group_names)} trained"
+        + (f", missing {', '.join(data.saes_missing)}" if data.saes_missing else "")
     )
-    if data["bytes_per_token"]:
+    if data.bytes_per_token:
         click.echo(
-            f"  {data['bytes_on_disk'] / 2**20:,.1f} MiB on disk, {data['bytes_per_token']:,.0f} B/token "
-            f"(every layer would take {data['per_layer_bytes_per_token']:,} B/token: {data['storage_ratio']:.1f}x more)"
+            f"  {data.bytes_on_disk / 2**20:,.1f} MiB on disk, {data.bytes_per_token:,.0f} B/token "
+            f"(every layer would take {data.per_layer_bytes_per_token:,} B/token: {data.storage_ratio:.1f}x more)"
         )
+
+
+@main.command(name="config")
+@click.argument("run_dir", required=False, type=click.Path(exists=True, file_okay=False))
+@config_option
+@_user_errors
+def show_config(run_dir, config_path):
+    """Print the settings a command would run with, as pipeline.toml: a run's own (RUN given), or the
+    --config file's, or the embedded default's. Redirect it to a file to start a config from."""
+    from ghsae import pipeline
+    from ghsae.config import to_toml
+
+    click.echo(to_toml(pipeline.settings_for(run_dir, config_path, {})), nl=False)
 
 
 if __name__ == "__main__":

@@ -361,32 +361,51 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 # --- reading TOML into the dataclasses -------------------------------------------------
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+    sections: tuple[str, ...] | None = None,
+) -> PipelineConfig:
     """Read pipeline.toml (the embedded default when path is None) and apply dotted overrides.
 
     overrides maps "section.key" to a value, e.g. {"harvest.tokens": 4096}; None values are ignored
     so CLI options that were not given leave the file's value in place.
+
+    With `base` (a run's own settings, as a dict), the settings start from it instead, and a file
+    given as `path` replaces only its `sections` (a section the file lacks becomes the defaults):
+    `ghsae fit --config F` takes F's [fit], not F's [harvest].
     """
-    if path is None and not DEFAULT_CONFIG_PATH.is_file():
-        # An installed (non-editable) copy has no pipeline.toml beside it; the dataclass
-        # defaults are the same embedded default (a test keeps the two in step).
-        raw: dict[str, Any] = {}
-        source = "<defaults>"
+    if base is not None:
+        raw = {k: dict(v) for k, v in base.items()}
+        source = "the run's settings"
+        if path is not None:
+            file_raw, source = read_toml(path)
+            for section in sections or tuple(file_raw):
+                raw[section] = dict(file_raw.get(section, {}))
     else:
-        path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found; pass --config with a pipeline.toml")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path} is not valid TOML: {e}") from e
-        source = str(path)
+        raw, source = read_toml(path)
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
         section, key = dotted.split(".", 1)
         raw.setdefault(section, {})[key] = value
     return config_from_dict(raw, source=source)
+
+
+def read_toml(path: str | Path | None) -> tuple[dict[str, Any], str]:
+    """(the file's tables, its name); path None: the embedded pipeline.toml."""
+    if path is None and not DEFAULT_CONFIG_PATH.is_file():
+        # An installed (non-editable) copy has no pipeline.toml beside it; the dataclass
+        # defaults are the same embedded default (a test keeps the two in step).
+        return {}, "<defaults>"
+    path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass --config with a pipeline.toml")
+    try:
+        return tomllib.loads(path.read_text()), str(path)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from e
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> PipelineConfig:

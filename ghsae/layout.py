@@ -11,7 +11,13 @@ RUN/manifest/shard-00012.json completion record of shard 12 (temp file, then ren
 RUN/manifest/shard-00012.npz  per-layer activation sums of shard 12 (written before the record)
 RUN/manifest/stats.json       per-layer normalisation statistics over all shards (once complete)
 RUN/manifest/stats.npz        per-layer mean vectors and scales over all shards (once complete)
+RUN/saes/fit.json             the fit settings this run's SAEs are trained with (written by `ghsae fit`)
 RUN/saes/<group>/             cfg.json + sae.safetensors, checkpoint.pt, metrics.parquet
+RUN/report/                   report.html, metrics.parquet, summary.md, settings.json, circuits.parquet,
+                              rating.html, rating-key.json, ratings.json
+
+Other formats' folders are named here too: a SAELens export (`ghsae export`) writes
+OUT/layer_XX/{cfg.json, sae_weights.safetensors}.
 """
 
 from __future__ import annotations
@@ -28,7 +34,21 @@ ACTS_STORE = "acts.zarr"
 MANIFEST_DIR = "manifest"
 SAES_DIR = "saes"
 SAE_WEIGHTS = "sae.safetensors"  # written last by `ghsae fit`, beside cfg.json
+SAE_CONFIG = "cfg.json"  # the SAE's record: architecture, sizes, layers, provenance
+CHECKPOINT = "checkpoint.pt"
+TRAINING_METRICS = "metrics.parquet"  # one row per logged training step
+FIT_SETTINGS = "fit.json"  # in saes/: the [fit] settings the run's SAEs are trained with
 REPORT_DIR = "report"
+REPORT_PAGE = "report.html"
+REPORT_METRICS = "metrics.parquet"  # one row per (SAE, layer)
+REPORT_SUMMARY = "summary.md"
+REPORT_SETTINGS = "settings.json"  # the [report] settings (and fit seed) the report was made with
+CIRCUITS = "circuits.parquet"
+RATING_PAGE = "rating.html"
+RATING_KEY = "rating-key.json"
+RATING_SCORES = "ratings.json"
+SAELENS_CONFIG = "cfg.json"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
 STATS_FILE = "stats.json"
 STATS_ARRAYS = "stats.npz"
 STAGING_PREFIX = ".staging-"
@@ -100,11 +120,19 @@ class RunLayout:
 
     def sae_trained(self, group: str) -> bool:
         """A group's SAE is done once its final weights exist (checkpoints alone do not count)."""
-        return (self.sae_dir(group) / SAE_WEIGHTS).is_file()
+        return sae_weights(self.sae_dir(group)).is_file()
+
+    @property
+    def fit_settings(self) -> Path:
+        return self.saes / FIT_SETTINGS
 
     @property
     def report(self) -> Path:
         return self.root / REPORT_DIR
+
+    def report_file(self, name: str) -> Path:
+        """A file of RUN/report/ (name: one of the REPORT_* / RATING_* / CIRCUITS constants)."""
+        return self.report / name
 
     def shard_record(self, shard: int) -> Path:
         return self.manifest / f"shard-{shard:05d}.json"
@@ -119,3 +147,31 @@ class RunLayout:
 
 def group_name(index: int) -> str:
     return f"group_{index:02d}"
+
+
+# --- an SAE folder (RUN/saes/<group>/, or any folder `ghsae fit` wrote) -------------------------
+
+
+def sae_config(folder: Path) -> Path:
+    return folder / SAE_CONFIG
+
+
+def sae_weights(folder: Path) -> Path:
+    return folder / SAE_WEIGHTS
+
+
+def sae_checkpoint(folder: Path) -> Path:
+    return folder / CHECKPOINT
+
+
+def sae_training_metrics(folder: Path) -> Path:
+    return folder / TRAINING_METRICS
+
+
+SAE_FILES = (SAE_WEIGHTS, SAE_CONFIG, CHECKPOINT, TRAINING_METRICS)
+"""Every file ghsae writes in an SAE folder (what `fit --overwrite` removes, and nothing else)."""
+
+
+def saelens_folder(out: Path, layer: int, width: int) -> Path:
+    """OUT/layer_XX: one SAELens folder per layer, numbered to the width of the deepest layer."""
+    return out / f"layer_{layer:0{width}d}"

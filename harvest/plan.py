@@ -22,15 +22,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ghsae.cache.manifest import Plan, load_plan, plan_complete, read_json, write_json_atomic
 from ghsae.config import PipelineConfig
 from ghsae.errors import ConfigError, ModelError, RunDirError
-from ghsae.harvest.model import LoadedModel
 from ghsae.harvest.partition import amad, choose_groups, solve
 from ghsae.harvest.similarity import canonical_distance, distance_matrix, probe_similarity
 from ghsae.harvest.text import dataset_description, iter_documents, iter_token_documents, pack_contexts, write_contexts
-from ghsae.layout import PLAN_FILE, RunLayout, group_name
+from ghsae.layers import span
+from ghsae.layout import PLAN_FILE, SIMILARITY_FILE, TOKENS_FILE, RunLayout, group_name
+from ghsae.lm import LoadedModel
 from ghsae.locks import wait_lock
+from ghsae.records import DatasetIdentity, GroupingRecord, Plan, TokenizerIdentity, load_record, save_record
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +89,10 @@ def ensure_plan(cfg: PipelineConfig, lm: LoadedModel, layout: RunLayout, progres
     Under the plan lock, so concurrent jobs plan once: the others wait, then read its plan.
     """
     if plan_complete(layout):
-        return load_plan(layout)
+        return load_record(Plan, layout.plan)
     with wait_lock(layout.lock("plan"), "the plan step"):
         if plan_complete(layout):
-            return load_plan(layout)
+            return load_record(Plan, layout.plan)
         layers = check_model_fits(cfg, lm)
         staging = layout.staging(f"plan-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         staging.mkdir(parents=True)
@@ -102,18 +103,23 @@ def ensure_plan(cfg: PipelineConfig, lm: LoadedModel, layout: RunLayout, progres
             os.rename(staging, layout.plan_dir)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return load_plan(layout)
+    return load_record(Plan, layout.plan)
+
+
+def plan_complete(layout: RunLayout) -> bool:
+    """Every file of the plan step is there (a deleted tokens.npy or plan.json makes harvest rebuild it)."""
+    return all(p.is_file() for p in (layout.plan, layout.tokens, layout.similarity))
 
 
 # What a rebuilt plan must share with the damaged one for the shards already written to stay valid.
-_PLAN_KEYS_THAT_MUST_MATCH = ("config_hash", "model", "dataset", "groups", "n_shards", "layers")
+_PLAN_FIELDS_THAT_MUST_MATCH = ("config_hash", "model", "dataset", "groups", "n_shards", "layers")
 
 
 def _replace_damaged_plan(layout: RunLayout, staging) -> None:
     """A file of plan/ was deleted: the rebuilt plan replaces it if it equals what is left of the old one."""
     if layout.plan.is_file():
-        old, new = read_json(layout.plan), read_json(staging / PLAN_FILE)
-        differ = [k for k in _PLAN_KEYS_THAT_MUST_MATCH if old.get(k) != new.get(k)]
+        old, new = load_record(Plan, layout.plan), load_record(Plan, staging / PLAN_FILE)
+        differ = [k for k in _PLAN_FIELDS_THAT_MUST_MATCH if getattr(old, k) != getattr(new, k)]
         if differ:
             raise RunDirError(
                 f"{layout.plan_dir} is incomplete and rebuilding it gives a different plan ({', '.join(differ)} "
@@ -135,10 +141,10 @@ def _build_plan(cfg: PipelineConfig, lm: LoadedModel, layers: list[int], staging
     _warn_missing_specials(tok, cfg.data.prepend_bos)
     docs = iter_documents(cfg.data.dataset, cfg.data.text_field, cfg.data.tokens_field)
     contexts = pack_contexts(iter_token_documents(docs, tok), ctx, bos, eos)
-    dataset_hash = write_contexts(staging / "tokens.npy", contexts, n_harvest + n_eval, ctx, cfg.data.dataset)
-    _check_token_ids(np.load(staging / "tokens.npy", mmap_mode="r"), lm)
+    dataset_hash = write_contexts(staging / TOKENS_FILE, contexts, n_harvest + n_eval, ctx, cfg.data.dataset)
+    _check_token_ids(np.load(staging / TOKENS_FILE, mmap_mode="r"), lm)
 
-    tokens = np.load(staging / "tokens.npy", mmap_mode="r")
+    tokens = np.load(staging / TOKENS_FILE, mmap_mode="r")
     probe = tokens[: math.ceil(min(hv.probe_tokens, hv.tokens) / ctx)]
     bar = tqdm(total=2 * probe.size, unit="tok", unit_scale=True, desc="probe", disable=not progress)
     sim = probe_similarity(lm, lambda: context_batches(probe, hv.batch_size, lm.device), layers, bar)
@@ -148,7 +154,7 @@ def _build_plan(cfg: PipelineConfig, lm: LoadedModel, layers: list[int], staging
     solution = solve(dist, gc.method, gc.objective)
     groups = choose_groups(solution, gc.groups, gc.amad_threshold, layers)
     np.savez(
-        staging / "similarity.npz",
+        staging / SIMILARITY_FILE,
         layers=np.array(layers),
         raw=sim.raw,
         centred=sim.centred,
@@ -158,50 +164,41 @@ def _build_plan(cfg: PipelineConfig, lm: LoadedModel, layers: list[int], staging
         probe_mean_norm=sim.stats.mean_norm,
         probe_mean_sq_norm=sim.stats.mean_sq_norm,
     )
-    plan = {
-        "config_hash": cfg.identity_hash(),
-        "model": {
-            "source": lm.source.description,
-            "fingerprint": lm.fingerprint,
-            "class": type(lm.model).__name__,
-        },
-        "tokenizer": {
-            "fingerprint": tokenizer_fingerprint(tok),
-            "bos": bos,
-            "eos": eos,
-            "special_ids": lm.special_ids,
-        },
-        "dataset": {**dataset_description(cfg.data.dataset), "fingerprint": dataset_hash},
-        "n_layers_model": lm.n_layers,
-        "d_model": lm.d_model,
-        "layers": layers,
-        "groups": groups,
-        "group_names": [group_name(i) for i in range(len(groups))],
-        "context_length": ctx,
-        "n_contexts_harvest": n_harvest,
-        "n_contexts_eval": n_eval,
-        "contexts_per_shard": per_shard,
-        "n_shards": math.ceil(n_harvest / per_shard),
-        "shard_rows": hv.shard_tokens,
-        "amad": {
-            "distance": canonical_distance(gc.distance),
-            "method": solution.method,
-            "threshold": gc.amad_threshold,
-            "objective": solution.objective,
-            "curve": solution.amad.tolist(),
-            "objective_curve": solution.value.tolist(),
-            "chosen_groups": len(groups),
-            "chosen_amad": _amad_of(dist, layers, groups),
-        },
-        "probe_tokens": sim.tokens,
-        "seconds": time.perf_counter() - t0,  # tokenise + probe + partition: part of the report's harvest cost A
-    }
-    write_json_atomic(staging / "plan.json", plan)
+    plan = Plan(
+        config_hash=cfg.identity_hash(),
+        model=lm.identity,
+        tokenizer=TokenizerIdentity(tokenizer_fingerprint(tok), bos, eos, tuple(lm.special_ids)),
+        dataset=DatasetIdentity.from_json({**dataset_description(cfg.data.dataset), "fingerprint": dataset_hash}),
+        n_layers_model=lm.n_layers,
+        d_model=lm.d_model,
+        layers=tuple(layers),
+        groups=tuple(tuple(g) for g in groups),
+        group_names=tuple(group_name(i) for i in range(len(groups))),
+        context_length=ctx,
+        n_contexts_harvest=n_harvest,
+        n_contexts_eval=n_eval,
+        contexts_per_shard=per_shard,
+        n_shards=math.ceil(n_harvest / per_shard),
+        shard_rows=hv.shard_tokens,
+        grouping=GroupingRecord(
+            distance=canonical_distance(gc.distance),
+            method=solution.method,
+            threshold=gc.amad_threshold,
+            objective=solution.objective,
+            curve=tuple(solution.amad.tolist()),
+            objective_curve=tuple(solution.value.tolist()),
+            chosen_groups=len(groups),
+            chosen_amad=_amad_of(dist, layers, groups),
+        ),
+        probe_tokens=sim.tokens,
+        seconds=time.perf_counter() - t0,  # tokenise + probe + partition: part of the report's harvest cost A
+    )
+    save_record(staging / PLAN_FILE, plan)
     log.info(
         "plan: %d layers in %d groups %s (%s distance, %s)",
         len(layers),
         len(groups),
-        [f"{g[0]}-{g[-1]}" for g in groups],
+        [span(g) for g in groups],
         canonical_distance(gc.distance),
         solution.method if solution.method == "agglomerative" else f"dp, {solution.objective}",
     )

@@ -19,11 +19,12 @@ import shutil
 import time
 from pathlib import Path
 
-from ghsae.cache.manifest import read_json, write_json_atomic
+from ghsae.atomic import read_json
 from ghsae.config import PipelineConfig
 from ghsae.errors import DamagedFileError, RunDirError
 from ghsae.layout import LOCKS_DIR, OWNED_NAMES, RUN_FORMAT, RUN_FORMAT_VERSION, STAGING_PREFIX, RunLayout
 from ghsae.locks import FileLock, hold_run, try_lock, wait_lock
+from ghsae.records import Plan, RunConfig, RunMarker, load_record, save_record
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +38,12 @@ def _own_entries(root: Path) -> list[Path]:
 def is_run_folder(layout: RunLayout) -> bool:
     """A ghsae run: its marker, or (made before markers) ghsae's own config.json beside plan/plan.json."""
     if layout.marker.is_file():
-        marker = read_json(layout.marker, fix="delete it only if this folder is not a ghsae run")
-        if not isinstance(marker, dict) or marker.get("format") != RUN_FORMAT:
+        marker = RunMarker.from_json(read_json(layout.marker, fix="delete it only if this folder is not a ghsae run"))
+        if marker.format != RUN_FORMAT:
             raise RunDirError(f"{layout.marker} is not a ghsae run marker; this folder is not a ghsae run")
-        if int(marker.get("version", 0)) > RUN_FORMAT_VERSION:
+        if marker.version > RUN_FORMAT_VERSION:
             raise RunDirError(
-                f"{layout.root} was made by a newer ghsae (run format {marker.get('version')}, this one reads "
+                f"{layout.root} was made by a newer ghsae (run format {marker.version}, this one reads "
                 f"{RUN_FORMAT_VERSION}); upgrade ghsae or use another --run-dir"
             )
         return True
@@ -82,14 +83,14 @@ def prepare_run_dir(layout: RunLayout, cfg: PipelineConfig, overwrite: bool) -> 
 def run_config_diffs(layout: RunLayout, cfg: PipelineConfig) -> list[str]:
     if layout.config.is_file():
         try:
-            return _config_diffs(read_json(layout.config).get("identity", {}), cfg.identity())
+            return _config_diffs(dict(load_record(RunConfig, layout.config).identity), cfg.identity())
         except DamagedFileError:
             if not layout.plan.is_file():
                 return [f"{layout.config} is damaged"]
             # config.json is derived from the config: with a plan of this config, it is rewritten
     if layout.plan.is_file():
         # killed between the plan's rename and config.json: the plan's hash still identifies the run
-        planned = read_json(layout.plan).get("config_hash")
+        planned = load_record(Plan, layout.plan).config_hash
         if planned != cfg.identity_hash():
             return [f"config hash {planned} in the run, {cfg.identity_hash()} now"]
     return []
@@ -116,9 +117,7 @@ def claim_run_dir(layout: RunLayout, cfg: PipelineConfig, overwrite: bool) -> Fi
         if diffs:
             _wipe(layout, run_lock, diffs)
         if not layout.marker.is_file():
-            write_json_atomic(
-                layout.marker, {"format": RUN_FORMAT, "version": RUN_FORMAT_VERSION, "created": time.time()}
-            )
+            save_record(layout.marker, RunMarker(RUN_FORMAT, RUN_FORMAT_VERSION, time.time()))
     except BaseException:
         run_lock.release()
         raise

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from ghsae import faults
-from ghsae.cache.manifest import Plan, save_npz_atomic, write_json_atomic
+from ghsae.atomic import save_npz_atomic
 from ghsae.cache.store import ActivationStore, ShardRows, to_storage
-from ghsae.cache.verify import file_sizes
 from ghsae.errors import HarvestError
-from ghsae.harvest.capture import capture_layers
-from ghsae.harvest.model import LoadedModel
+from ghsae.hooks import capture_layers
 from ghsae.layout import RunLayout
+from ghsae.lm import LoadedModel
+from ghsae.records import GroupRows, LayerSums, Plan, ShardRecord, save_record
 
 FLOAT16_MAX = 65504.0
 
@@ -37,12 +37,20 @@ class ShardDraws:
 
 def shard_draws(plan: Plan, seed: int, shard: int, tokens_CT: np.ndarray) -> ShardDraws:
     flat = tokens_CT.reshape(-1)
-    kept = np.flatnonzero(~np.isin(flat, plan.data["tokenizer"]["special_ids"]))
+    kept = np.flatnonzero(~np.isin(flat, plan.tokenizer.special_ids))
     rng = np.random.default_rng([seed, shard])
     # Draw for every position, special or not, so a draw depends only on its position.
     layers = np.stack([np.asarray(g)[rng.integers(0, len(g), size=flat.size)][kept] for g in plan.groups])
     order = rng.permutation(kept.size)
     return ShardDraws(kept=kept, layers=layers, order=order)
+
+
+@dataclass
+class ShardSums:
+    """A shard's per-layer sums: the counts and norm sums go into its record, sum_x into its .npz."""
+
+    sum_x: np.ndarray  # [L, d] float64
+    layers: dict[int, LayerSums]
 
 
 @dataclass
@@ -67,7 +75,7 @@ class ShardProducer:
         self.layer_index = {layer: i for i, layer in enumerate(plan.layers)}
         self.group_of = {layer: gi for gi, g in enumerate(plan.groups) for layer in g}
 
-    def produce(self, tokens: np.ndarray, shard: int, on_batch=None) -> tuple[dict[str, ShardRows], dict]:
+    def produce(self, tokens: np.ndarray, shard: int, on_batch=None) -> tuple[dict[str, ShardRows], ShardSums]:
         """Rows per group (shuffled, in storage dtype) and the per-layer statistics of this shard."""
         start, stop = self.plan.shard_contexts(shard)
         tokens_CT = np.array(tokens[start:stop])  # a private copy: the memmap is read-only
@@ -94,7 +102,7 @@ class ShardProducer:
             self._check_overflow(acc, shard)
             if on_batch is not None:
                 on_batch(input_ids.numel())
-        return self._assemble(outs, draws, tokens_CT, start), self._stats_json(acc)
+        return self._assemble(outs, draws, tokens_CT, start), self._sums(acc)
 
     def _batch_index(self, draws: ShardDraws, inverse: np.ndarray, k0: int, k1: int, offset: int):
         """Per layer: (positions in the flattened batch, destination rows), as device tensors."""
@@ -111,11 +119,11 @@ class ShardProducer:
 
     def _new_acc(self) -> _LayerStatsAcc:
         L, d, dev = len(self.plan.layers), self.lm.d_model, self.lm.device
-        f64 = dict(dtype=torch.float64, device=dev)
+        f64 = torch.float64
         return _LayerStatsAcc(
-            sum_x=torch.zeros(L, d, **f64),
-            sum_norm=torch.zeros(L, **f64),
-            sum_sq=torch.zeros(L, **f64),
+            sum_x=torch.zeros(L, d, dtype=f64, device=dev),
+            sum_norm=torch.zeros(L, dtype=f64, device=dev),
+            sum_sq=torch.zeros(L, dtype=f64, device=dev),
             count=torch.zeros(L, dtype=torch.int64, device=dev),
             max_abs=torch.zeros((), dtype=torch.float32, device=dev),
         )
@@ -157,18 +165,14 @@ class ShardProducer:
             )
         return rows
 
-    def _stats_json(self, acc: _LayerStatsAcc) -> dict:
-        return {
-            "sum_x": acc.sum_x.cpu().numpy(),
-            "layer_stats": {
-                str(layer): {
-                    "count": int(acc.count[i]),
-                    "sum_norm": float(acc.sum_norm[i]),
-                    "sum_sq_norm": float(acc.sum_sq[i]),
-                }
+    def _sums(self, acc: _LayerStatsAcc) -> ShardSums:
+        return ShardSums(
+            sum_x=acc.sum_x.cpu().numpy(),
+            layers={
+                layer: LayerSums(int(acc.count[i]), float(acc.sum_norm[i]), float(acc.sum_sq[i]))
                 for i, layer in enumerate(self.plan.layers)
             },
-        }
+        )
 
 
 def commit_shard(
@@ -177,36 +181,35 @@ def commit_shard(
     plan: Plan,
     shard: int,
     rows: dict[str, ShardRows],
-    stats: dict,
+    sums: ShardSums,
     seconds: float,
-) -> dict:
+) -> ShardRecord:
     """Write a shard's rows, then its sums, then (last, atomically) its completion record."""
     tag = f"shard-{shard:05d}"
     faults.point(f"{tag}/before-write", layout.acts)
     for name, group_rows in rows.items():
         store.write_shard(name, shard, group_rows)
         faults.point(f"{tag}/after-{name}", layout.acts / name)
-    save_npz_atomic(layout.shard_sums(shard), sum_x=stats["sum_x"])
+    save_npz_atomic(layout.shard_sums(shard), sum_x=sums.sum_x)
     faults.point(f"{tag}/before-record", layout.shard_record(shard))
-    start, stop = plan.shard_contexts(shard)
-    record = {
-        "shard": shard,
-        "config_hash": plan.data["config_hash"],
-        "contexts": [start, stop],
-        "stored_tokens": len(next(iter(rows.values()))),
-        "groups": {
-            name: {
-                "rows": len(r),
-                "layer_counts": {str(int(k)): int(c) for k, c in zip(*np.unique(r.layer, return_counts=True))},
-                "checksums": r.checksums(),
-                "files": file_sizes(store, name, shard),  # verification compares these first (cheap)
-            }
+    record = ShardRecord(
+        shard=shard,
+        config_hash=plan.config_hash,
+        contexts=plan.shard_contexts(shard),
+        stored_tokens=len(next(iter(rows.values()))),
+        groups={
+            name: GroupRows(
+                rows=len(r),
+                layer_counts={int(k): int(c) for k, c in zip(*np.unique(r.layer, return_counts=True))},
+                checksums=r.checksums(),
+                files=store.file_sizes(name, shard),  # verification compares these first (cheap)
+            )
             for name, r in rows.items()
         },
-        "layer_stats": stats["layer_stats"],
-        "seconds": round(seconds, 3),
-        "written_at": time.time(),
-    }
-    write_json_atomic(layout.shard_record(shard), record)
+        layer_stats=sums.layers,
+        seconds=round(seconds, 3),
+        written_at=time.time(),
+    )
+    save_record(layout.shard_record(shard), record)
     faults.point(f"{tag}/after-record", layout.shard_record(shard))
     return record

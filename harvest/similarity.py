@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ghsae.harvest.capture import capture_layers
-from ghsae.harvest.model import LoadedModel
+from ghsae.hooks import capture_layers
+from ghsae.lm import LoadedModel
 
 DISTANCES = ("raw", "layer-centred")
 ALIASES = {"centred": "layer-centred"}

@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import SPECIALS, WORDS
 from ghsae.analysis import tasks as T
-from ghsae.harvest.model import LoadedModel, ModelSource
+from ghsae.lm import LoadedModel, ModelSource
 
 
 def task_vocabulary() -> list[str]:

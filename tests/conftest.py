@@ -108,7 +108,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_llama):
     """The tiny Llama loaded once, for tests that harvest it several times."""
-    from ghsae.harvest.model import load_model
+    from ghsae.lm import load_model
 
     return load_model(str(tiny_llama), "cpu", "float32")
 

@@ -69,7 +69,7 @@ def small_cfg(tiny_llama, text_dataset):
 
 @pytest.fixture(scope="session")
 def harvested_template(small_cfg, tiny_lm, tmp_path_factory) -> Path:
-    from ghsae.harvest.run import harvest
+    from ghsae.pipeline import harvest
 
     run = tmp_path_factory.mktemp("harvested") / "run"
     harvest(small_cfg, run, progress=False, lm=tiny_lm)
@@ -78,7 +78,7 @@ def harvested_template(small_cfg, tiny_lm, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def fitted_template(small_cfg, harvested_template, tmp_path_factory) -> Path:
-    from ghsae.train.fit import fit
+    from ghsae.pipeline import fit
 
     run = tmp_path_factory.mktemp("fitted") / "run"
     shutil.copytree(harvested_template, run)

@@ -19,9 +19,9 @@ from conftest import tiny_config
 from ghsae.analysis.rate import KEY_FILE, RatingError, RatingKey, score, wilson
 from ghsae.cli import main
 from ghsae.config import to_toml
-from ghsae.harvest.model import load_model
-from ghsae.harvest.run import harvest
-from ghsae.train.fit import fit
+from ghsae.pipeline import harvest
+from ghsae.lm import load_model
+from ghsae.pipeline import fit
 
 FIT = {"fit.expansion": 2, "fit.k": 4, "fit.batch_size": 128, "fit.tokens": 1024, "fit.lr": 3e-3}
 REPORT = {"report.ce_tokens": 128, "report.latents_shown": 2, "report.examples_per_latent": 2}

@@ -13,8 +13,8 @@ from ghsae.analysis import tasks as T
 from ghsae.analysis.circuits import CircuitTarget, Dictionary, TaskRunner, n_grid, random_like, run_task
 from ghsae.config import TASKS
 from ghsae.errors import ConfigError
-from ghsae.harvest.model import load_model
-from ghsae.train.sae import SAEConfig, build_sae
+from ghsae.lm import load_model
+from ghsae.sae import SAEConfig, build_sae
 
 
 @pytest.fixture(scope="module")

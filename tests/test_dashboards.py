@@ -8,7 +8,7 @@ import torch
 from circuit_fixtures import linear_lm
 
 from ghsae.analysis.dashboards import collect, logit_tokens
-from ghsae.train.sae import SAEConfig, build_sae
+from ghsae.sae import SAEConfig, build_sae
 
 
 def _sae(lm, layers):

@@ -11,9 +11,9 @@ from test_fit import harvested
 
 from conftest import needs_module
 from ghsae.cli import main
+from ghsae.sae import SAEConfig, build_sae
 from ghsae.train.export import write_saelens_folder
-from ghsae.train.fit import fit
-from ghsae.train.sae import SAEConfig, build_sae
+from ghsae.pipeline import fit
 
 pytestmark = needs_module("sae_lens", "pip install -e '.[saelens]' (.ci/run installs it)")
 

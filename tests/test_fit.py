@@ -17,10 +17,11 @@ from ghsae.cache.manifest import group_shard_rows, load_plan
 from ghsae.cache.store import ActivationStore, to_float32
 from ghsae.config import to_toml
 from ghsae.errors import GhsaeError, StoreError
-from ghsae.harvest.run import ShardSlice, harvest
+from ghsae.harvest.steps import ShardSlice
+from ghsae.pipeline import harvest
 from ghsae.layout import RunLayout
-from ghsae.train.fit import fit
-from ghsae.train.io import load_sae
+from ghsae.sae import load_sae
+from ghsae.pipeline import fit
 
 
 def harvested(tmp_path, tiny_llama, text_dataset, lm, **overrides):
@@ -97,12 +98,12 @@ def test_fit_refuses_an_incomplete_store_unless_allowed(tmp_path, tiny_llama, te
     cfg = tiny_config(
         tiny_llama, text_dataset, **{"fit.expansion": 2, "fit.k": 4, "fit.batch_size": 64, "fit.tokens": 256}
     )
-    harvest(cfg, tmp_path / "run", ShardSlice(0, 2), progress=False, lm=tiny_lm)
+    harvest(cfg, tmp_path / "run", shards=ShardSlice(0, 2), progress=False, lm=tiny_lm)
     with pytest.raises(StoreError, match=r"shards \[1, 3\] .* not harvested.*--allow-partial"):
         fit(cfg, tmp_path / "run", progress=False)
-    assert fit(cfg, tmp_path / "run", ["group_00"], allow_partial=True, progress=False)[0].tokens >= 256
+    assert fit(cfg, tmp_path / "run", groups=["group_00"], allow_partial=True, progress=False)[0].tokens >= 256
     with pytest.raises(GhsaeError, match="--group group_99 is not in this run"):
-        fit(cfg, tmp_path / "run", ["group_99"], allow_partial=True, progress=False)
+        fit(cfg, tmp_path / "run", groups=["group_99"], allow_partial=True, progress=False)
 
 
 def test_a_checkpoint_of_another_sae_shape_is_refused(tmp_path, tiny_llama, text_dataset, tiny_lm):
@@ -113,7 +114,7 @@ def test_a_checkpoint_of_another_sae_shape_is_refused(tmp_path, tiny_llama, text
         tiny_lm,
         **{"fit.expansion": 2, "fit.k": 4, "fit.batch_size": 64, "fit.tokens": 256},
     )
-    fit(cfg, layout.root, ["group_00"], progress=False)
+    fit(cfg, layout.root, groups=["group_00"], progress=False)
     (layout.sae_dir("group_00") / "sae.safetensors").unlink()
     bigger = tiny_config(
         tiny_llama,
@@ -127,7 +128,7 @@ def test_a_checkpoint_of_another_sae_shape_is_refused(tmp_path, tiny_llama, text
         },
     )
     with pytest.raises(GhsaeError, match="n_latents: 64 in the checkpoint, 128 now"):
-        fit(bigger, layout.root, ["group_00"], progress=False)
+        fit(bigger, layout.root, groups=["group_00"], progress=False)
 
 
 def test_a_nan_loss_stops_training_and_names_the_step(tmp_path, tiny_llama, text_dataset, tiny_lm):
@@ -146,7 +147,7 @@ def test_a_nan_loss_stops_training_and_names_the_step(tmp_path, tiny_llama, text
         },
     )
     with pytest.raises(GhsaeError, match=r"loss became .* at step \d+"):
-        fit(cfg, layout.root, ["group_00"], progress=False)
+        fit(cfg, layout.root, groups=["group_00"], progress=False)
 
 
 def test_fit_killed_and_resumed_ends_with_the_same_weights(tmp_path, tiny_llama, text_dataset, tiny_lm):
@@ -201,7 +202,7 @@ def test_transfer_init_from_copies_a_neighbours_weights_and_keeps_its_own_normal
 ):
     small = {"fit.expansion": 2, "fit.k": 4, "fit.batch_size": 64, "fit.tokens": 512}
     cfg, layout = harvested(tmp_path, tiny_llama, text_dataset, tiny_lm, **small)
-    source = fit(cfg, layout.root, ["group_00"], progress=False)[0]
+    source = fit(cfg, layout.root, groups=["group_00"], progress=False)[0]
     donor = load_sae(source.folder)
     transfer = tiny_config(
         tiny_llama,
@@ -214,7 +215,7 @@ def test_transfer_init_from_copies_a_neighbours_weights_and_keeps_its_own_normal
             "fit.init_from": source.folder,
         },
     )
-    result = fit(transfer, layout.root, ["group_01"], progress=False)[0]
+    result = fit(transfer, layout.root, groups=["group_01"], progress=False)[0]
     sae = load_sae(result.folder)
     assert sae.cfg.layers == [3, 4, 5]
     # with a vanishing learning rate one step leaves the copied decoder in place
@@ -229,7 +230,7 @@ def test_transfer_init_from_copies_a_neighbours_weights_and_keeps_its_own_normal
 
     shutil.rmtree(layout.sae_dir("group_01"))
     with pytest.raises(GhsaeError, match=r"init_from .* m=64; this group needs topk with d=32, m=128"):
-        fit(wrong, layout.root, ["group_01"], progress=False)
+        fit(wrong, layout.root, groups=["group_01"], progress=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the pinned-buffer, side-stream path)")

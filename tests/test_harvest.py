@@ -9,9 +9,9 @@ from ghsae.cache.manifest import load_plan, load_shard_record, run_info
 from ghsae.cache.store import ActivationStore, to_float32
 from ghsae.config import config_from_dict, load_config, to_toml
 from ghsae.errors import HarvestError, StoreError
-from ghsae.harvest.model import load_model
-from ghsae.harvest.run import harvest
+from ghsae.pipeline import harvest
 from ghsae.layout import RunLayout
+from ghsae.lm import load_model
 
 
 def all_rows(layout: RunLayout):

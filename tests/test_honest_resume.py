@@ -20,8 +20,9 @@ from runs import (  # noqa: F401  (fixtures)
 )
 from safetensors.torch import load_file
 
-from ghsae.harvest.run import ShardSlice, harvest
-from ghsae.train.fit import fit
+from ghsae.harvest.steps import ShardSlice
+from ghsae.pipeline import harvest
+from ghsae.pipeline import fit
 
 GROUP = "group_00"
 
@@ -49,7 +50,7 @@ def test_a_refit_with_another_lr_is_refused_then_started_over_on_request(tmp_pat
     fresh = tmp_path / "fresh"
     shutil.copytree(fitted_run, fresh)
     shutil.rmtree(fresh / "saes")
-    fit(small_config(*_model_and_data(small_cfg), **{"fit.lr": 0.01}), fresh, [GROUP], progress=False)
+    fit(small_config(*_model_and_data(small_cfg), **{"fit.lr": 0.01}), fresh, groups=[GROUP], progress=False)
     for name, tensor in weights(fresh).items():
         assert torch.equal(tensor, weights(fitted_run)[name]), name
 
@@ -64,9 +65,9 @@ def test_a_fit_begun_with_allow_partial_is_not_continued_on_the_completed_store(
     tmp_path, small_cfg, tiny_lm, fitted_run
 ):
     run = tmp_path / "partial"
-    harvest(small_cfg, run, ShardSlice(0, 2), progress=False, lm=tiny_lm)
-    fit(small_cfg, run, [GROUP], allow_partial=True, progress=False)
-    harvest(small_cfg, run, ShardSlice(1, 2), progress=False, lm=tiny_lm)
+    harvest(small_cfg, run, shards=ShardSlice(0, 2), progress=False, lm=tiny_lm)
+    fit(small_cfg, run, groups=[GROUP], allow_partial=True, progress=False)
+    harvest(small_cfg, run, shards=ShardSlice(1, 2), progress=False, lm=tiny_lm)
     config = write_config(tmp_path, small_cfg)
     r = cli(["fit", "--config", config, "--run-dir", run, "--group", GROUP, "--no-progress"])
     assert r.exit_code == 2

@@ -14,7 +14,7 @@ from ghsae.analysis.metrics import (
     token_ce_and_kl,
 )
 from ghsae.analysis.splice import Splicer
-from ghsae.harvest.model import load_model
+from ghsae.lm import load_model
 
 
 def test_reconstruction_metrics_by_hand():

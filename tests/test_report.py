@@ -18,10 +18,10 @@ from ghsae.analysis.report import write_report
 from ghsae.cli import main
 from ghsae.config import to_toml
 from ghsae.errors import ConfigError, StoreError
-from ghsae.harvest.model import load_model
-from ghsae.harvest.run import harvest
-from ghsae.train.fit import fit
-from ghsae.train.sae import SAEConfig, build_sae
+from ghsae.pipeline import harvest
+from ghsae.lm import load_model
+from ghsae.sae import SAEConfig, build_sae
+from ghsae.pipeline import fit
 
 FIT = {"fit.expansion": 2, "fit.k": 4, "fit.batch_size": 128, "fit.tokens": 1024, "fit.lr": 3e-3}
 REPORT = {"report.ce_tokens": 128, "report.latents_shown": 2, "report.examples_per_latent": 2}

@@ -17,9 +17,10 @@ from conftest import tiny_config
 from ghsae.cache.manifest import load_plan
 from ghsae.config import to_toml
 from ghsae.faults import FAULT_ENV
-from ghsae.harvest.model import load_model
-from ghsae.harvest.run import ShardSlice, harvest
+from ghsae.harvest.steps import ShardSlice
+from ghsae.pipeline import harvest
 from ghsae.layout import RunLayout
+from ghsae.lm import load_model
 
 
 def store_files(run: Path) -> dict[str, bytes]:
@@ -118,9 +119,9 @@ def test_shard_slices_run_one_after_the_other_equal_one_whole_run(tiny_llama, te
     cfg = tiny_config(tiny_llama, text_dataset)
     lm = load_model(str(tiny_llama), "cpu", "float32")
     harvest(cfg, tmp_path / "whole", progress=False, lm=lm)
-    first = harvest(cfg, tmp_path / "split", ShardSlice(0, 2), progress=False, lm=lm)
+    first = harvest(cfg, tmp_path / "split", shards=ShardSlice(0, 2), progress=False, lm=lm)
     assert first.info["shards_missing"] == [1, 3]
-    harvest(cfg, tmp_path / "split", ShardSlice(1, 2), progress=False, lm=lm)
+    harvest(cfg, tmp_path / "split", shards=ShardSlice(1, 2), progress=False, lm=lm)
     assert_same_store(tmp_path / "whole", tmp_path / "split")
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from ghsae.config import ARCHITECTURES, AUXK_NORMALISATIONS
-from ghsae.train.io import SAELoadError, load_sae, save_sae
-from ghsae.train.sae import AUXK_NORMALISATIONS as SAE_AUXK_NORMALISATIONS
-from ghsae.train.sae import REGISTRY, SAEConfig, build_sae, fvu, register
+from ghsae.sae import AUXK_NORMALISATIONS as SAE_AUXK_NORMALISATIONS
+from ghsae.sae import REGISTRY, SAEConfig, build_sae, fvu, register
+from ghsae.sae import SAELoadError, load_sae, save_sae
 
 
 def planted_data(n_atoms=64, d=32, n=20000, active=3, seed=0):

@@ -18,9 +18,9 @@ from ghsae.cli import main
 from ghsae.config import to_toml
 from ghsae.distributed import cluster_client, fit_on_cluster, harvest_on_cluster
 from ghsae.errors import ConfigError
-from ghsae.harvest.run import harvest
+from ghsae.pipeline import harvest
 from ghsae.layout import RunLayout
-from ghsae.train.io import load_sae
+from ghsae.sae import load_sae
 
 TESTS = str(Path(__file__).parent)
 

@@ -12,8 +12,8 @@ from test_sae import planted_data
 
 from ghsae.cache.loader import LoaderBatch
 from ghsae.config import FitConfig
-from ghsae.train.sae import SAEConfig, build_sae, dead_window
-from ghsae.train.sparse import SparseCodes
+from ghsae.sae import SAEConfig, build_sae, dead_window
+from ghsae.sae.sparse import SparseCodes
 from ghsae.train.trainer import Trainer
 
 

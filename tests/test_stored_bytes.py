@@ -55,6 +55,7 @@ EXPECTED = {  # recorded on main at 0ed3b33, before issue 11's reshape
     "plan/plan.json": "abbcfd7c505086a0",
     "plan/similarity.npz": "744f5b2dbbfca935",
     "plan/tokens.npy": "1a29492758c6f50f",
+    "saes/fit.json": "164d9fdab4dbebcd",  # new in issue 11: the fit settings the run's SAEs are trained with
     "saes/group_00/cfg.json": "4898af1ff38c2a47",
     "saes/group_00/checkpoint.pt": "e63bfd9e41dea1d9",
     "saes/group_00/metrics.parquet": "adec4b70eb140131",
@@ -136,8 +137,8 @@ def run_digests(run: Path) -> dict[str, str]:
 
 def build_tiny_run(folder: Path) -> Path:
     """Harvest and fit the small two-group config, with paths relative to `folder` (the cwd)."""
-    from ghsae.harvest.run import harvest
-    from ghsae.train.fit import fit
+    from ghsae.pipeline import harvest
+    from ghsae.pipeline import fit
 
     save_tiny_model(Path("model"), "llama")
     with open("docs.jsonl", "w") as fh:

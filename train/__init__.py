@@ -1,1 +1,9 @@
-"""Stage 2: SAE architectures (one registry), the trainer, checkpoints, export and load."""
+"""The fit stage (`ghsae fit`, `ghsae export`): the trainer, checkpoints, provenance, the fit of one
+group's SAE and the SAELens export. The SAE architectures themselves are ghsae.sae.
+
+`ghsae.train.load_sae(path)` loads a trained SAE folder (the same function as ghsae.load_sae).
+"""
+
+from ghsae.sae import load_sae
+
+__all__ = ["load_sae"]

@@ -17,20 +17,15 @@ inference (`rescale_acts_by_decoder_norm` stays false, so top-k selection is unc
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from ghsae.cache.manifest import load_plan
+from ghsae.atomic import json_bytes, save_safetensors_atomic, staged_folder, write_bytes_atomic
 from ghsae.errors import ConfigError, StoreError
-from ghsae.layout import RunLayout
-from ghsae.train.io import load_sae
-from ghsae.train.sae import BatchTopKSAE, JumpReLUSAE, SparseAutoencoder
+from ghsae.layout import SAELENS_CONFIG, SAELENS_WEIGHTS, saelens_folder
+from ghsae.run import Run
+from ghsae.sae import BatchTopKSAE, JumpReLUSAE, SparseAutoencoder
 
 FORMATS = ("saelens",)
 SAELENS_FORMAT_VERSION = "6.0.0"  # the cfg.json layout written here (SAELens >= 6 reads it as is)
@@ -91,40 +86,35 @@ def write_saelens_folder(sae: SparseAutoencoder, layer: int, folder: Path, metad
             "ghsae_group_layers": sae.cfg.layers,
         },
     }
-    tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "sae_weights.safetensors"))
-    (tmp / "cfg.json").write_text(json.dumps(cfg, indent=1))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    with staged_folder(folder) as tmp:
+        save_safetensors_atomic(tmp / SAELENS_WEIGHTS, {k: v.contiguous() for k, v in state.items()})
+        write_bytes_atomic(tmp / SAELENS_CONFIG, json_bytes(cfg))
 
 
-def export_run(run_dir: Path, out: Path, fmt: str = "saelens", overwrite: bool = False) -> list[Path]:
+def export_run(run: Run, out: Path, fmt: str = "saelens", overwrite: bool = False) -> list[Path]:
     """Export every group SAE of a fitted run: one folder per layer, named `layer_XX`."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not supported; expected one of {', '.join(FORMATS)}")
-    layout = RunLayout(run_dir)
-    plan = load_plan(layout)
-    missing = [g for g in plan.group_names if not layout.sae_trained(g)]
+    plan = run.plan
+    missing = [g for g in plan.group_names if not run.sae_trained(g)]
     if missing:
-        raise StoreError(f"{run_dir} has no trained SAE for {', '.join(missing)}; run `ghsae fit --run-dir {run_dir}`")
+        raise StoreError(f"{run.root} has no trained SAE for {', '.join(missing)}; run `ghsae fit --run-dir {run.root}`")
     width = len(str(max(plan.layers)))
-    targets = {layer: out / f"layer_{layer:0{width}d}" for layer in plan.layers}
+    targets = {layer: saelens_folder(out, layer, width) for layer in plan.layers}
     clashes = [str(p) for p in targets.values() if p.exists()]
     if clashes and not overwrite:
         raise ConfigError(f"{clashes[0]} already exists ({len(clashes)} folders would be replaced); pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     metadata = {
-        "model_name": plan.data["model"]["source"],
-        "model_class_name": plan.data["model"]["class"],
+        "model_name": plan.model.source,
+        "model_class_name": plan.model.class_name,
         "context_size": plan.context_length,
-        "dataset_path": plan.data["dataset"]["spec"],
-        "ghsae_run": str(run_dir),
-        "ghsae_config_hash": plan.data["config_hash"],
+        "dataset_path": plan.dataset.spec,
+        "ghsae_run": str(run.root),
+        "ghsae_config_hash": plan.config_hash,
     }
     for name in plan.group_names:
-        sae = load_sae(layout.sae_dir(name))
+        sae = run.sae(name)
         for layer in sae.cfg.layers:
             write_saelens_folder(sae, layer, targets[layer], {**metadata, "ghsae_group": name})
     return [targets[layer] for layer in plan.layers]

@@ -20,29 +20,23 @@ from pathlib import Path
 
 import torch
 
-from ghsae.cache.loader import ActivationLoader, GroupReader, layer_lookup_table
-from ghsae.cache.manifest import (
-    NormStats,
-    Plan,
-    aggregate_stats,
-    done_shards,
-    group_shard_rows,
-    load_plan,
-    read_json,
-)
-from ghsae.cache.store import ActivationStore
-from ghsae.cache.verify import ShardVerifier
-from ghsae.config import PipelineConfig
+from ghsae.cache.loader import ActivationLoader, GroupReader
+from ghsae.cache.stats import NormStats
+from ghsae.config import PipelineConfig, config_from_dict
+from ghsae.device import pick_device
 from ghsae.errors import ConfigError, StoreError
-from ghsae.harvest.model import pick_device
-from ghsae.layout import SAE_WEIGHTS, RunLayout
+from ghsae.layers import layer_lookup_table
+from ghsae.layout import SAE_FILES, sae_config
 from ghsae.locks import hold_run, wait_lock
-from ghsae.train.io import CHECKPOINT, METRICS, SAE_CONFIG, load_sae, save_sae
-from ghsae.train.provenance import provenance, provenance_diffs
-from ghsae.train.sae import SAEConfig, SparseAutoencoder, build_sae, dead_window
+from ghsae.records import Provenance, SAERecord, load_record
+from ghsae.run import Run
+from ghsae.sae import SAEConfig, SparseAutoencoder, build_sae, dead_window, load_sae, save_sae
+from ghsae.train.provenance import fit_settings, provenance, provenance_diffs, settings_diffs
 from ghsae.train.trainer import ResumeRefused, Trainer
 
 log = logging.getLogger(__name__)
+
+FIT_DEVICE_OPTION = "fit.device (--device)"
 
 
 @dataclass
@@ -55,115 +49,111 @@ class FitResult:
     folder: str
 
 
-def fit(
-    cfg: PipelineConfig,
-    run_dir: str | Path,
-    groups: list[str] | None = None,
-    allow_partial: bool = False,
-    progress: bool = True,
-    restart: bool = False,
-) -> list[FitResult]:
-    """Train (or resume, or skip when already trained with these settings on this store) each group's SAE.
-
-    restart (--overwrite): an SAE trained or begun with other settings or another store is started
-    over instead of refused.
-    """
-    layout = RunLayout(Path(run_dir))
-    plan = load_plan(layout)
-    done = done_shards(layout, plan)
-    if len(done) < plan.n_shards and not allow_partial:
-        missing = [s for s in range(plan.n_shards) if s not in set(done)]
+def shards_to_fit(run: Run, allow_partial: bool) -> list[int]:
+    """The done shards an SAE trains on: all of them, or (allow_partial) those harvested so far."""
+    done = run.done_shards()
+    missing = run.missing_shards()
+    if missing and not allow_partial:
         raise StoreError(
-            f"{layout.root} is incomplete: shards {missing[:10]}{' ...' if len(missing) > 10 else ''} "
-            f"({len(missing)} of {plan.n_shards}) are not harvested. Finish `ghsae harvest`, or pass --allow-partial"
+            f"{run.root} is incomplete: shards {missing[:10]}{' ...' if len(missing) > 10 else ''} "
+            f"({len(missing)} of {run.plan.n_shards}) are not harvested. Finish `ghsae harvest`, or pass --allow-partial"
         )
     if not done:
-        raise StoreError(f"{layout.root} has no harvested shard; run `ghsae harvest` first")
-    names = selected_groups(plan, groups)
-    pick_device(cfg.fit.device, option="fit.device (--device)")  # a bad device fails before any work
-    with hold_run(layout):
-        stats = aggregate_stats(layout, plan, done)  # once: every group's SAE takes its layers' rows of it
-        return [fit_group(cfg, layout, plan, name, done, stats, progress, restart) for name in names]
+        raise StoreError(f"{run.root} has no harvested shard; run `ghsae harvest` first")
+    return done
 
 
-def selected_groups(plan: Plan, groups: list[str] | None) -> list[str]:
+def selected_groups(run: Run, groups: list[str] | None) -> list[str]:
     """The groups to train: those named (each checked against the run), or every group."""
-    names = groups or plan.group_names
-    unknown = [g for g in names if g not in plan.group_names]
+    names = groups or list(run.plan.group_names)
+    unknown = [g for g in names if g not in run.plan.group_names]
     if unknown:
-        raise ConfigError(f"--group {unknown[0]} is not in this run; it has {', '.join(plan.group_names)}")
+        raise ConfigError(f"--group {unknown[0]} is not in this run; it has {', '.join(run.plan.group_names)}")
     return names
 
 
+def check_fit_settings(run: Run, cfg: PipelineConfig, overwrite: bool) -> list[str]:
+    """Refuse fit settings other than the ones the run's SAEs are trained with (saes/fit.json),
+    listing the differing keys, unless `overwrite`; returns those differences."""
+    saved = run.fit_settings()
+    if saved is None:
+        return []
+    saved_cfg = config_from_dict({"fit": dict(saved.fit)}, source=str(run.layout.fit_settings))
+    diffs = settings_diffs(fit_settings(saved_cfg), fit_settings(cfg), "run")
+    if diffs and not overwrite:
+        raise ResumeRefused(
+            f"{run.layout.fit_settings}: this run's SAEs are trained with other fit settings "
+            f"({'; '.join(diffs[:6])}{'; ...' if len(diffs) > 6 else ''}). Drop --config / the flags to use the "
+            "run's own, or pass --overwrite to train its SAEs again with these"
+        )
+    return diffs
+
+
 def fit_group(
-    cfg: PipelineConfig,
-    layout: RunLayout,
-    plan: Plan,
-    group: str,
-    shards: list[int],
-    stats: NormStats,
-    progress: bool,
-    restart: bool = False,
+    run: Run, cfg: PipelineConfig, group: str, shards: list[int], *, progress: bool = True, restart: bool = False
 ) -> FitResult:
-    """One group's SAE, under its lock: a second process fitting the same group waits, then finds it done."""
-    with wait_lock(layout.lock(f"sae-{group}"), f"the SAE of {group}"):
-        record = provenance(cfg, layout, plan, group, shards)
-        done = _already_trained(layout, group, record, restart)
+    """One group's SAE, under its lock: a second process fitting the same group waits, then finds it done.
+
+    Trains (or resumes, or skips when already trained with these settings on this store) the SAE.
+    restart (--overwrite): an SAE trained or begun with other settings or another store is started
+    over instead of refused.
+    """
+    pick_device(cfg.fit.device, option=FIT_DEVICE_OPTION)  # a bad device fails before any work
+    with hold_run(run.layout), wait_lock(run.layout.lock(f"sae-{group}"), f"the SAE of {group}"):
+        record = provenance(cfg, run, group, shards)
+        done = _already_trained(run, group, record, restart)
         if done is not None:
             return done
-        return _train_group(cfg, layout, plan, group, shards, stats, progress, record, restart)
+        return _train_group(run, cfg, group, shards, run.norm_stats(shards), progress, record, restart)
 
 
-def _already_trained(layout: RunLayout, group: str, record: dict, restart: bool) -> FitResult | None:
+def _already_trained(run: Run, group: str, record: Provenance, restart: bool) -> FitResult | None:
     """The FitResult of an SAE already trained with these settings on this store (nothing is written);
     None when it must be trained. One trained otherwise is refused, or with restart removed."""
-    folder = layout.sae_dir(group)
-    if not layout.sae_trained(group):
+    folder = run.layout.sae_dir(group)
+    if not run.sae_trained(group):
         return None
-    meta = read_json(folder / SAE_CONFIG, fix=f"delete {folder} to train this SAE again")
-    saved = meta.get("provenance")
-    if saved is None and "fit" in meta:  # cfg.json of an older ghsae: its fit settings, no store state
-        saved = {"fit": {k: v for k, v in meta["fit"].items() if k in record["fit"]}, "store": record["store"]}
+    meta = load_record(SAERecord, sae_config(folder), fix=f"delete {folder} to train this SAE again")
+    saved = meta.provenance
+    if saved is None and meta.fit:  # cfg.json of an older ghsae: its fit settings, no store state
+        saved = Provenance({k: v for k, v in meta.fit.items() if k in record.fit}, record.store)
     diffs = provenance_diffs(saved, record, "trained SAE")
     if not diffs:
         log.info("%s is already trained with these settings on this store; nothing to do", group)
-        layers = meta["sae"]["layers"]
-        return FitResult(group, layers, int(meta.get("tokens", 0)), int(meta.get("steps", 0)), None, str(folder))
+        return FitResult(group, meta.layers, meta.tokens, meta.steps, None, str(folder))
     if not restart:
         raise ResumeRefused(
             f"{folder} was trained differently ({'; '.join(diffs[:6])}{'; ...' if len(diffs) > 6 else ''}). "
             "Pass --overwrite to train it again with these settings, or restore the settings it was trained with"
         )
     log.warning("--overwrite: training %s again (it was trained differently: %s)", group, "; ".join(diffs[:4]))
-    for name in (SAE_WEIGHTS, SAE_CONFIG, CHECKPOINT, METRICS):  # ghsae's files only
+    for name in SAE_FILES:  # ghsae's files only
         (folder / name).unlink(missing_ok=True)
     return None
 
 
 def _train_group(
+    run: Run,
     cfg: PipelineConfig,
-    layout: RunLayout,
-    plan: Plan,
     group: str,
     shards: list[int],
     stats: NormStats,
     progress: bool,
-    record: dict,
+    record: Provenance,
     restart: bool,
 ) -> FitResult:
-    fc = cfg.fit
-    device = pick_device(fc.device, option="fit.device (--device)")
+    fc, plan = cfg.fit, run.plan
+    device = pick_device(fc.device, option=FIT_DEVICE_OPTION)
     gi = plan.group_names.index(group)
-    layers = plan.groups[gi]
-    d = int(plan.data["d_model"])
+    layers = list(plan.groups[gi])
+    d = plan.d_model
     scale_np, mean_np = stats.for_layers(layers, d)
     scale = torch.from_numpy(scale_np).float()
     mean = torch.from_numpy(mean_np).float() if fc.centre else None
-    store = ActivationStore.open(layout.acts)
-    rows = group_shard_rows(layout, plan, group, shards)
-    verifier = ShardVerifier(layout, plan, store)
+    rows = run.group_rows(group, shards)
+    verifier = run.verifier()
     if mean is not None:
-        reader = GroupReader(store, group, rows, verify=verifier)
+        reader = GroupReader(run.store, group, rows, verify=verifier)
         scale = centred_scale(
             ActivationLoader(reader, 4096, 0, torch.device("cpu"), layers, torch.ones(len(layers)), mean), layers, d
         )
@@ -179,12 +169,11 @@ def _train_group(
             aux_coef=fc.aux_coef,
             auxk_normalisation=fc.auxk_normalisation,
             sparsity_coef=fc.sparsity_coef,
-            extra={"run": str(layout.root), "group": group, "config_hash": plan.data["config_hash"]},
+            extra={"run": str(run.root), "group": group, "config_hash": plan.config_hash},
         )
     )
     sae.set_normalisation(scale, mean)
-    reader = GroupReader(store, group, rows, verify=verifier)
-    loader = ActivationLoader(reader, fc.batch_size, fc.seed, device, layers, scale, mean)
+    loader = ActivationLoader(GroupReader(run.store, group, rows, verify=verifier), fc.batch_size, fc.seed, device, layers, scale, mean)
     sae.to(device)
     if fc.init_from:
         _init_from(sae, Path(fc.init_from))
@@ -192,19 +181,20 @@ def _train_group(
         _init_b_dec(sae, loader)
     total = fc.tokens or loader.rows_per_epoch
     sae.cfg.dead_tokens = dead_window(fc.dead_tokens, total)  # recorded in cfg.json with the SAE
-    out_dir = layout.sae_dir(group)
+    out_dir = run.layout.sae_dir(group)
     trainer = Trainer(fc, sae, loader, out_dir, total, name=f"fit {group}", provenance=record, restart=restart)
     state = trainer.run(progress)
     save_sae(
         sae,
         out_dir,
-        {
-            "fit": cfg.to_dict()["fit"],
-            "provenance": record,
-            "tokens": state.tokens,
-            "steps": state.step,
-            "seconds": state.seconds,
-        },
+        SAERecord(
+            sae={},
+            fit=cfg.to_dict()["fit"],
+            provenance=record,
+            tokens=state.tokens,
+            steps=state.step,
+            seconds=state.seconds,
+        ),
     )
     final = state.metrics[-1]["fvu"] if state.metrics else None
     return FitResult(group, layers, state.tokens, state.step, final, str(out_dir))

@@ -12,50 +12,54 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from ghsae.cache.manifest import Plan, load_shard_record
 from ghsae.config import PipelineConfig
-from ghsae.layout import RunLayout
+from ghsae.records import Provenance, StoreState
+from ghsae.run import Run
 
 # Fit fields that change how training runs but not its result (runtime() fields are already out).
 _NOT_RESULT = ("checkpoint_tokens",)
 
 
 def fit_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    """The [fit] fields that decide an SAE's weights."""
     settings = cfg.identity(("fit",))["fit"]
     return {k: v for k, v in settings.items() if k not in _NOT_RESULT}
 
 
-def store_state(layout: RunLayout, plan: Plan, group: str, shards: list[int]) -> dict[str, Any]:
+def store_state(run: Run, group: str, shards: list[int]) -> StoreState:
     """The harvest config, the shards trained on, and a digest of their records' checksums for this group."""
     h = hashlib.sha256()
     for s in shards:
-        record = load_shard_record(layout, s, plan.data["config_hash"])
-        h.update(f"{s}:{sorted(record['groups'][group]['checksums'].items())}".encode())
-    return {
-        "config_hash": plan.data["config_hash"],
-        "shards": list(shards),
-        "n_shards": plan.n_shards,
-        "rows_digest": h.hexdigest()[:16],
-    }
+        checksums = run.shard_record(s).groups[group].checksums
+        h.update(f"{s}:{sorted(checksums.items())}".encode())
+    return StoreState(run.plan.config_hash, tuple(shards), run.plan.n_shards, h.hexdigest()[:16])
 
 
-def provenance(cfg: PipelineConfig, layout: RunLayout, plan: Plan, group: str, shards: list[int]) -> dict[str, Any]:
-    return {"fit": fit_settings(cfg), "store": store_state(layout, plan, group, shards)}
+def provenance(cfg: PipelineConfig, run: Run, group: str, shards: list[int]) -> Provenance:
+    return Provenance(fit_settings(cfg), store_state(run, group, shards))
 
 
-def provenance_diffs(saved: dict[str, Any] | None, now: dict[str, Any], where: str) -> list[str]:
+def settings_diffs(saved: dict[str, Any], now: dict[str, Any], where: str) -> list[str]:
+    """'fit.lr: 0.003 in the WHERE, 0.01 now' for each fit setting that differs."""
+    return [
+        f"fit.{key}: {_short(saved.get(key))} in the {where}, {_short(now.get(key))} now"
+        for key in sorted(set(saved) | set(now))
+        if saved.get(key) != now.get(key)
+    ]
+
+
+def provenance_diffs(saved: Provenance | None, now: Provenance, where: str) -> list[str]:
     """Differing keys as 'fit.lr: 0.003 in the checkpoint, 0.01 now'; a record without provenance differs."""
     if saved is None:
         return [f"the {where} records no fit settings or store state (made by an older ghsae)"]
-    diffs = []
-    for section in ("fit", "store"):
-        a, b = saved.get(section) or {}, now.get(section) or {}
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                note = ""
-                if section == "store" and key == "shards" and len(a.get(key, [])) < a.get("n_shards", 0):
-                    note = " (begun with --allow-partial on an incomplete store)"
-                diffs.append(f"{section}.{key}: {_short(a.get(key))} in the {where}, {_short(b.get(key))} now{note}")
+    diffs = settings_diffs(dict(saved.fit), dict(now.fit), where)
+    a, b = saved.store.to_json(), now.store.to_json()
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            note = ""
+            if key == "shards" and len(a.get(key, [])) < a.get("n_shards", 0):
+                note = " (begun with --allow-partial on an incomplete store)"
+            diffs.append(f"store.{key}: {_short(a.get(key))} in the {where}, {_short(b.get(key))} now{note}")
     return diffs
 
 

@@ -8,7 +8,6 @@ weights as an uninterrupted run.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import pickle
@@ -16,19 +15,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
 from ghsae import faults
+from ghsae.atomic import save_torch_atomic, write_parquet_atomic
 from ghsae.cache.loader import ActivationLoader, LoaderBatch
-from ghsae.cache.manifest import write_bytes_atomic
 from ghsae.config import FitConfig
 from ghsae.errors import DamagedFileError, GhsaeError, StoreError
-from ghsae.train.io import CHECKPOINT, METRICS
+from ghsae.layout import sae_checkpoint, sae_training_metrics
+from ghsae.records import Provenance
+from ghsae.sae import SparseAutoencoder
 from ghsae.train.provenance import provenance_diffs
-from ghsae.train.sae import SparseAutoencoder
 
 LOG_EVERY = 10  # steps between metric rows
 log = logging.getLogger(__name__)
@@ -66,7 +64,7 @@ class Trainer:
         out_dir: Path,
         total_tokens: int,
         name: str = "sae",
-        provenance: dict | None = None,
+        provenance: Provenance | None = None,
         restart: bool = False,
     ):
         self.provenance = provenance  # fit settings + store state (train/provenance.py), checked on resume
@@ -214,7 +212,7 @@ class Trainer:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.out_dir / CHECKPOINT
+        return sae_checkpoint(self.out_dir)
 
     def checkpoint(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,7 +220,7 @@ class Trainer:
         self.state.seconds += now - self._clock
         self._clock = now
         payload = {
-            "provenance": self.provenance,
+            "provenance": self.provenance.to_json() if self.provenance is not None else None,
             "sae_cfg": self.sae.cfg.to_json(),
             "sae": self.sae.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -230,15 +228,9 @@ class Trainer:
             "metrics": self.state.metrics,
             "rng": torch.get_rng_state(),
         }
-        # Serialised in memory, then written with plain file I/O: a full disk is then an OSError naming the
-        # file (torch.save straight to disk reports it as "unexpected pos"), and no temp file is left.
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        write_bytes_atomic(self.checkpoint_path, buffer.getbuffer(), fault="fit/checkpoint")
+        save_torch_atomic(self.checkpoint_path, payload, fault="fit/checkpoint")
         if self.state.metrics:
-            buffer = io.BytesIO()
-            pq.write_table(pa.Table.from_pylist(self.state.metrics), buffer)
-            write_bytes_atomic(self.out_dir / METRICS, buffer.getbuffer())
+            write_parquet_atomic(sae_training_metrics(self.out_dir), self.state.metrics)
         self._last_checkpoint_tokens = self.state.tokens
 
     def resume(self) -> bool:
@@ -252,7 +244,8 @@ class Trainer:
             if saved.get(k) != now.get(k)
         ]
         if self.provenance is not None:
-            diffs += provenance_diffs(payload.get("provenance"), self.provenance, "checkpoint")
+            saved = payload.get("provenance")
+            diffs += provenance_diffs(Provenance.from_json(saved) if saved else None, self.provenance, "checkpoint")
         if diffs and self.restart:
             log.warning("%s: --overwrite: starting over (the checkpoint differs: %s)", self.name, "; ".join(diffs[:4]))
             return False

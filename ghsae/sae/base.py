@@ -1,15 +1,17 @@
-"""Sparse autoencoders: one base class, architectures registered by name.
+"""Sparse autoencoders: the config, the base class and the registry of architectures by name.
 
-Every SAE works in *normalised* space: a group SAE serves several layers, each scaled by its own
-factor so that E||x|| = sqrt(d) (Ghilardi et al. 2025), optionally centred. The SAE carries those
-per-layer factors as buffers, so `encode(x, layer)` and `reconstruct(x, layer)` take raw
-residuals and `reconstruct` returns the layer's raw units. Training feeds already-normalised
-batches to `forward` (the loader normalises on the device).
+Every SAE works in *normalised* space inside: a group SAE serves several layers, each scaled by its
+own factor so that E||x|| = sqrt(d) (Ghilardi et al. 2025), optionally centred. The SAE carries
+those per-layer factors as buffers, and its public methods speak each layer's raw units:
+`encode(x, layer)` takes raw residuals, `decode(z, layer)` and `reconstruct(x, layer)` return
+them, so decode(encode(x, l), l) is in the units of x. `decode_normalised(z)` is the one method in
+normalised space (training feeds already-normalised batches to `forward`: the loader normalises
+on the device).
 
 Shapes: x [n, d], latents [n, m], W_enc [d, m], W_dec [m, d].
 
 Training TopK and BatchTopK never builds the [n, m] latents: `forward` keeps them as
-(values, indices) (train/sparse.py) and decodes by gathering k decoder rows per token, so only the
+(values, indices) (sparse.py) and decodes by gathering k decoder rows per token, so only the
 encoder's product is dense. `encode` and `decode` keep their dense signatures for callers.
 """
 
@@ -22,8 +24,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ghsae.cache.loader import layer_lookup_table
-from ghsae.train.sparse import SparseCodes, decode_active, encode_active
+from ghsae.layers import layer_lookup_table
+from ghsae.sae.sparse import SparseCodes
 
 AUXK_NORMALISATIONS = ("total-variance", "error-variance")
 DEAD_TOKENS_CAP = 10_000_000  # the reference's dead window (sparsify's dead_feature_threshold)
@@ -218,22 +220,28 @@ class SparseAutoencoder(nn.Module):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return z @ self.W_dec + self.b_dec
-
     def encode(self, x: torch.Tensor, layer: int | torch.Tensor) -> torch.Tensor:
         """Latents [n, m] of raw residuals x [n, d] taken at `layer` (an int or one id per row)."""
         return self.activate(self.pre_acts(self.normalise(x, layer)))
 
+    def decode(self, z: torch.Tensor, layer: int | torch.Tensor) -> torch.Tensor:
+        """Residuals [n, d] in `layer`'s raw units from latents z [n, m]: decode(encode(x, l), l) ~ x."""
+        return self.denormalise(self.decode_normalised(z), layer)
+
     def reconstruct(self, x: torch.Tensor, layer: int | torch.Tensor) -> torch.Tensor:
         """Reconstruction of raw residuals, in the layer's raw units."""
-        return self.denormalise(self.decode(self.encode(x, layer)), layer)
+        return self.decode(self.encode(x, layer), layer)
+
+    def decode_normalised(self, z: torch.Tensor) -> torch.Tensor:
+        """z W_dec + b_dec: the reconstruction in the SAE's normalised space (what training compares with
+        the normalised batch). `decode(z, layer)` is the same in a layer's raw units."""
+        return z @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> SAEOutput:
         """Training step on a normalised batch: reconstruction, latents and every loss term."""
         pre = self.pre_acts(x)
         z = self.activate(pre)
-        recon = self.decode(z)
+        recon = self.decode_normalised(z)
         losses = self.loss_terms(x, pre, z, recon)
         total = torch.stack(list(losses.values())).sum()
         return SAEOutput(recon, losses, total, fvu(x, recon.detach()), dense=z)
@@ -288,204 +296,3 @@ class SparseAutoencoder(nn.Module):
         if self.W_dec.grad is not None:
             along = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
             self.W_dec.grad -= along * self.W_dec
-
-
-class TopKFamily(SparseAutoencoder):
-    """TopK-style SAEs, trained sparsely: FVU + AuxK over the dead latents (train/sparse.py)."""
-
-    def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, SparseCodes]:
-        """(active pre-activations [nnz], their pattern) chosen from pre [n, m] (no graph)."""
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> SAEOutput:
-        if not self.training:
-            return super().forward(x)
-        W_enc, b_enc, b_dec = self.W_enc, self.b_enc, self.b_dec
-        with torch.no_grad():
-            xc = x - b_dec
-            pre = torch.addmm(b_enc, xc, W_enc)  # the one dense product of the step
-            chosen, codes = self.select(pre)
-        values = encode_active(chosen, codes, x, W_enc, b_enc, b_dec, xc).relu()
-        codes = codes.with_values(values)
-        recon = decode_active(codes, self.W_dec) + b_dec
-        var = total_variance(x)
-        err = x - recon
-        main = err.pow(2).sum() / var
-        losses = {"fvu": main, "auxk": self.auxk_loss(x, pre, xc, err.detach(), var)}
-        del pre
-        total = losses["fvu"] + losses["auxk"]
-        return SAEOutput(recon, losses, total, main.detach(), codes=codes)
-
-    def auxk_loss(
-        self, x: torch.Tensor, pre: torch.Tensor, xc: torch.Tensor, err: torch.Tensor, var: torch.Tensor
-    ) -> torch.Tensor:
-        """AuxK (Gao et al. 2024): the k_aux most active dead latents reconstruct the residual error.
-
-        k_aux = cfg.effective_aux_k (d/2). "total-variance" (default, as the Group-SAE reference and
-        sparsify compute it): ||err - err_hat||^2 / total variance of x, times min(n_dead / k_aux, 1).
-        "error-variance" (OpenAI): ||err - err_hat||^2 over the summed squared deviation of err from
-        its batch mean, no scale. Only dead columns of pre are read; nothing runs when none is dead.
-        """
-        ids = self.dead_ids()
-        if ids.numel() == 0:
-            return pre.new_zeros(())
-        k_aux = self.cfg.effective_aux_k
-        mask = self.dead_mask
-        with torch.no_grad():
-            sub = pre.index_select(1, ids)
-            sub.masked_fill_(~mask[ids], -torch.inf)  # revived since the last read
-            top, j = sub.topk(min(k_aux, ids.numel()), dim=-1, sorted=False)
-            idx = ids[j]
-            still_dead = torch.isfinite(top)
-            chosen = torch.where(still_dead, top, 0.0)
-        codes = SparseCodes.from_topk(chosen, idx, self.cfg.n_latents)
-        values = encode_active(codes.values, codes, x, self.W_enc, self.b_enc, self.b_dec, xc)
-        values = values.relu() * still_dead.reshape(-1)
-        err_hat = decode_active(codes.with_values(values), self.W_dec)
-        sq = (err_hat - err).pow(2).sum()
-        if self.cfg.auxk_normalisation == "error-variance":
-            loss = sq / total_variance(err)
-        else:
-            scale = (mask.sum() / k_aux).clamp(max=1.0)
-            loss = scale * sq / var
-        return self.cfg.aux_coef * loss.nan_to_num(0.0)
-
-
-@register("topk")
-class TopKSAE(TopKFamily):
-    """k largest pre-activations per token, ReLU'd; FVU + AuxK (the Group-SAE reference)."""
-
-    def activate(self, pre: torch.Tensor) -> torch.Tensor:
-        vals, idx = pre.topk(self.cfg.k, dim=-1)
-        return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
-
-    def select(self, pre):
-        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
-        codes = SparseCodes.from_topk(vals, idx, self.cfg.n_latents)
-        return codes.values, codes
-
-    def loss_terms(self, x, pre, z, recon):  # the dense path (eval mode): no AuxK outside training
-        return {"fvu": fvu(x, recon), "auxk": pre.new_zeros(())}
-
-
-@register("batchtopk")
-class BatchTopKSAE(TopKFamily):
-    """k x n largest pre-activations over the whole batch (Bussmann et al. 2024).
-
-    At inference one learned threshold replaces the batch (an average of the smallest kept
-    activation per batch), so a token's latents do not depend on its batch-mates.
-    """
-
-    threshold: torch.Tensor
-    threshold_steps: torch.Tensor
-
-    def __init__(self, cfg: SAEConfig):
-        super().__init__(cfg)
-        self.register_buffer("threshold", torch.zeros(()))
-        self.register_buffer("threshold_steps", torch.zeros((), dtype=torch.long))
-
-    def activate(self, pre: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return pre * (pre > self.threshold)
-        flat = pre.relu().flatten()
-        vals, idx = flat.topk(min(self.cfg.k * pre.shape[0], flat.numel()))
-        self._track_threshold(vals)
-        return torch.zeros_like(flat).scatter(-1, idx, vals).view_as(pre)
-
-    @torch.no_grad()
-    def _track_threshold(self, kept: torch.Tensor) -> None:
-        """Running mean (then an EMA at rate 0.01) of the smallest positive kept value; no host sync."""
-        positive = kept > 0
-        any_kept = positive.any()
-        smallest = torch.where(positive, kept, torch.inf).min()
-        self.threshold_steps.add_(any_kept.long())
-        rate = (1.0 / self.threshold_steps.clamp_min(1).float()).clamp_min(0.01)
-        updated = self.threshold + (smallest - self.threshold) * rate
-        self.threshold.copy_(torch.where(any_kept, updated, self.threshold))
-
-    def select(self, pre):
-        n, m = pre.shape
-        flat = pre.flatten()
-        vals, idx = flat.topk(min(self.cfg.k * n, flat.numel()), sorted=False)
-        idx, order = idx.sort()  # row-major: CSR rows in order
-        vals = vals[order]
-        self._track_threshold(vals.relu())
-        rows = idx // m
-        crow = torch.searchsorted(rows, torch.arange(n + 1, device=pre.device))
-        return vals, SparseCodes(vals, idx % m, crow, m)
-
-    def loss_terms(self, x, pre, z, recon):
-        return {"fvu": fvu(x, recon), "auxk": pre.new_zeros(())}
-
-
-class _JumpReLU(torch.autograd.Function):
-    """z = pre * H(pre - t); d/dt through a rectangle kernel of width eps (Rajamanoharan et al. 2024)."""
-
-    @staticmethod
-    def forward(ctx, pre, log_t, eps):
-        t = log_t.exp()
-        ctx.save_for_backward(pre, t)
-        ctx.eps = eps
-        return pre * (pre > t)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, t = ctx.saved_tensors
-        eps = ctx.eps
-        near = ((pre - t).abs() < eps / 2).to(pre.dtype)
-        grad_pre = grad * (pre > t)
-        grad_t = (-(t / eps) * near * grad).sum(0)  # dz/dt = -pre * delta(pre - t), pre ~ t in the kernel
-        return grad_pre, grad_t * t, None  # chain rule through t = exp(log_t)
-
-
-class _Step(torch.autograd.Function):
-    """H(pre - t) with the same straight-through gradient for t (the L0 penalty)."""
-
-    @staticmethod
-    def forward(ctx, pre, log_t, eps):
-        t = log_t.exp()
-        ctx.save_for_backward(pre, t)
-        ctx.eps = eps
-        return (pre > t).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, t = ctx.saved_tensors
-        near = ((pre - t).abs() < ctx.eps / 2).to(pre.dtype)
-        grad_t = (-(1.0 / ctx.eps) * near * grad).sum(0)
-        return torch.zeros_like(pre), grad_t * t, None
-
-
-@register("jumprelu")
-class JumpReLUSAE(SparseAutoencoder):
-    """Per-latent learned thresholds; squared error + sparsity_coef * L0, via straight-through estimators."""
-
-    def __init__(self, cfg: SAEConfig):
-        super().__init__(cfg)
-        self.log_threshold = nn.Parameter(
-            torch.full((cfg.n_latents,), float(torch.tensor(cfg.jump_init_threshold).log()))
-        )
-
-    def activate(self, pre: torch.Tensor) -> torch.Tensor:
-        return _JumpReLU.apply(pre, self.log_threshold, self.cfg.jump_bandwidth)
-
-    def loss_terms(self, x, pre, z, recon):
-        l0 = _Step.apply(pre, self.log_threshold, self.cfg.jump_bandwidth).sum(-1).mean()
-        mse = (x - recon).pow(2).sum(-1).mean()
-        return {"mse": mse, "l0": self.cfg.sparsity_coef * l0}
-
-
-@register("relu")
-class ReLUSAE(SparseAutoencoder):
-    """ReLU latents; squared error + sparsity_coef * L1 (decoder rows are unit norm, so no reweighting)."""
-
-    def activate(self, pre: torch.Tensor) -> torch.Tensor:
-        return pre.relu()
-
-    def loss_terms(self, x, pre, z, recon):
-        mse = (x - recon).pow(2).sum(-1).mean()
-        return {"mse": mse, "l1": self.cfg.sparsity_coef * z.abs().sum(-1).mean()}
-
-
-def build_sae(cfg: SAEConfig) -> SparseAutoencoder:
-    return REGISTRY[cfg.architecture](cfg)

@@ -13,11 +13,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ghsae.errors import ModelError
+from ghsae.device import pick_device, pick_dtype
+from ghsae.errors import ModelError, RunDirError
+from ghsae.records import ModelIdentity
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +48,8 @@ class ModelSource:
 
 @dataclass
 class LoadedModel:
-    model: nn.Module
-    tokenizer: object
+    model: Any  # a transformers PreTrainedModel (causal LM), in eval mode, no grads
+    tokenizer: Any  # its transformers tokenizer
     blocks: nn.ModuleList
     n_layers: int
     d_model: int
@@ -55,6 +58,20 @@ class LoadedModel:
     fingerprint: str
     device: torch.device
     dtype: torch.dtype
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """What a plan records of the model, and what a later stage checks the model it loads against."""
+        return ModelIdentity(self.source.description, self.fingerprint, type(self.model).__name__)
+
+    def check_matches(self, planned: ModelIdentity) -> None:
+        """Refuse to go on with a model other than the one a run was planned with."""
+        if self.fingerprint != planned.fingerprint:
+            raise RunDirError(
+                f"this run was planned with model {planned.source} (fingerprint {planned.fingerprint}) but the model "
+                f"loaded now ({self.source.description}) has fingerprint {self.fingerprint}; its weights or config "
+                "changed. Use the original model or a new --run-dir"
+            )
 
     @property
     def special_ids(self) -> list[int]:
@@ -108,25 +125,6 @@ def _looks_like_path(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
 
 
-def pick_device(name: str, option: str = "model.device (--device)") -> torch.device:
-    """`option` is the setting the user gave, named in the error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"{option} is {name} but torch sees no CUDA device; use --device cpu or auto")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        # bfloat16 halves memory traffic on GPUs with tensor cores; on CPU, float32 matmuls
-        # are faster than bfloat16 ones on most hosts and keep the probe exact.
-        chosen = torch.bfloat16 if device.type == "cuda" else torch.float32
-        log.info("compute dtype %s (auto on %s)", chosen, device.type)
-        return chosen
-    return getattr(torch, name)
-
-
 def load_model(path: str, device_name: str = "auto", dtype_name: str = "auto") -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -161,6 +159,25 @@ def load_model(path: str, device_name: str = "auto", dtype_name: str = "auto") -
         device=device,
         dtype=dtype,
     )
+
+
+_LOADED: dict[tuple[str, str, str], LoadedModel] = {}  # this process's model (one at a time)
+
+
+def cached_model(path: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """The model loaded once per process and kept: every stage of `ghsae run`, and every task a dask
+    worker is given, reuse it. A different model (or device, dtype) replaces it."""
+    key = (path, device, dtype)
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = load_model(path, device, dtype)
+    return _LOADED[key]
+
+
+def keep_model(lm: LoadedModel, path: str, device: str = "auto", dtype: str = "auto") -> None:
+    """Make an already loaded model the one cached_model(path, device, dtype) returns."""
+    _LOADED.clear()
+    _LOADED[(path, device, dtype)] = lm
 
 
 # Class-name endings of models trained to predict the next token.

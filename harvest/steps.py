@@ -1,13 +1,17 @@
-"""`ghsae harvest`: check the run folder, plan once, then produce this job's shards.
+"""The harvest's two steps, each run by ghsae.pipeline on one process or a dask worker:
 
-Writing shard s overlaps computing shard s+1 (one background writer thread; zarr encodes and
-writes without holding the GIL for long, and torch's matmuls release it), so the forward pass,
-not the disk, sets the pace.
+- `plan_step`: claim the run folder, plan once (tokenise, probe, partition), write config.json
+  and create the store;
+- `write_shards`: produce and commit the listed shards of a planned run. Writing shard s overlaps
+  computing shard s+1 (one background writer thread; zarr encodes and writes without holding the
+  GIL for long, and torch's matmuls release it), so the forward pass, not the disk, sets the pace.
+
+Both are idempotent: a done shard is skipped, a shard is written whole under its lock and only
+counts once its record is renamed into place, so a task re-run after a worker's death is safe.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -16,34 +20,21 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from ghsae import faults
-from ghsae.cache.manifest import (
-    Plan,
-    forget_shard,
-    load_plan,
-    read_json,
-    require_tokens,
-    run_info,
-    shard_done,
-    write_json_atomic,
-    write_run_stats,
-)
 from ghsae.cache.store import ROW_METADATA_BYTES, ActivationStore, StoreGeometry
-from ghsae.cache.verify import failing_shards
 from ghsae.config import PipelineConfig
 from ghsae.errors import ConfigError, DamagedFileError, RunDirError
-from ghsae.harvest.model import LoadedModel, load_model
 from ghsae.harvest.plan import check_model_fits, ensure_plan
-from ghsae.harvest.rundir import claim_run_dir, prepare_run_dir
+from ghsae.harvest.rundir import claim_run_dir
 from ghsae.harvest.shards import ShardProducer, commit_shard
-from ghsae.harvest.text import resolve_files
 from ghsae.layout import STAGING_PREFIX, RunLayout
+from ghsae.lm import LoadedModel
 from ghsae.locks import FileLock, hold_run, try_lock, wait_lock
+from ghsae.records import Plan, RunConfig, load_record, save_record
+from ghsae.run import Run, RunInfo
 from ghsae.space import require_free
 
 log = logging.getLogger(__name__)
@@ -66,149 +57,12 @@ class ShardSlice:
             raise ConfigError(f"--shard is {text!r}; expected 0 <= i < n")
         return cls(i, n)
 
+    @property
+    def whole(self) -> bool:
+        return self.count == 1
+
     def select(self, n_shards: int) -> list[int]:
         return list(range(self.index, n_shards, self.count))
-
-
-@dataclass
-class HarvestSummary:
-    run_dir: str
-    shards_written: int
-    tokens_written: int
-    seconds: float
-    info: dict
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens_written / self.seconds if self.seconds > 0 else 0.0
-
-
-def write_run_config(layout: RunLayout, cfg: PipelineConfig) -> None:
-    """config.json, once; rewritten when missing or damaged (it is derived from the config alone)."""
-    if layout.config.is_file():
-        try:
-            read_json(layout.config)
-            return
-        except DamagedFileError:
-            log.warning(
-                "%s is damaged; rewriting it from this command's config (the plan's hash matches)", layout.config
-            )
-    write_json_atomic(
-        layout.config, {"identity": cfg.identity(), "resolved": cfg.to_dict(), "hash": cfg.identity_hash()}
-    )
-
-
-def ensure_store(layout: RunLayout, plan: Plan, cfg: PipelineConfig) -> ActivationStore:
-    if not layout.acts.is_dir():
-        geometry = StoreGeometry(
-            n_shards=plan.n_shards,
-            shard_rows=plan.data["shard_rows"],
-            d_model=plan.data["d_model"],
-            chunk_rows=cfg.storage.chunk_rows,
-            dtype=cfg.storage.dtype,
-            compression=cfg.storage.compression,
-        )
-        staging = layout.staging(f"store-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        attrs = {"config_hash": plan.data["config_hash"], "layers": plan.layers, "layer_groups": plan.groups}
-        ActivationStore.create(staging, plan.group_names, geometry, attrs)
-        try:
-            os.rename(staging, layout.acts)
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-            if not layout.acts.is_dir():
-                raise
-    store = ActivationStore.open(layout.acts)
-    if store.root.attrs.get("config_hash") != plan.data["config_hash"]:
-        raise RunDirError(f"{layout.acts} belongs to another config; re-run with --overwrite to rebuild it")
-    return store
-
-
-def check_plan_matches(layout: RunLayout, plan: Plan, cfg: PipelineConfig, lm: LoadedModel) -> None:
-    """Refuse to write shards for a plan made by another config or another model."""
-    if plan.data["config_hash"] != cfg.identity_hash():
-        raise RunDirError(
-            f"{layout.plan} was made by config {plan.data['config_hash']}, this command's is {cfg.identity_hash()}; "
-            "use another --run-dir or pass --overwrite"
-        )
-    check_model_matches_plan(lm, plan)
-
-
-def check_model_matches_plan(lm: LoadedModel, plan: Plan) -> None:
-    expected = plan.data["model"]["fingerprint"]
-    if lm.fingerprint != expected:
-        raise RunDirError(
-            f"this run was planned with model {plan.data['model']['source']} (fingerprint {expected}) but the model "
-            f"loaded now has fingerprint {lm.fingerprint}; its weights or config changed. Use the original model "
-            "or a new --run-dir"
-        )
-
-
-def harvest(
-    cfg: PipelineConfig,
-    run_dir: str | Path,
-    shards: ShardSlice = ShardSlice(),
-    overwrite: bool = False,
-    plan_only: bool = False,
-    progress: bool = True,
-    lm: LoadedModel | None = None,
-) -> HarvestSummary:
-    layout = RunLayout(Path(run_dir))
-    prepare_run_dir(layout, cfg, overwrite)  # read-only: a refused folder is refused before the slow load
-    resolve_files(cfg.data.dataset)  # fail on a missing dataset before the (slow) model load
-    if lm is None:
-        lm = load_model(cfg.model.path, cfg.model.device, cfg.model.dtype)
-    check_model_fits(cfg, lm)  # layers and groups against the model, before tokenising
-    with claim_run_dir(layout, cfg, overwrite):
-        plan = ensure_plan(cfg, lm, layout, progress)
-        # prepare_run_dir checked before planning; a job of another config may have planned since
-        check_plan_matches(layout, plan, cfg, lm)
-        write_run_config(layout, cfg)
-        store = ensure_store(layout, plan, cfg)
-        layout.manifest.mkdir(exist_ok=True)
-        selected = shards.select(plan.n_shards)
-        recheck_done_shards(layout, plan, store, selected)
-        if plan_only:
-            return HarvestSummary(str(layout.root), 0, 0, 0.0, run_info(layout))
-        todo = [s for s in selected if not shard_done(layout, s)]
-        t0 = time.perf_counter()
-        written = write_shards(lm, cfg, layout, plan, store, todo, progress)
-        seconds = time.perf_counter() - t0
-        if all(shard_done(layout, s) for s in range(plan.n_shards)) and (written.shards or not layout.stats.is_file()):
-            write_run_stats(layout, plan)
-        summary = HarvestSummary(str(layout.root), len(written.shards), written.tokens, seconds, run_info(layout))
-        _clean_staging(layout)
-    return summary
-
-
-def recheck_done_shards(layout: RunLayout, plan: Plan, store: ActivationStore, shards: list[int]) -> list[int]:
-    """Verify the done shards among `shards` against their records; forget those that fail, so they are
-    written again (a flipped byte, a truncated file or a damaged record is repaired by re-running harvest)."""
-    bad = []
-    for s in (s for s in shards if shard_done(layout, s)):
-        lock = try_lock(layout.lock(f"shard-{s:05d}"))
-        if lock is None:
-            continue  # another process is on this shard; it verifies or writes it
-        with lock:
-            problem = failing_shards(layout, plan, store, [s]).get(s)
-            if problem is not None:
-                log.warning("shard %d fails verification (%s); writing it again", s, problem)
-                forget_shard(layout, s)
-                bad.append(s)
-    return bad
-
-
-def produce_shards(cfg: PipelineConfig, run_dir: str | Path, shards: list[int], lm: LoadedModel) -> int:
-    """Write the listed shards of an already planned run (skipping done ones); returns token positions.
-
-    The lean path for a worker that is handed a few shards: the run folder, plan and store were
-    checked once by the plan step, so only what could differ per worker (config, model) is checked.
-    """
-    layout = RunLayout(Path(run_dir))
-    with hold_run(layout):
-        plan = load_plan(layout)
-        check_plan_matches(layout, plan, cfg, lm)
-        todo = [s for s in shards if not shard_done(layout, s)]
-        return write_shards(lm, cfg, layout, plan, ActivationStore.open(layout.acts), todo, progress=False).tokens
 
 
 @dataclass(frozen=True)
@@ -217,12 +71,121 @@ class Written:
     tokens: int  # token positions of those shards
 
 
-def write_shards(
-    lm, cfg: PipelineConfig, layout: RunLayout, plan: Plan, store, todo: list[int], progress: bool
-) -> Written:
-    if not todo:
-        return Written([], 0)
-    tokens = np.load(require_tokens(layout), mmap_mode="r")
+@dataclass
+class HarvestSummary:
+    run_dir: str
+    shards_written: int
+    tokens_written: int
+    seconds: float
+    info: RunInfo
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_written / self.seconds if self.seconds > 0 else 0.0
+
+
+# --- the plan step ------------------------------------------------------------------------------
+
+
+def plan_step(cfg: PipelineConfig, layout: RunLayout, lm: LoadedModel, overwrite: bool, progress: bool) -> Run:
+    """Claim the folder (marker, run lock, --overwrite), plan once, write config.json, create the store."""
+    check_model_fits(cfg, lm)  # layers and groups against the model, before tokenising
+    with claim_run_dir(layout, cfg, overwrite):
+        plan = ensure_plan(cfg, lm, layout, progress)
+        # prepare_run_dir checked before planning; a job of another config may have planned since
+        check_plan_matches(layout, plan, cfg, lm)
+        write_run_config(layout, cfg)
+        ensure_store(layout, plan, cfg)
+        layout.manifest.mkdir(exist_ok=True)
+        _clean_staging(layout)
+    return Run(layout, plan)
+
+
+def write_run_config(layout: RunLayout, cfg: PipelineConfig) -> None:
+    """config.json, once; rewritten when missing or damaged (it is derived from the config alone)."""
+    if layout.config.is_file():
+        try:
+            load_record(RunConfig, layout.config)
+            return
+        except DamagedFileError:
+            log.warning(
+                "%s is damaged; rewriting it from this command's config (the plan's hash matches)", layout.config
+            )
+    save_record(layout.config, RunConfig(cfg.identity(), cfg.to_dict(), cfg.identity_hash()))
+
+
+def ensure_store(layout: RunLayout, plan: Plan, cfg: PipelineConfig) -> ActivationStore:
+    if not layout.acts.is_dir():
+        geometry = StoreGeometry(
+            n_shards=plan.n_shards,
+            shard_rows=plan.shard_rows,
+            d_model=plan.d_model,
+            chunk_rows=cfg.storage.chunk_rows,
+            dtype=cfg.storage.dtype,
+            compression=cfg.storage.compression,
+        )
+        staging = layout.staging(f"store-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        attrs = {
+            "config_hash": plan.config_hash,
+            "layers": list(plan.layers),
+            "layer_groups": [list(g) for g in plan.groups],
+        }
+        ActivationStore.create(staging, list(plan.group_names), geometry, attrs)
+        try:
+            os.rename(staging, layout.acts)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not layout.acts.is_dir():
+                raise
+    store = ActivationStore.open(layout.acts)
+    if store.root.attrs.get("config_hash") != plan.config_hash:
+        raise RunDirError(f"{layout.acts} belongs to another config; re-run with --overwrite to rebuild it")
+    return store
+
+
+def check_plan_matches(layout: RunLayout, plan: Plan, cfg: PipelineConfig, lm: LoadedModel) -> None:
+    """Refuse to write shards for a plan made by another config or another model."""
+    if plan.config_hash != cfg.identity_hash():
+        raise RunDirError(
+            f"{layout.plan} was made by config {plan.config_hash}, this command's is {cfg.identity_hash()}; "
+            "use another --run-dir or pass --overwrite"
+        )
+    lm.check_matches(plan.model)
+
+
+def recheck_done_shards(run: Run, shards: list[int]) -> list[int]:
+    """Verify the done shards among `shards` against their records; forget those that fail, so they are
+    written again (a flipped byte, a truncated file or a damaged record is repaired by re-running harvest)."""
+    bad = []
+    for s in (s for s in shards if run.shard_done(s)):
+        lock = try_lock(run.layout.lock(f"shard-{s:05d}"))
+        if lock is None:
+            continue  # another process is on this shard; it verifies or writes it
+        with lock:
+            problem = run.failing_shards([s]).get(s)
+            if problem is not None:
+                log.warning("shard %d fails verification (%s); writing it again", s, problem)
+                run.forget_shard(s)
+                bad.append(s)
+    return bad
+
+
+# --- the shard step -----------------------------------------------------------------------------
+
+
+def write_shards(run: Run, cfg: PipelineConfig, lm: LoadedModel, todo: list[int], progress: bool) -> Written:
+    """Produce and commit the shards of `todo` that are not done yet, under the run lock (shared)."""
+    with hold_run(run.layout):
+        check_plan_matches(run.layout, run.plan, cfg, lm)
+        todo = [s for s in todo if not run.shard_done(s)]
+        if not todo:
+            return Written([], 0)
+        return _write(run, cfg, lm, todo, progress)
+
+
+def _write(run: Run, cfg: PipelineConfig, lm: LoadedModel, todo: list[int], progress: bool) -> Written:
+    layout, plan, store = run.layout, run.plan, run.store
+    tokens = run.tokens()
     require_free(layout.acts, shard_bytes(plan, store) * len(todo), f"{len(todo)} shards of {layout.root}")
     producer = ShardProducer(lm, plan, cfg.harvest.seed, cfg.harvest.batch_size, cfg.storage.dtype)
     per_shard = {s: len(range(*plan.shard_contexts(s))) * plan.context_length for s in todo}
@@ -232,13 +195,13 @@ def write_shards(
     held: list[FileLock] = []
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
-            for shard, lock in claim_shards(layout, todo, held):
+            for shard, lock in claim_shards(run, todo, held):
                 t0 = time.perf_counter()
-                rows, stats = producer.produce(tokens, shard, on_batch=bar.update)
+                rows, sums = producer.produce(tokens, shard, on_batch=bar.update)
                 if pending is not None:
                     pending.result()  # at most one shard waits for the disk; errors surface here
                 pending = writer.submit(
-                    _commit_then_release, lock, layout, store, plan, shard, rows, stats, time.perf_counter() - t0
+                    _commit_then_release, lock, layout, store, plan, shard, rows, sums, time.perf_counter() - t0
                 )
                 written.append(shard)
                 bar.set_postfix(shard=shard)
@@ -258,7 +221,7 @@ def _commit_then_release(lock: FileLock, *args) -> None:
         lock.release()
 
 
-def claim_shards(layout: RunLayout, todo: list[int], held: list[FileLock]) -> Iterator[tuple[int, FileLock]]:
+def claim_shards(run: Run, todo: list[int], held: list[FileLock]) -> Iterator[tuple[int, FileLock]]:
     """Yield (shard, its lock) for each shard of `todo` this process should write.
 
     A shard locked by another process is skipped (and said so) and come back to at the end: then
@@ -268,21 +231,21 @@ def claim_shards(layout: RunLayout, todo: list[int], held: list[FileLock]) -> It
     """
     deferred = []
     for s in todo:
-        lock = try_lock(layout.lock(f"shard-{s:05d}"))
+        lock = try_lock(run.layout.lock(f"shard-{s:05d}"))
         if lock is None:
             log.warning("shard %d is being written by another process; skipping it for now", s)
             deferred.append(s)
             continue
         held.append(lock)
-        if shard_done(layout, s):
+        if run.shard_done(s):
             lock.release()
             continue
         faults.point(f"shard-{s:05d}/claimed")
         yield s, lock
     for s in deferred:
-        lock = wait_lock(layout.lock(f"shard-{s:05d}"), f"shard {s}")
+        lock = wait_lock(run.layout.lock(f"shard-{s:05d}"), f"shard {s}")
         held.append(lock)
-        if shard_done(layout, s):
+        if run.shard_done(s):
             log.warning("shard %d was written by the other process", s)
             lock.release()
             continue
@@ -316,17 +279,14 @@ def _pid_alive(pid: int) -> bool:
 
 def summary_line(summary: HarvestSummary) -> str:
     info = summary.info
-    mb = info["bytes_on_disk"] / 2**20
-    ratio = info["storage_ratio"]
+    mb = info.bytes_on_disk / 2**20
+    ratio = info.storage_ratio
     return (
         f"harvested {summary.tokens_written:,} token positions in {summary.shards_written} shards "
-        f"({summary.tokens_per_second:,.0f} tok/s); {info['shards_done']}/{info['shards_total']} shards done; "
-        f"{len(info['groups'])} groups over {len(info['layers'])} layers; store {mb:,.1f} MiB, "
-        f"{info['bytes_per_token'] or 0:,.0f} B/token vs {info['per_layer_bytes_per_token']:,} B/token per-layer"
+        f"({summary.tokens_per_second:,.0f} tok/s); {info.shards_done}/{info.shards_total} shards done; "
+        f"{len(info.groups)} groups over {len(info.layers)} layers; store {mb:,.1f} MiB, "
+        f"{info.bytes_per_token or 0:,.0f} B/token vs {info.per_layer_bytes_per_token:,} B/token per-layer"
         + (f" ({ratio:.1f}x smaller)" if ratio else "")
         + f" -> {summary.run_dir}"
     )
 
-
-def dumps_info(info: dict) -> str:
-    return json.dumps(info, indent=1)

@@ -1,0 +1,154 @@
+"""Where a stage's tasks run: this process, or a dask.distributed cluster (a LocalCluster for
+`--workers N`, or a running scheduler for `--scheduler ADDRESS`, e.g. one dask-jobqueue started on
+SLURM).
+
+No coordinator of our own: the run folder is the state. A task is "plan the run", "produce these
+shards", "train this group" or "write the report", and each is idempotent (a done shard is
+skipped, a shard is written whole and counts once its record is renamed into place, a fit resumes
+from its checkpoint), so when a worker dies, dask hands its task to another and the result is the
+same as if nothing had happened. ghsae.pipeline submits the tasks; the executor decides only where
+and how they run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ghsae.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_TIMEOUT_S = 20  # connecting to --scheduler; a dead address fails after this
+TASK_RETRIES = 3  # attempts after a task's own failure; a dying worker is covered by dask's allowed-failures
+
+
+class InProcess:
+    """Every task in this process, in order. Shards go to one task, so writing one shard overlaps
+    computing the next (harvest/steps.py); the tasks' own progress bars show."""
+
+    in_process = True
+    workers = 1
+
+    def call(self, fn: Callable, *args: Any) -> Any:
+        return fn(*args)
+
+    def map(self, fn: Callable, items: Sequence, *args: Any, desc: str = "", unit: str = "task") -> list:
+        return [fn(item, *args) for item in items]
+
+    def split(self, items: list) -> list[list]:
+        return [items] if items else []
+
+    def task_progress(self, progress: bool) -> bool:
+        return progress
+
+
+class DaskCluster:
+    """Tasks on a dask cluster through `client`, one unit of work per task, retried on failure."""
+
+    in_process = False
+
+    def __init__(self, client: Any, progress: bool = True):
+        self.client = client
+        self.progress = progress
+        n = len(client.scheduler_info().get("workers", {}))
+        self.workers = n
+        # split this host's cores between a LocalCluster's workers; a remote cluster sets its own
+        self.threads = max(1, (os.cpu_count() or 1) // n) if n and client.cluster is not None else None
+
+    def call(self, fn: Callable, *args: Any) -> Any:
+        return self.client.submit(_with_threads, self.threads, fn, *args, pure=False).result()
+
+    def map(self, fn: Callable, items: Sequence, *args: Any, desc: str = "", unit: str = "task") -> list:
+        """One task per item; results in the order of `items`. A task that failed every retry raises
+        here, with its traceback."""
+        from dask.distributed import as_completed
+
+        futures = [
+            self.client.submit(
+                _with_threads,
+                self.threads,
+                fn,
+                item,
+                *args,
+                key=f"ghsae-{getattr(fn, '__name__', 'task')}-{_key(item)}-{os.getpid()}",
+                retries=TASK_RETRIES,
+                pure=False,
+            )
+            for item in items
+        ]
+        with tqdm(total=len(futures), unit=unit, desc=f"{desc} on {self.workers} workers", disable=not self.progress) as bar:
+            for future in as_completed(futures):
+                future.result()
+                bar.update()
+        return [f.result() for f in futures]
+
+    def split(self, items: list) -> list[list]:
+        return [[item] for item in items]
+
+    def task_progress(self, progress: bool) -> bool:
+        return False  # a worker's bars would interleave; the client shows one bar over the tasks
+
+
+Executor = InProcess | DaskCluster
+
+
+def _key(item: Any) -> str:
+    if isinstance(item, (list, tuple)):
+        return "-".join(str(i) for i in item)
+    return str(item)
+
+
+def _with_threads(threads: int | None, fn: Callable, *args: Any) -> Any:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    return fn(*args)
+
+
+@contextmanager
+def open_executor(workers: int | None = None, scheduler: str | None = None, progress: bool = True) -> Iterator[Executor]:
+    """This process (neither given), a new LocalCluster of `workers` processes, or the scheduler at
+    `scheduler`; a cluster is closed on leaving."""
+    if workers is not None and scheduler:
+        raise ConfigError("pass --workers N (a local cluster) or --scheduler ADDRESS (a running one), not both")
+    if workers is None and not scheduler:
+        yield InProcess()
+        return
+    from dask.distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout=SCHEDULER_TIMEOUT_S)
+        except (OSError, TimeoutError) as e:
+            raise ConfigError(
+                f"cannot reach the dask scheduler at {scheduler} within {SCHEDULER_TIMEOUT_S} s ({type(e).__name__}); "
+                "start it (dask scheduler, or your cluster's job) or check --scheduler, then re-run"
+            ) from None
+        with client:
+            yield DaskCluster(client, progress)
+        return
+    if workers is None or workers < 1:
+        raise ConfigError(f"--workers is {workers}; expected a positive number of worker processes")
+    # one thread per process: torch parallelises inside a task, and two tasks per process would
+    # share (and fight over) one model copy
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            yield DaskCluster(client, progress)
+
+
+def worker_index() -> int:
+    """This dask worker's number (for spreading workers over several GPUs); 0 outside a worker."""
+    try:
+        from dask.distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return 0
+    return int(name) if isinstance(name, int) or str(name).isdigit() else abs(hash(name))

@@ -1,0 +1,288 @@
+"""The orchestration layer: each stage is one function over a run folder and an Executor.
+
+    harvest(cfg, run_dir, executor)    check, plan (one task), shards (tasks), then the statistics
+    fit(cfg, run_dir, executor)        check, record the fit settings, one task per group
+    report(cfg, run_dir, executor)     check the store, then one task that writes RUN/report/
+    run_all(cfg, run_dir, executor)    the three, the model loaded once per process
+
+The CLI and the dask path are the same code: an InProcess executor runs the tasks here, a
+DaskCluster on workers. Every check before work and every ending after it lives here, once. The
+tasks are module-level functions (dask pickles them by name) that rebuild the config from a dict.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ghsae.config import PipelineConfig, config_from_dict, load_config
+from ghsae.device import pick_device
+from ghsae.errors import DamagedFileError, StoreError
+from ghsae.executors import Executor, InProcess, worker_index
+from ghsae.harvest.rundir import prepare_run_dir
+from ghsae.harvest.steps import HarvestSummary, ShardSlice, Written, plan_step, recheck_done_shards, write_shards
+from ghsae.harvest.text import resolve_files
+from ghsae.layout import RunLayout
+from ghsae.lm import LoadedModel, cached_model
+from ghsae.run import Run
+from ghsae.train.fit import FitResult, check_fit_settings, fit_group, selected_groups, shards_to_fit
+
+HARVEST_SECTIONS = ("model", "data", "harvest", "grouping", "storage", "fit", "report")
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+def settings_for(
+    run_dir: str | Path | None,
+    config_path: str | None,
+    overrides: dict[str, Any],
+    sections: tuple[str, ...] = HARVEST_SECTIONS,
+) -> PipelineConfig:
+    """The settings a command runs with: the run's own (config.json, with saes/fit.json's [fit]) when
+    the run exists, else the --config file (or the embedded default); a --config given for an
+    existing run replaces `sections` only; flags (`overrides`) last."""
+    base = None
+    if run_dir is not None and RunLayout(Path(run_dir)).config.is_file() and RunLayout(Path(run_dir)).plan.is_file():
+        try:
+            base = Run.open(run_dir).settings().to_dict()
+        except DamagedFileError:
+            base = None  # a damaged config.json: harvest rewrites it; start from the file or default
+    return load_config(config_path, overrides, base=base, sections=sections)
+
+
+def _model(cfg: PipelineConfig, lm: LoadedModel | None) -> LoadedModel:
+    return lm if lm is not None else cached_model(cfg.model.path, cfg.model.device, cfg.model.dtype)
+
+
+# --- harvest ----------------------------------------------------------------------------------
+
+
+def harvest(
+    cfg: PipelineConfig,
+    run_dir: str | Path,
+    executor: Executor | None = None,
+    *,
+    shards: ShardSlice | None = None,
+    overwrite: bool = False,
+    plan_only: bool = False,
+    progress: bool = True,
+    lm: LoadedModel | None = None,
+    shard_task: Callable | None = None,
+) -> HarvestSummary:
+    """Plan the run once (one task), then write this job's missing shards (tasks), then, once every
+    shard of the run is done, its statistics. `lm`: a model already loaded (this process only);
+    `shard_task`: the shard task to submit (tests inject faults with it)."""
+    executor = executor or InProcess()
+    layout = RunLayout(Path(run_dir))
+    prepare_run_dir(layout, cfg, overwrite)  # read-only: a refused folder is refused before the slow load
+    resolve_files(cfg.data.dataset)  # a missing dataset fails before the (slow) model load
+    here = lm if executor.in_process else None
+    progress_in_tasks = executor.task_progress(progress)
+    executor.call(plan_task, cfg.to_dict(), str(run_dir), overwrite, progress_in_tasks, here)
+    run = Run.open(layout.root)
+    selected = (shards or ShardSlice()).select(run.plan.n_shards)
+    recheck_done_shards(run, selected)
+    if plan_only:
+        return HarvestSummary(str(layout.root), 0, 0, 0.0, run.info())
+    todo = [s for s in selected if not run.shard_done(s)]
+    t0 = time.perf_counter()
+    results: list[Written] = executor.map(
+        shard_task or shards_task,
+        executor.split(todo),
+        cfg.to_dict(),
+        str(run_dir),
+        progress_in_tasks,
+        here,
+        desc="harvest",
+        unit="shard",
+    )
+    seconds = time.perf_counter() - t0
+    written = [s for r in results for s in r.shards]
+    after = Run.open(layout.root)  # the tasks wrote records this Run has not read
+    finish_harvest(after, wrote=bool(written))
+    return HarvestSummary(str(layout.root), len(written), sum(r.tokens for r in results), seconds, after.info())
+
+
+def finish_harvest(run: Run, wrote: bool) -> None:
+    """The one ending of a harvest: once every shard of the run is done, the per-layer statistics
+    (again whenever this job wrote a shard, since a rewritten shard changes them)."""
+    if run.complete() and (wrote or not run.layout.stats.is_file()):
+        run.write_stats()
+
+
+def plan_task(cfg_dict: dict, run_dir: str, overwrite: bool, progress: bool, lm: LoadedModel | None = None) -> int:
+    """Claim the folder and plan the run (once, on one worker). Returns the shard count."""
+    cfg = config_from_dict(cfg_dict)
+    return plan_step(cfg, RunLayout(Path(run_dir)), _model(cfg, lm), overwrite, progress).plan.n_shards
+
+
+def shards_task(
+    shards: list[int], cfg_dict: dict, run_dir: str, progress: bool, lm: LoadedModel | None = None
+) -> Written:
+    """Write the listed shards (those not done yet) of a planned run."""
+    cfg = config_from_dict(cfg_dict)
+    return write_shards(Run.open(run_dir), cfg, _model(cfg, lm), shards, progress)
+
+
+# --- fit --------------------------------------------------------------------------------------
+
+
+def fit(
+    cfg: PipelineConfig,
+    run_dir: str | Path,
+    executor: Executor | None = None,
+    *,
+    groups: list[str] | None = None,
+    allow_partial: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[FitResult]:
+    """Train (or resume, or skip) each group's SAE, one task per group; results in group order.
+
+    The run's fit settings (saes/fit.json) are written before any task; other settings are refused
+    with the differing keys unless `overwrite`, which also starts over the SAEs trained otherwise."""
+    executor = executor or InProcess()
+    run = Run.open(run_dir)
+    shards_to_fit(run, allow_partial)  # an incomplete store is refused before any work
+    names = selected_groups(run, groups)
+    pick_device(cfg.fit.device, option="fit.device (--device)")  # a bad device fails before any work
+    if check_fit_settings(run, cfg, overwrite) or run.fit_settings() is None:
+        run.save_fit_settings(cfg)
+    return executor.map(
+        fit_task,
+        names,
+        cfg.to_dict(),
+        str(run_dir),
+        allow_partial,
+        overwrite,
+        executor.task_progress(progress),
+        desc="fit",
+        unit="SAE",
+    )
+
+
+def fit_task(
+    group: str, cfg_dict: dict, run_dir: str, allow_partial: bool, restart: bool, progress: bool
+) -> FitResult:
+    """Train one group's SAE (resuming from its checkpoint); on a host with several GPUs, one per worker."""
+    import torch
+
+    cfg = config_from_dict(cfg_dict)
+    if cfg.fit.device == "auto" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        cfg.fit.device = f"cuda:{worker_index() % torch.cuda.device_count()}"
+    run = Run.open(run_dir)
+    return fit_group(run, cfg, group, shards_to_fit(run, allow_partial), progress=progress, restart=restart)
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def check_report_inputs(run: Run) -> None:
+    """What `report` trusts, checked before the model load: config.json, tokens.npy, and every shard
+    verified against its record (the SAEs were trained on those rows)."""
+    run.config  # noqa: B018 - reading it raises DamagedFileError for a damaged config.json
+    run.tokens()
+    problems, _ = run.verify()
+    if problems:
+        raise StoreError(
+            problems[0]
+            + (f" (and {len(problems) - 1} more problems: see `ghsae verify {run.root}`)" if len(problems) > 1 else "")
+        )
+
+
+def report(
+    cfg: PipelineConfig,
+    run_dir: str | Path,
+    executor: Executor | None = None,
+    *,
+    baseline: str | Path | None = None,
+    allow_partial: bool = False,
+    allow_unmatched: bool = False,
+    progress: bool = True,
+    lm: LoadedModel | None = None,
+) -> Path:
+    """Evaluate the run's SAEs (and a baseline's) and write RUN/report/; returns that folder."""
+    executor = executor or InProcess()
+    check_report_inputs(Run.open(run_dir))
+    if baseline is not None:
+        Run.open(baseline)  # a baseline that is not a run fails here, before the model load
+    here = lm if executor.in_process else None
+    out = executor.call(
+        report_task,
+        cfg.to_dict(),
+        str(run_dir),
+        str(baseline) if baseline is not None else None,
+        allow_partial,
+        allow_unmatched,
+        executor.task_progress(progress),
+        here,
+    )
+    return Path(out)
+
+
+def report_model(cfg: PipelineConfig, run: Run, lm: LoadedModel | None = None) -> LoadedModel:
+    """The model a report loads: the one the run was harvested with (its path from config.json), on
+    the report's device, in the run's compute dtype."""
+    from ghsae.analysis.report import report_model_settings
+
+    if lm is not None:
+        return lm
+    return cached_model(*report_model_settings(run, cfg))
+
+
+def report_task(
+    cfg_dict: dict,
+    run_dir: str,
+    baseline: str | None,
+    allow_partial: bool,
+    allow_unmatched: bool,
+    progress: bool,
+    lm: LoadedModel | None = None,
+) -> str:
+    from ghsae.analysis.report import gather, write_report
+
+    cfg = config_from_dict(cfg_dict)
+    run = Run.open(run_dir)
+    data = gather(
+        cfg,
+        run,
+        report_model(cfg, run, lm),
+        Run.open(baseline) if baseline is not None else None,
+        allow_partial=allow_partial,
+        allow_unmatched=allow_unmatched,
+        progress=progress,
+    )
+    return str(write_report(data, cfg))
+
+
+# --- the whole pipeline -----------------------------------------------------------------------
+
+
+def run_all(
+    cfg: PipelineConfig,
+    run_dir: str | Path,
+    executor: Executor | None = None,
+    *,
+    baseline: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> Path:
+    """Harvest, fit every group's SAE, report; each stage resumes where it stopped. `say` gets one
+    line per stage."""
+    from ghsae.harvest.steps import summary_line
+    from ghsae.train.fit import summary_lines
+
+    executor = executor or InProcess()
+    layout = RunLayout(Path(run_dir))
+    # a refused run folder or a missing dataset fails before the slow model load
+    prepare_run_dir(layout, cfg, overwrite)
+    resolve_files(cfg.data.dataset)
+    say(summary_line(harvest(cfg, run_dir, executor, overwrite=overwrite, progress=progress)))
+    for line in summary_lines(fit(cfg, run_dir, executor, overwrite=overwrite, progress=progress)):
+        say(line)
+    return report(cfg, run_dir, executor, baseline=baseline, progress=progress)
+

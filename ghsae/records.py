@@ -1,0 +1,546 @@
+"""Every JSON record a run stores, typed: the one module that reads or writes their keys.
+
+    ghsae-run.json            RunMarker        this folder is a run, of which format version
+    config.json               RunConfig        the harvest's config: identity, resolved settings, hash
+    plan/plan.json            Plan             groups, shard geometry, fingerprints (ModelIdentity, ...)
+    manifest/shard-N.json     ShardRecord      one done shard: rows, layer counts, checksums per group
+    manifest/stats.json       RunStats         per-layer normalisation statistics over every shard
+    saes/fit.json             FitSettings      the [fit] settings the run's SAEs are trained with
+    saes/<group>/cfg.json     SAERecord        one SAE: its config, the fit settings and store it came from
+    report/settings.json      ReportSettings   what the last report was made with
+
+Each record is a frozen dataclass with `from_json(obj)` and `to_json()`; code elsewhere uses
+fields, never `data["key"]`. `to_json` gives back exactly the dict ghsae has always written, so a
+record read and written again is the same bytes (tests/test_stored_bytes.py pins them).
+
+Versions: the run marker carries the run format version (layout.RUN_FORMAT_VERSION) that every
+record of the run follows; version 1 records carry no version key of their own (they predate
+this module). A record holding a "version" newer than this ghsae reads is refused by
+`from_json`, so a newer format is never misread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ghsae.atomic import read_json, write_json_atomic
+from ghsae.errors import DamagedFileError
+
+RECORD_VERSION = 1
+
+
+def _check_version(obj: Any, what: str) -> dict:
+    if not isinstance(obj, dict):
+        raise DamagedFileError(f"{what} is not a JSON object (found {type(obj).__name__})")
+    version = obj.get("version", 1)
+    if isinstance(version, int) and version > RECORD_VERSION:
+        raise DamagedFileError(
+            f"{what} has record version {version}; this ghsae reads version {RECORD_VERSION}: upgrade ghsae"
+        )
+    return obj
+
+
+# --- the run folder -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunMarker:
+    format: str
+    version: int
+    created: float
+
+    @classmethod
+    def from_json(cls, obj: Any) -> RunMarker:
+        obj = obj if isinstance(obj, dict) else {}
+        return cls(str(obj.get("format", "")), int(obj.get("version", 0)), float(obj.get("created", 0.0)))
+
+    def to_json(self) -> dict:
+        return {"format": self.format, "version": self.version, "created": self.created}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """config.json: the harvest's config. `identity` decides what the store holds (its hash names
+    the run), `resolved` is every setting as harvest saw it, runtime ones included."""
+
+    identity: Mapping[str, Any]
+    resolved: Mapping[str, Any]
+    hash: str
+
+    @classmethod
+    def from_json(cls, obj: Any) -> RunConfig:
+        obj = _check_version(obj, "config.json")
+        return cls(obj.get("identity", {}), obj.get("resolved", {}), str(obj.get("hash", "")))
+
+    def to_json(self) -> dict:
+        return {"identity": dict(self.identity), "resolved": dict(self.resolved), "hash": self.hash}
+
+
+# --- the plan -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    source: str  # what the user named: a folder, a .gguf file, a hub id, builtin:...
+    fingerprint: str  # model.lm.model_fingerprint: config plus both ends of each weight file
+    class_name: str  # the transformers class loaded (JSON key "class")
+
+    @classmethod
+    def from_json(cls, obj: Mapping) -> ModelIdentity:
+        return cls(str(obj["source"]), str(obj["fingerprint"]), str(obj.get("class", "")))
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "fingerprint": self.fingerprint, "class": self.class_name}
+
+
+@dataclass(frozen=True)
+class TokenizerIdentity:
+    fingerprint: str
+    bos: int | None  # prepended to every context (None: no BOS)
+    eos: int | None  # between documents
+    special_ids: tuple[int, ...]  # never stored, never evaluated
+
+    @classmethod
+    def from_json(cls, obj: Mapping) -> TokenizerIdentity:
+        return cls(str(obj["fingerprint"]), obj.get("bos"), obj.get("eos"), tuple(obj.get("special_ids", ())))
+
+    def to_json(self) -> dict:
+        return {"fingerprint": self.fingerprint, "bos": self.bos, "eos": self.eos, "special_ids": list(self.special_ids)}
+
+
+@dataclass(frozen=True)
+class DatasetIdentity:
+    spec: str  # data.dataset as given
+    fingerprint: str  # sha256 of the packed token array
+    files: tuple[tuple[str, int], ...] | None = None  # (path, bytes) of each input file
+    python: str | None = None  # the built-in corpus: the Python version whose docs it is
+
+    @classmethod
+    def from_json(cls, obj: Mapping) -> DatasetIdentity:
+        files = obj.get("files")
+        return cls(
+            str(obj["spec"]),
+            str(obj.get("fingerprint", "")),
+            tuple((str(f), int(n)) for f, n in files) if files is not None else None,
+            obj.get("python"),
+        )
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"spec": self.spec, "fingerprint": self.fingerprint}
+        if self.files is not None:
+            out["files"] = [[f, n] for f, n in self.files]
+        if self.python is not None:
+            out["python"] = self.python
+        return out
+
+
+@dataclass(frozen=True)
+class GroupingRecord:
+    """How the groups were chosen (JSON key "amad" of plan.json)."""
+
+    distance: str  # raw | layer-centred (or "centred", the older name, kept as written)
+    method: str  # dp | agglomerative
+    threshold: float  # AMAD threshold of groups = auto
+    objective: str  # what dp minimised
+    curve: tuple[float, ...]  # AMAD of the method's partition at G = 1..L
+    objective_curve: tuple[float, ...]  # the objective at G = 1..L
+    chosen_groups: int
+    chosen_amad: float
+
+    @classmethod
+    def from_json(cls, obj: Mapping) -> GroupingRecord:
+        return cls(
+            distance=str(obj["distance"]),
+            method=str(obj.get("method", "dp")),  # plans made before grouping.method used the DP
+            threshold=obj["threshold"],
+            objective=str(obj.get("objective", "layer-mean")),
+            curve=tuple(obj.get("curve", ())),
+            objective_curve=tuple(obj.get("objective_curve", ())),
+            chosen_groups=int(obj["chosen_groups"]),
+            chosen_amad=obj["chosen_amad"],
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "distance": self.distance,
+            "method": self.method,
+            "threshold": self.threshold,
+            "objective": self.objective,
+            "curve": list(self.curve),
+            "objective_curve": list(self.objective_curve),
+            "chosen_groups": self.chosen_groups,
+            "chosen_amad": self.chosen_amad,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """plan/plan.json: everything fixed once per run before any shard is written."""
+
+    config_hash: str
+    model: ModelIdentity
+    tokenizer: TokenizerIdentity
+    dataset: DatasetIdentity
+    n_layers_model: int
+    d_model: int
+    layers: tuple[int, ...]  # the harvested layers, in order
+    groups: tuple[tuple[int, ...], ...]  # contiguous runs of `layers`
+    group_names: tuple[str, ...]
+    context_length: int
+    n_contexts_harvest: int  # rows of tokens.npy that shards cover
+    n_contexts_eval: int  # rows after them, held out for the report
+    contexts_per_shard: int
+    n_shards: int
+    shard_rows: int  # row capacity of a shard in every group's arrays
+    grouping: GroupingRecord
+    probe_tokens: int
+    seconds: float | None = None  # tokenise + probe + partition: part of the report's harvest cost A
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Plan:
+        obj = _check_version(obj, "plan.json")
+        return cls(
+            config_hash=str(obj["config_hash"]),
+            model=ModelIdentity.from_json(obj["model"]),
+            tokenizer=TokenizerIdentity.from_json(obj["tokenizer"]),
+            dataset=DatasetIdentity.from_json(obj["dataset"]),
+            n_layers_model=int(obj["n_layers_model"]),
+            d_model=int(obj["d_model"]),
+            layers=tuple(int(x) for x in obj["layers"]),
+            groups=tuple(tuple(int(x) for x in g) for g in obj["groups"]),
+            group_names=tuple(obj["group_names"]),
+            context_length=int(obj["context_length"]),
+            n_contexts_harvest=int(obj["n_contexts_harvest"]),
+            n_contexts_eval=int(obj.get("n_contexts_eval", 0)),
+            contexts_per_shard=int(obj["contexts_per_shard"]),
+            n_shards=int(obj["n_shards"]),
+            shard_rows=int(obj["shard_rows"]),
+            grouping=GroupingRecord.from_json(obj["amad"]),
+            probe_tokens=int(obj.get("probe_tokens", 0)),
+            seconds=obj.get("seconds"),
+        )
+
+    def to_json(self) -> dict:
+        out = {
+            "config_hash": self.config_hash,
+            "model": self.model.to_json(),
+            "tokenizer": self.tokenizer.to_json(),
+            "dataset": self.dataset.to_json(),
+            "n_layers_model": self.n_layers_model,
+            "d_model": self.d_model,
+            "layers": list(self.layers),
+            "groups": [list(g) for g in self.groups],
+            "group_names": list(self.group_names),
+            "context_length": self.context_length,
+            "n_contexts_harvest": self.n_contexts_harvest,
+            "n_contexts_eval": self.n_contexts_eval,
+            "contexts_per_shard": self.contexts_per_shard,
+            "n_shards": self.n_shards,
+            "shard_rows": self.shard_rows,
+            "amad": self.grouping.to_json(),
+            "probe_tokens": self.probe_tokens,
+        }
+        if self.seconds is not None:
+            out["seconds"] = self.seconds
+        return out
+
+    # --- what the stages ask of it
+
+    def shard_contexts(self, shard: int) -> tuple[int, int]:
+        """[start, stop) of the rows of tokens.npy that shard `shard` covers."""
+        start = shard * self.contexts_per_shard
+        return start, min(start + self.contexts_per_shard, self.n_contexts_harvest)
+
+    @property
+    def eval_contexts(self) -> tuple[int, int]:
+        """[start, stop) of the held-out rows of tokens.npy (after every harvested one)."""
+        return self.n_contexts_harvest, self.n_contexts_harvest + self.n_contexts_eval
+
+    def group_layers(self, group: str) -> tuple[int, ...]:
+        return self.groups[self.group_names.index(group)]
+
+    def group_of_layer(self, layer: int) -> str:
+        return next(name for name, g in zip(self.group_names, self.groups) if layer in g)
+
+    @property
+    def per_layer(self) -> bool:
+        """One layer per group: a per-layer baseline run."""
+        return all(len(g) == 1 for g in self.groups)
+
+
+# --- shards ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupRows:
+    """One group's rows in one shard, as its record describes them."""
+
+    rows: int
+    layer_counts: Mapping[int, int]  # rows drawn from each layer of the group
+    checksums: Mapping[str, str]  # array name -> blake2b-128 of its valid rows
+    files: Mapping[str, int] = field(default_factory=dict)  # array name -> shard-file bytes (absent in old records)
+
+    @classmethod
+    def from_json(cls, obj: Mapping) -> GroupRows:
+        return cls(
+            int(obj["rows"]),
+            {int(k): int(v) for k, v in obj["layer_counts"].items()},
+            dict(obj["checksums"]),
+            {k: int(v) for k, v in obj.get("files", {}).items()},
+        )
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {
+            "rows": self.rows,
+            "layer_counts": {str(k): v for k, v in self.layer_counts.items()},
+            "checksums": dict(self.checksums),
+        }
+        if self.files:
+            out["files"] = dict(self.files)
+        return out
+
+
+@dataclass(frozen=True)
+class LayerSums:
+    """Sums over one shard's rows of one layer (the normalisation statistics add these up)."""
+
+    count: int
+    sum_norm: float
+    sum_sq_norm: float
+
+    @classmethod
+    def from_json(cls, obj: Mapping) -> LayerSums:
+        return cls(int(obj["count"]), obj["sum_norm"], obj["sum_sq_norm"])
+
+    def to_json(self) -> dict:
+        return {"count": self.count, "sum_norm": self.sum_norm, "sum_sq_norm": self.sum_sq_norm}
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """manifest/shard-NNNNN.json: the only mark of a done shard, written last."""
+
+    shard: int
+    config_hash: str
+    contexts: tuple[int, int]  # [start, stop) of tokens.npy rows the shard covers
+    stored_tokens: int  # rows of every group (one per non-special token)
+    groups: Mapping[str, GroupRows]
+    layer_stats: Mapping[int, LayerSums]
+    seconds: float | None = None  # the shard's forward pass, measured (part of A)
+    written_at: float | None = None
+
+    @classmethod
+    def from_json(cls, obj: Any) -> ShardRecord:
+        obj = _check_version(obj, "the shard record")
+        return cls(
+            shard=int(obj["shard"]),
+            config_hash=str(obj["config_hash"]),
+            contexts=(int(obj["contexts"][0]), int(obj["contexts"][1])),
+            stored_tokens=int(obj["stored_tokens"]),
+            groups={name: GroupRows.from_json(g) for name, g in obj["groups"].items()},
+            layer_stats={int(k): LayerSums.from_json(v) for k, v in obj["layer_stats"].items()},
+            seconds=obj.get("seconds"),
+            written_at=obj.get("written_at"),
+        )
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {
+            "shard": self.shard,
+            "config_hash": self.config_hash,
+            "contexts": list(self.contexts),
+            "stored_tokens": self.stored_tokens,
+            "groups": {name: g.to_json() for name, g in self.groups.items()},
+            "layer_stats": {str(k): v.to_json() for k, v in self.layer_stats.items()},
+        }
+        if self.seconds is not None:
+            out["seconds"] = self.seconds
+        if self.written_at is not None:
+            out["written_at"] = self.written_at
+        return out
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    count: int
+    mean_norm: float
+    mean_sq_norm: float
+    scale: float  # sqrt(d) / E||x||, the per-layer normalisation factor
+
+    @classmethod
+    def from_json(cls, obj: Mapping) -> LayerStats:
+        return cls(int(obj["count"]), obj["mean_norm"], obj["mean_sq_norm"], obj["scale"])
+
+    def to_json(self) -> dict:
+        return {"count": self.count, "mean_norm": self.mean_norm, "mean_sq_norm": self.mean_sq_norm, "scale": self.scale}
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """manifest/stats.json: per-layer statistics over every shard (written once all are done)."""
+
+    config_hash: str
+    d_model: int
+    target_norm: float
+    layers: Mapping[int, LayerStats]
+
+    @classmethod
+    def from_json(cls, obj: Any) -> RunStats:
+        obj = _check_version(obj, "stats.json")
+        return cls(
+            str(obj["config_hash"]),
+            int(obj["d_model"]),
+            obj["target_norm"],
+            {int(k): LayerStats.from_json(v) for k, v in obj["layers"].items()},
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "config_hash": self.config_hash,
+            "d_model": self.d_model,
+            "target_norm": self.target_norm,
+            "layers": {str(k): v.to_json() for k, v in self.layers.items()},
+        }
+
+
+# --- SAEs -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreState:
+    """The store an SAE trained on: the harvest config, the shards, a digest of their checksums."""
+
+    config_hash: str
+    shards: tuple[int, ...]
+    n_shards: int
+    rows_digest: str
+
+    @classmethod
+    def from_json(cls, obj: Mapping) -> StoreState:
+        return cls(str(obj["config_hash"]), tuple(obj["shards"]), int(obj["n_shards"]), str(obj["rows_digest"]))
+
+    def to_json(self) -> dict:
+        return {
+            "config_hash": self.config_hash,
+            "shards": list(self.shards),
+            "n_shards": self.n_shards,
+            "rows_digest": self.rows_digest,
+        }
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What an SAE was trained with: the fit settings that decide its weights, and the store."""
+
+    fit: Mapping[str, Any]
+    store: StoreState
+
+    @classmethod
+    def from_json(cls, obj: Mapping) -> Provenance:
+        return cls(dict(obj["fit"]), StoreState.from_json(obj["store"]))
+
+    def to_json(self) -> dict:
+        return {"fit": dict(self.fit), "store": self.store.to_json()}
+
+
+@dataclass(frozen=True)
+class SAERecord:
+    """saes/<group>/cfg.json: the SAE's config (SAEConfig's fields), and how it was trained."""
+
+    sae: Mapping[str, Any]  # ghsae.sae.SAEConfig as JSON (its owner builds it back)
+    fit: Mapping[str, Any] = field(default_factory=dict)  # the whole [fit] section it was trained with
+    provenance: Provenance | None = None  # None: written by a ghsae before provenance existed
+    tokens: int = 0  # training tokens seen
+    steps: int = 0
+    seconds: float | None = None  # training wall time, summed over resumed sessions (the report's T)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> SAERecord:
+        obj = _check_version(obj, "the SAE's cfg.json")
+        prov = obj.get("provenance")
+        return cls(
+            sae=obj["sae"],
+            fit=obj.get("fit", {}),
+            provenance=Provenance.from_json(prov) if prov is not None else None,
+            tokens=int(obj.get("tokens", 0)),
+            steps=int(obj.get("steps", 0)),
+            seconds=obj.get("seconds"),
+        )
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"sae": dict(self.sae)}
+        if self.fit:
+            out["fit"] = dict(self.fit)
+        if self.provenance is not None:
+            out["provenance"] = self.provenance.to_json()
+        out.update(tokens=self.tokens, steps=self.steps)
+        if self.seconds is not None:
+            out["seconds"] = self.seconds
+        return out
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.sae["layers"])
+
+    @property
+    def architecture(self) -> str:
+        return str(self.sae["architecture"])
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """saes/fit.json: the [fit] section the run's SAEs are trained with (fit reads it back, report
+    takes its seed). Written by the first `ghsae fit`; another fit with other settings is refused
+    unless --overwrite."""
+
+    fit: Mapping[str, Any]
+
+    @classmethod
+    def from_json(cls, obj: Any) -> FitSettings:
+        return cls(dict(_check_version(obj, "saes/fit.json")["fit"]))
+
+    def to_json(self) -> dict:
+        return {"fit": dict(self.fit)}
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """report/settings.json: the [report] section, the fit seed and the model settings the last
+    report was made with."""
+
+    report: Mapping[str, Any]
+    seed: int
+    model: Mapping[str, Any]
+    baseline: str | None = None
+
+    @classmethod
+    def from_json(cls, obj: Any) -> ReportSettings:
+        obj = _check_version(obj, "report/settings.json")
+        return cls(dict(obj["report"]), int(obj["seed"]), dict(obj["model"]), obj.get("baseline"))
+
+    def to_json(self) -> dict:
+        return {"report": dict(self.report), "seed": self.seed, "model": dict(self.model), "baseline": self.baseline}
+
+
+# --- reading and writing --------------------------------------------------------------------------
+
+R = TypeVar("R")
+
+
+def load_record(cls: type[R], path: Path, fix: str = "re-run `ghsae harvest` with the same config to rewrite it") -> R:
+    """Read one record; an unreadable or malformed file is a DamagedFileError naming it and the fix."""
+    obj = read_json(path, fix=fix)
+    try:
+        return cls.from_json(obj)  # type: ignore[attr-defined]
+    except DamagedFileError as e:
+        raise DamagedFileError(f"{path}: {e}; {fix}") from None
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise DamagedFileError(
+            f"{path} is damaged: not a {cls.__name__} record ({type(e).__name__}: {e}); {fix}"
+        ) from None
+
+
+def save_record(path: Path, record: Any) -> None:
+    write_json_atomic(path, record.to_json())

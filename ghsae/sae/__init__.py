@@ -1,0 +1,27 @@
+"""Sparse autoencoders: the architectures, their config, and their files (cfg.json + sae.safetensors).
+
+The SAE is a shared model type, like the language model: fit trains it, report, export and the
+public API load it, so it sits beside the other ground services rather than inside one stage.
+"""
+
+from ghsae.sae.architectures import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE, build_sae
+from ghsae.sae.base import REGISTRY, SAEConfig, SAEOutput, SparseAutoencoder, dead_window, fvu, register
+from ghsae.sae.io import SAELoadError, load_sae, save_sae
+
+__all__ = [
+    "REGISTRY",
+    "BatchTopKSAE",
+    "JumpReLUSAE",
+    "ReLUSAE",
+    "SAEConfig",
+    "SAELoadError",
+    "SAEOutput",
+    "SparseAutoencoder",
+    "TopKSAE",
+    "build_sae",
+    "dead_window",
+    "fvu",
+    "load_sae",
+    "register",
+    "save_sae",
+]
