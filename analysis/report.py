@@ -36,7 +36,7 @@ from ghsae.layout import REPORT_METRICS, REPORT_PAGE, REPORT_SETTINGS, REPORT_SU
 from ghsae.lm import LoadedModel
 from ghsae.records import ReportSettings, save_record
 from ghsae.run import Run
-from ghsae.train.provenance import fit_settings, settings_diffs
+from ghsae.train.provenance import fit_settings, run_fit_settings, settings_diffs
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,8 @@ def load_side(run: Run, kind: SAEKind, allow_partial: bool) -> ReportSide:
     for g in have:
         record = run.sae_record(g)
         if saved is not None and record.provenance is not None:
-            diffs = settings_diffs(
-                dict(record.provenance.fit), fit_settings(config_from_dict({"fit": dict(saved.fit)})), "SAE"
-            )
+            run_fit = fit_settings(config_from_dict({"fit": dict(saved.fit)}))
+            diffs = settings_diffs(run_fit_settings(dict(record.provenance.fit)), run_fit_settings(run_fit), "SAE")
             if diffs:
                 raise StoreError(
                     f"the {what}'s SAE {g} was trained with other fit settings than the run's {run.layout.fit_settings} "

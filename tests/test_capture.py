@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import build_model
-from ghsae.lm import find_blocks
 from ghsae.harvest.similarity import _angular_distance_sums
 from ghsae.hooks import capture_layers
+from ghsae.lm import find_blocks
 
 
 @pytest.mark.parametrize("arch", ["llama", "neox", "gpt2"])

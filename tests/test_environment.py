@@ -190,9 +190,9 @@ def test_a_deleted_array_metadata_file_is_named(tmp_path, harvested_run, small_c
 
 
 def test_an_unreachable_scheduler_is_named_in_one_line(tmp_path, small_cfg, monkeypatch):
-    from ghsae import distributed
+    from ghsae import executors
 
-    monkeypatch.setattr(distributed, "SCHEDULER_TIMEOUT_S", 2)
+    monkeypatch.setattr(executors, "SCHEDULER_TIMEOUT_S", 2)
     r = cli(
         [
             "harvest",

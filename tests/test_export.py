@@ -11,9 +11,9 @@ from test_fit import harvested
 
 from conftest import needs_module
 from ghsae.cli import main
+from ghsae.pipeline import fit
 from ghsae.sae import SAEConfig, build_sae
 from ghsae.train.export import write_saelens_folder
-from ghsae.pipeline import fit
 
 pytestmark = needs_module("sae_lens", "pip install -e '.[saelens]' (.ci/run installs it)")
 
@@ -80,17 +80,17 @@ def test_export_command_writes_one_folder_per_layer_and_refuses_to_overwrite(
     assert CliRunner().invoke(main, ["export", str(layout.root), str(out), "--overwrite"]).exit_code == 0
 
 
-def test_export_of_a_run_without_trained_saes_is_refused(tmp_path):
-    run = tmp_path / "run"
-    (run / "plan").mkdir(parents=True)
-    plan = {
-        "layers": [0, 1],
-        "groups": [[0], [1]],
-        "group_names": ["group_00", "group_01"],
-        "n_shards": 1,
-        "config_hash": "x",
-    }
-    (run / "plan" / "plan.json").write_text(json.dumps(plan))
-    result = CliRunner().invoke(main, ["export", str(run), str(tmp_path / "out")])
+def test_export_of_a_run_without_trained_saes_is_refused(tmp_path, tiny_llama, text_dataset, tiny_lm):
+    _, layout = harvested(tmp_path, tiny_llama, text_dataset, tiny_lm)
+    result = CliRunner().invoke(main, ["export", str(layout.root), str(tmp_path / "out")])
     assert result.exit_code == 2
     assert "no trained SAE for group_00, group_01" in result.output
+
+
+def test_a_plan_that_is_not_a_plan_record_is_refused_as_damaged(tmp_path):
+    run = tmp_path / "run"
+    (run / "plan").mkdir(parents=True)
+    (run / "plan" / "plan.json").write_text(json.dumps({"layers": [0, 1], "groups": [[0], [1]]}))
+    result = CliRunner().invoke(main, ["export", str(run), str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "plan.json is damaged: not a Plan record (KeyError: 'config_hash')" in result.output

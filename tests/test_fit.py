@@ -13,15 +13,14 @@ import torch
 
 from conftest import tiny_config
 from ghsae.cache.loader import ActivationLoader, GroupReader
-from ghsae.cache.manifest import group_shard_rows, load_plan
 from ghsae.cache.store import ActivationStore, to_float32
 from ghsae.config import to_toml
 from ghsae.errors import GhsaeError, StoreError
 from ghsae.harvest.steps import ShardSlice
-from ghsae.pipeline import harvest
 from ghsae.layout import RunLayout
+from ghsae.pipeline import fit, harvest
+from ghsae.run import Run
 from ghsae.sae import load_sae
-from ghsae.pipeline import fit
 
 
 def harvested(tmp_path, tiny_llama, text_dataset, lm, **overrides):
@@ -31,8 +30,8 @@ def harvested(tmp_path, tiny_llama, text_dataset, lm, **overrides):
 
 
 def reader_for(layout: RunLayout, group: str) -> GroupReader:
-    plan = load_plan(layout)
-    rows = group_shard_rows(layout, plan, group, list(range(plan.n_shards)))
+    run = Run.open(layout.root)
+    rows = run.group_rows(group, list(range(run.plan.n_shards)))
     return GroupReader(ActivationStore.open(layout.acts), group, rows)
 
 
@@ -127,6 +126,11 @@ def test_a_checkpoint_of_another_sae_shape_is_refused(tmp_path, tiny_llama, text
             "fit.tokens": 512,
         },
     )
+    # the run records the settings its SAEs are trained with, so other settings are refused first
+    with pytest.raises(GhsaeError, match=r"saes/fit.json: .*fit.expansion: 2 in the run, 4 now"):
+        fit(bigger, layout.root, groups=["group_00"], progress=False)
+    # and the checkpoint itself is checked too (a run from before saes/fit.json existed)
+    layout.fit_settings.unlink()
     with pytest.raises(GhsaeError, match="n_latents: 64 in the checkpoint, 128 now"):
         fit(bigger, layout.root, groups=["group_00"], progress=False)
 
@@ -215,7 +219,8 @@ def test_transfer_init_from_copies_a_neighbours_weights_and_keeps_its_own_normal
             "fit.init_from": source.folder,
         },
     )
-    result = fit(transfer, layout.root, groups=["group_01"], progress=False)[0]
+    # other settings than the run's (a vanishing lr), so --overwrite: group_01 is trained with them
+    result = fit(transfer, layout.root, groups=["group_01"], overwrite=True, progress=False)[0]
     sae = load_sae(result.folder)
     assert sae.cfg.layers == [3, 4, 5]
     # with a vanishing learning rate one step leaves the copied decoder in place
@@ -230,7 +235,7 @@ def test_transfer_init_from_copies_a_neighbours_weights_and_keeps_its_own_normal
 
     shutil.rmtree(layout.sae_dir("group_01"))
     with pytest.raises(GhsaeError, match=r"init_from .* m=64; this group needs topk with d=32, m=128"):
-        fit(wrong, layout.root, groups=["group_01"], progress=False)
+        fit(wrong, layout.root, groups=["group_01"], overwrite=True, progress=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the pinned-buffer, side-stream path)")

@@ -5,25 +5,26 @@ import pytest
 import torch
 
 from conftest import save_tiny_model, tiny_config
-from ghsae.cache.manifest import load_plan, load_shard_record, run_info
 from ghsae.cache.store import ActivationStore, to_float32
 from ghsae.config import config_from_dict, load_config, to_toml
 from ghsae.errors import HarvestError, StoreError
-from ghsae.pipeline import harvest
 from ghsae.layout import RunLayout
 from ghsae.lm import load_model
+from ghsae.pipeline import harvest
+from ghsae.run import Run
 
 
 def all_rows(layout: RunLayout):
     """Every stored row of every group, concatenated over shards in order."""
-    plan = load_plan(layout)
+    run = Run.open(layout.root)
+    plan = run.plan
     store = ActivationStore.open(layout.acts)
     out = {}
     for name in plan.group_names:
         parts = []
         for s in range(plan.n_shards):
-            rec = load_shard_record(layout, s, plan.data["config_hash"])
-            parts.append(store.read_shard(name, s, rec["groups"][name]["rows"], rec["groups"][name]["checksums"]))
+            g = run.shard_record(s).groups[name]
+            parts.append(store.read_shard(name, s, g.rows, dict(g.checksums)))
         out[name] = {
             k: np.concatenate([getattr(p, k) for p in parts]) for k in ("acts", "layer", "token", "seq", "pos")
         }
@@ -41,9 +42,9 @@ def test_harvest_stores_one_row_per_token_per_group_with_the_drawn_layers_activa
     layout = RunLayout(tmp_path / "run")
     plan, store, rows = all_rows(layout)
     tokens = np.load(layout.tokens)
-    special = plan.data["tokenizer"]["special_ids"]
+    special = plan.tokenizer.special_ids
     n_kept = int((~np.isin(tokens[: plan.n_contexts_harvest], special)).sum())
-    assert summary.info["complete"] and summary.info["tokens"] == n_kept
+    assert summary.info.complete and summary.info.tokens == n_kept
 
     lm = load_model(str(tiny_models[arch]), "cpu", "float32")
     with torch.no_grad():
@@ -69,18 +70,18 @@ def test_harvest_stores_one_row_per_token_per_group_with_the_drawn_layers_activa
 def test_layers_of_a_group_are_drawn_uniformly(tiny_llama, text_dataset, tmp_path):
     cfg = tiny_config(tiny_llama, text_dataset, **{"grouping.groups": [[0, 2], [3, 5]], "harvest.tokens": 4096})
     harvest(cfg, tmp_path / "run", progress=False)
-    info = run_info(RunLayout(tmp_path / "run"))
-    counts = np.array([info["rows_per_layer"][str(layer)] for layer in range(6)])
-    per_group = info["tokens"] / 3
+    info = Run.open(tmp_path / "run").info()
+    counts = np.array([info.rows_per_layer[str(layer)] for layer in range(6)])
+    per_group = info.tokens / 3
     # each count is Binomial(n, 1/3): 5 standard deviations is a bound a correct draw never crosses
-    sd = np.sqrt(info["tokens"] * (1 / 3) * (2 / 3))
+    sd = np.sqrt(info.tokens * (1 / 3) * (2 / 3))
     assert np.all(np.abs(counts - per_group) < 5 * sd), counts
 
 
 def test_info_reports_sizes_and_the_saving_against_a_per_layer_cache(tiny_llama, text_dataset, tmp_path):
     cfg = tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 2})
     harvest(cfg, tmp_path / "run", progress=False)
-    info = run_info(RunLayout(tmp_path / "run"))
+    info = Run.open(tmp_path / "run").info()
     for key in (
         "groups",
         "shards_done",
@@ -90,27 +91,25 @@ def test_info_reports_sizes_and_the_saving_against_a_per_layer_cache(tiny_llama,
         "bytes_per_token",
         "per_layer_bytes_per_token",
     ):
-        assert key in info
-    assert info["shards_done"] == info["shards_total"] == 4
-    assert info["rows"] == 2 * info["tokens"]
+        assert key in info.to_json()  # what `ghsae info --json` prints
+    assert info.shards_done == info.shards_total == 4
+    assert info.rows == 2 * info.tokens
     # 6 layers in 2 groups: about 3x less than caching every layer (metadata columns aside)
-    assert 2.0 < info["per_layer_bytes_per_token"] / info["bytes_per_token"] < 3.5
+    assert 2.0 < info.per_layer_bytes_per_token / info.bytes_per_token < 3.5
 
 
 def test_a_corrupt_shard_is_an_error_naming_it(tiny_llama, text_dataset, tmp_path):
     cfg = tiny_config(tiny_llama, text_dataset)
     harvest(cfg, tmp_path / "run", progress=False)
     layout = RunLayout(tmp_path / "run")
-    plan = load_plan(layout)
     store = ActivationStore.open(layout.acts)
-    rec = load_shard_record(layout, 2, plan.data["config_hash"])
-    g = rec["groups"]["group_00"]
+    g = Run.open(layout.root).shard_record(2).groups["group_00"]
     arr = store.root["group_00"]["acts"]
     start = 2 * store.geometry.shard_rows
     block = arr[start : start + 4]
     arr[start : start + 4] = block + np.float16(1)
     with pytest.raises(StoreError, match=r"shard 2 of group_00 .* corrupt: checksum mismatch in acts"):
-        store.read_shard("group_00", 2, g["rows"], g["checksums"])
+        store.read_shard("group_00", 2, g.rows, dict(g.checksums))
 
 
 def test_bfloat16_storage_keeps_the_bits_and_says_so(tiny_llama, text_dataset, tmp_path):
@@ -154,15 +153,15 @@ def test_normalisation_statistics_match_the_stored_rows(tiny_llama, text_dataset
     harvest(cfg, tmp_path / "run", progress=False)
     layout = RunLayout(tmp_path / "run")
     plan, _, rows = all_rows(layout)
-    info = run_info(layout)
+    info = Run.open(layout.root).info()
     with np.load(layout.stats_arrays) as z:
         means, scales = z["mean"], z["scale"]
-    d = plan.data["d_model"]
+    d = plan.d_model
     for name in plan.group_names:
         acts = to_float32(rows[name]["acts"], "float16")
         for layer in np.unique(rows[name]["layer"]):
             x = acts[rows[name]["layer"] == layer]
-            st = info["layer_norm_stats"][str(layer)]
+            st = info.layer_norm_stats[str(layer)]
             assert st["count"] == len(x)
             # statistics are taken before the cast to float16: agree to float16 precision
             assert st["mean_norm"] == pytest.approx(np.linalg.norm(x, axis=1).mean(), rel=2e-3)

@@ -21,8 +21,7 @@ from runs import (  # noqa: F401  (fixtures)
 from safetensors.torch import load_file
 
 from ghsae.harvest.steps import ShardSlice
-from ghsae.pipeline import harvest
-from ghsae.pipeline import fit
+from ghsae.pipeline import fit, harvest
 
 GROUP = "group_00"
 
@@ -38,8 +37,13 @@ def test_a_refit_with_another_lr_is_refused_then_started_over_on_request(tmp_pat
     other.write_text(config.read_text().replace("lr = 0.003", "lr = 0.01"))
     r = cli([*args[:2], other, *args[3:]])
     assert r.exit_code == 2
+    assert_one_line_error(r.output, "saes/fit.json: this run's SAEs are trained with other fit settings (fit.lr: 0.003 in the run, 0.01 now)")
+    # each SAE checks its own record too (a run from before saes/fit.json existed) ...
+    (fitted_run / "saes" / "fit.json").unlink()
+    r = cli([*args[:2], other, *args[3:]])
+    assert r.exit_code == 2
     assert_one_line_error(r.output, "fit.lr: 0.003 in the trained SAE, 0.01 now")
-    # the same refusal while only a checkpoint exists (a fit killed before its end)
+    # ... and its checkpoint, while only a checkpoint exists (a fit killed before its end)
     (fitted_run / "saes" / GROUP / "sae.safetensors").unlink()
     r = cli([*args[:2], other, *args[3:]])
     assert r.exit_code == 2

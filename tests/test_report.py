@@ -14,14 +14,13 @@ from click.testing import CliRunner
 from conftest import tiny_config
 from ghsae.analysis.evals import EvalTarget, evaluate
 from ghsae.analysis.page import SECTIONS
-from ghsae.analysis.report import write_report
 from ghsae.cli import main
 from ghsae.config import to_toml
 from ghsae.errors import ConfigError, StoreError
-from ghsae.pipeline import harvest
 from ghsae.lm import load_model
+from ghsae.pipeline import fit, harvest
+from ghsae.pipeline import report as write_report
 from ghsae.sae import SAEConfig, build_sae
-from ghsae.pipeline import fit
 
 FIT = {"fit.expansion": 2, "fit.k": 4, "fit.batch_size": 128, "fit.tokens": 1024, "fit.lr": 3e-3}
 REPORT = {"report.ce_tokens": 128, "report.latents_shown": 2, "report.examples_per_latent": 2}
@@ -64,7 +63,7 @@ class _Page(HTMLParser):
 def test_report_with_a_baseline_holds_every_section_and_figure(fitted_runs, tiny_lm):
     cfg, run = fitted_runs["grouped"]
     _, base = fitted_runs["per_layer"]
-    out = write_report(cfg, run, base, progress=False, lm=tiny_lm)
+    out = write_report(cfg, run, baseline=base, progress=False, lm=tiny_lm)
     page = _Page()
     page.feed((out / "report.html").read_text())
     assert list(page.sections) == [sid for sid, _ in SECTIONS]
@@ -162,18 +161,18 @@ def test_a_mismatched_baseline_is_refused_with_the_reason(fitted_runs, tmp_path,
     cfg, run = fitted_runs["grouped"]
     # a grouped run is not a per-layer baseline
     with pytest.raises(ConfigError, match="not per-layer"):
-        write_report(cfg, run, run, progress=False)
+        write_report(cfg, run, baseline=run, progress=False)
     # another model
     other_cfg = tiny_config(tiny_models["neox"], text_dataset, **{"grouping.groups": "per-layer", **FIT})
     harvest(other_cfg, tmp_path / "other", progress=False)
     with pytest.raises(ConfigError, match="its model is"):
-        write_report(cfg, run, tmp_path / "other", progress=False)
+        write_report(cfg, run, baseline=tmp_path / "other", progress=False)
     # a baseline with no SAEs at all
     _, base = fitted_runs["per_layer"]
     bare = tmp_path / "bare"
     shutil.copytree(base, bare, ignore=shutil.ignore_patterns("saes"))
     with pytest.raises(StoreError, match="baseline run .* has no trained SAE"):
-        write_report(cfg, run, bare, progress=False)
+        write_report(cfg, run, baseline=bare, progress=False)
 
 
 def test_ghsae_run_chains_harvest_fit_and_report(tiny_llama, text_dataset, tmp_path):
@@ -217,7 +216,7 @@ def test_a_baseline_that_harvested_the_runs_eval_contexts_is_refused(
     with pytest.raises(
         ConfigError, match=r"the baseline harvested contexts 32-39, which include the eval contexts 32-35"
     ):
-        write_report(cfg, run, longer, progress=False, lm=tiny_lm)
+        write_report(cfg, run, baseline=longer, progress=False, lm=tiny_lm)
 
 
 def test_a_baseline_from_another_dataset_is_refused(fitted_runs, tmp_path, tiny_llama, tiny_lm):
@@ -230,7 +229,7 @@ def test_a_baseline_from_another_dataset_is_refused(fitted_runs, tmp_path, tiny_
     other.write_text("".join(json.dumps({"text": d}) + "\n" for d in generate_documents(600, seed=5)))
     _, base = _harvest_baseline(tmp_path, "otherdata", tiny_llama, other, lm=tiny_lm)
     with pytest.raises(ConfigError, match="harvested from dataset .*other.jsonl"):
-        write_report(cfg, run, base, progress=False, lm=tiny_lm)
+        write_report(cfg, run, baseline=base, progress=False, lm=tiny_lm)
 
 
 def test_unequal_tokens_per_sae_are_refused_unless_allowed_and_then_shown(fitted_runs, tmp_path, tiny_lm):
@@ -245,7 +244,7 @@ def test_unequal_tokens_per_sae_are_refused_unless_allowed_and_then_shown(fitted
     with pytest.raises(
         ConfigError, match=r"trained on 512 tokens each, this run's on 1,024 \(ratio 0.500\).*--allow-unmatched"
     ):
-        write_report(cfg, run, shorter, progress=False, lm=tiny_lm)
-    out = write_report(cfg, run, shorter, progress=False, lm=tiny_lm, allow_unmatched=True)
+        write_report(cfg, run, baseline=shorter, progress=False, lm=tiny_lm)
+    out = write_report(cfg, run, baseline=shorter, progress=False, lm=tiny_lm, allow_unmatched=True)
     page = (out / "report.html").read_text()
     assert "Unequal training tokens per SAE (ratio 0.500)" in page and "--allow-unmatched" in page

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from ghsae.cache.manifest import load_plan
 from ghsae.config import to_toml
 from ghsae.faults import FAULT_ENV
 from ghsae.harvest.steps import ShardSlice
-from ghsae.pipeline import harvest
 from ghsae.layout import RunLayout
 from ghsae.lm import load_model
+from ghsae.pipeline import harvest
+from ghsae.run import Run
 
 
 def store_files(run: Path) -> dict[str, bytes]:
@@ -120,7 +120,7 @@ def test_shard_slices_run_one_after_the_other_equal_one_whole_run(tiny_llama, te
     lm = load_model(str(tiny_llama), "cpu", "float32")
     harvest(cfg, tmp_path / "whole", progress=False, lm=lm)
     first = harvest(cfg, tmp_path / "split", shards=ShardSlice(0, 2), progress=False, lm=lm)
-    assert first.info["shards_missing"] == [1, 3]
+    assert first.info.shards_missing == [1, 3]
     harvest(cfg, tmp_path / "split", shards=ShardSlice(1, 2), progress=False, lm=lm)
     assert_same_store(tmp_path / "whole", tmp_path / "split")
 
@@ -140,6 +140,6 @@ def test_the_same_seed_gives_the_same_store_and_another_seed_does_not(tiny_llama
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         harvest(tiny_config(tiny_llama, text_dataset, **{"harvest.seed": seed}), tmp_path / name, progress=False, lm=lm)
     assert store_files(tmp_path / "a") == store_files(tmp_path / "b")
-    layer_a = load_plan(RunLayout(tmp_path / "a"))
+    layer_a = Run.open(tmp_path / "a").plan
     assert layer_a.n_shards == 4
     assert store_files(tmp_path / "a") != store_files(tmp_path / "c")

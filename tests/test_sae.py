@@ -5,8 +5,7 @@ import torch
 
 from ghsae.config import ARCHITECTURES, AUXK_NORMALISATIONS
 from ghsae.sae import AUXK_NORMALISATIONS as SAE_AUXK_NORMALISATIONS
-from ghsae.sae import REGISTRY, SAEConfig, build_sae, fvu, register
-from ghsae.sae import SAELoadError, load_sae, save_sae
+from ghsae.sae import REGISTRY, SAEConfig, SAELoadError, build_sae, fvu, load_sae, register, save_sae
 
 
 def planted_data(n_atoms=64, d=32, n=20000, active=3, seed=0):
@@ -59,7 +58,7 @@ def test_each_architecture_recovers_a_planted_sparse_dictionary(arch):
     found = ((atoms @ decoder.T).max(dim=1).values > 0.9).float().mean().item()
     assert found > 0.9, f"{arch} found {found:.0%} of the planted atoms"
     with torch.no_grad():
-        assert fvu(x, sae.decode(sae.activate(sae.pre_acts(x)))) < 0.15
+        assert fvu(x, sae.decode_normalised(sae.activate(sae.pre_acts(x)))) < 0.15
 
 
 def test_topk_keeps_exactly_k_latents_and_auxk_uses_only_dead_ones():

@@ -13,13 +13,13 @@ from faults import FAULT_DIR, die_once_mid_shard
 from test_resume import assert_same_store
 
 from conftest import tiny_config
-from ghsae.cache.manifest import run_info
 from ghsae.cli import main
 from ghsae.config import to_toml
-from ghsae.distributed import cluster_client, fit_on_cluster, harvest_on_cluster
 from ghsae.errors import ConfigError
-from ghsae.pipeline import harvest
+from ghsae.executors import open_executor
 from ghsae.layout import RunLayout
+from ghsae.pipeline import fit, harvest
+from ghsae.run import Run
 from ghsae.sae import load_sae
 
 TESTS = str(Path(__file__).parent)
@@ -31,8 +31,8 @@ def client():
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = TESTS + (os.pathsep + old if old else "")
     try:
-        with cluster_client(workers=2, scheduler=None) as c:
-            yield c
+        with open_executor(workers=2, progress=False) as ex:
+            yield ex
     finally:
         if old is None:
             os.environ.pop("PYTHONPATH")
@@ -50,15 +50,15 @@ def single_process_run(tmp_path_factory, tiny_llama, text_dataset, tiny_lm):
 
 def test_a_two_worker_harvest_writes_the_same_bytes_as_one_process(client, single_process_run, tmp_path):
     cfg, single = single_process_run
-    summary = harvest_on_cluster(cfg, tmp_path / "run", client, progress=False)
-    assert summary.info["complete"] and summary.shards_written == 4
+    summary = harvest(cfg, tmp_path / "run", client, progress=False)
+    assert summary.info.complete and summary.shards_written == 4
     assert_same_store(single, tmp_path / "run")
     assert (RunLayout(tmp_path / "run").stats).read_bytes() == RunLayout(single).stats.read_bytes()
     # both workers took part (each loads the model once and keeps it)
-    who = client.run(lambda: sorted(__import__("ghsae.distributed", fromlist=["x"])._MODELS))
+    who = client.client.run(lambda: sorted(__import__("ghsae.lm", fromlist=["x"])._LOADED))
     assert sum(1 for models in who.values() if models) == 2
     # a second run finds every shard done and writes nothing
-    again = harvest_on_cluster(cfg, tmp_path / "run", client, progress=False)
+    again = harvest(cfg, tmp_path / "run", client, progress=False)
     assert again.shards_written == 0
 
 
@@ -66,11 +66,11 @@ def test_a_worker_dying_mid_shard_is_replaced_and_its_shard_redone(client, singl
     cfg, single = single_process_run
     faults = tmp_path / "faults"
     faults.mkdir()
-    client.run(lambda d=str(faults): os.environ.__setitem__(FAULT_DIR, d))
+    client.client.run(lambda d=str(faults): os.environ.__setitem__(FAULT_DIR, d))
     monkeypatch.setenv(FAULT_DIR, str(faults))  # for workers the nanny starts after the death
-    summary = harvest_on_cluster(cfg, tmp_path / "run", client, progress=False, shard_fn=die_once_mid_shard)
+    summary = harvest(cfg, tmp_path / "run", client, progress=False, shard_task=die_once_mid_shard)
     assert (faults / "died").exists(), "the fault must have fired for the test to mean anything"
-    assert summary.info["complete"]
+    assert summary.info.complete
     assert_same_store(single, tmp_path / "run")
 
 
@@ -78,13 +78,13 @@ def test_fit_on_two_workers_trains_every_group(client, tiny_llama, text_dataset,
     fit_cfg = {"fit.expansion": 2, "fit.k": 4, "fit.batch_size": 128, "fit.tokens": 1024, "fit.lr": 3e-3}
     cfg = tiny_config(tiny_llama, text_dataset, **{"grouping.groups": [[0, 2], [3, 5]], **fit_cfg})
     harvest(cfg, tmp_path / "run", progress=False, lm=tiny_lm)
-    results = fit_on_cluster(cfg, tmp_path / "run", client, progress=False)
+    results = fit(cfg, tmp_path / "run", client, progress=False)
     assert [r.group for r in results] == ["group_00", "group_01"]
     for r in results:
         sae = load_sae(r.folder)
         assert sae.cfg.layers == r.layers and r.tokens >= 1024
         assert torch.isfinite(sae.W_dec).all()
-    assert run_info(RunLayout(tmp_path / "run"))["saes_missing"] == []
+    assert Run.open(tmp_path / "run").info().saes_missing == []
 
 
 def test_the_cli_refuses_workers_with_a_scheduler_and_with_shard_slices(tiny_llama, text_dataset, tmp_path):
@@ -96,5 +96,5 @@ def test_the_cli_refuses_workers_with_a_scheduler_and_with_shard_slices(tiny_lla
     r = CliRunner().invoke(main, base + ["--workers", "2", "--shard", "0/2"])
     assert r.exit_code == 2 and "--shard" in r.output
     with pytest.raises(ConfigError, match="positive"):
-        with cluster_client(workers=0, scheduler=None):
+        with open_executor(workers=0):
             pass

@@ -137,8 +137,7 @@ def run_digests(run: Path) -> dict[str, str]:
 
 def build_tiny_run(folder: Path) -> Path:
     """Harvest and fit the small two-group config, with paths relative to `folder` (the cwd)."""
-    from ghsae.pipeline import harvest
-    from ghsae.pipeline import fit
+    from ghsae.pipeline import fit, harvest
 
     save_tiny_model(Path("model"), "llama")
     with open("docs.jsonl", "w") as fh:

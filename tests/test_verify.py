@@ -21,7 +21,7 @@ from runs import (  # noqa: F401  (fixtures)
 )
 
 from ghsae.cache.store import ActivationStore
-from ghsae.cache.verify import shard_file
+from ghsae.run import Run
 
 GROUP, SHARD = "group_01", 2  # layers 3-5
 
@@ -37,17 +37,17 @@ def corrupt(run, how: str) -> None:
     store = ActivationStore.open(run / "acts.zarr")
     n_inner = store.geometry.shard_rows // store.geometry.chunk_rows
     if how == "flipped byte":
-        path = shard_file(store, GROUP, "acts", SHARD)
+        path = store.shard_file(GROUP, "acts", SHARD)
         data, offset = _first_chunk(path, n_inner)
         data[offset + 101] ^= 0x10
         data.tofile(path)
     elif how in ("layer of another group", "layer out of range"):
-        path = shard_file(store, GROUP, "layer", SHARD)
+        path = store.shard_file(GROUP, "layer", SHARD)
         data, offset = _first_chunk(path, n_inner)
         data[offset : offset + 2].view(np.int16)[0] = 0 if how == "layer of another group" else 99
         data.tofile(path)
     elif how == "truncated file":
-        path = shard_file(store, GROUP, "acts", SHARD)
+        path = store.shard_file(GROUP, "acts", SHARD)
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     else:
         raise ValueError(how)
@@ -95,13 +95,10 @@ def test_verify_passes_a_clean_run_and_writes_nothing(fitted_run):
 
 def test_verification_costs_little_next_to_reading_the_rows(harvested_run):
     """Hashing a shard must not dominate reading it (the README gives the figure on the default run)."""
-    from ghsae.cache.manifest import load_plan, load_shard_record
     from ghsae.cache.verify import verify_shard
-    from ghsae.layout import RunLayout
 
-    layout = RunLayout(harvested_run)
-    plan, store = load_plan(layout), ActivationStore.open(layout.acts)
-    record = load_shard_record(layout, SHARD, plan.data["config_hash"])
+    run = Run.open(harvested_run)
+    record = run.shard_record(SHARD)
     t0 = time.perf_counter()
-    verify_shard(store, plan, GROUP, SHARD, record)
+    verify_shard(run.store, run.plan, GROUP, SHARD, record)
     assert time.perf_counter() - t0 < 5.0

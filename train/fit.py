@@ -31,7 +31,7 @@ from ghsae.locks import hold_run, wait_lock
 from ghsae.records import Provenance, SAERecord, load_record
 from ghsae.run import Run
 from ghsae.sae import SAEConfig, SparseAutoencoder, build_sae, dead_window, load_sae, save_sae
-from ghsae.train.provenance import fit_settings, provenance, provenance_diffs, settings_diffs
+from ghsae.train.provenance import fit_settings, provenance, provenance_diffs, run_fit_settings, settings_diffs
 from ghsae.train.trainer import ResumeRefused, Trainer
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def check_fit_settings(run: Run, cfg: PipelineConfig, overwrite: bool) -> list[s
     if saved is None:
         return []
     saved_cfg = config_from_dict({"fit": dict(saved.fit)}, source=str(run.layout.fit_settings))
-    diffs = settings_diffs(fit_settings(saved_cfg), fit_settings(cfg), "run")
+    diffs = settings_diffs(run_fit_settings(fit_settings(saved_cfg)), run_fit_settings(fit_settings(cfg)), "run")
     if diffs and not overwrite:
         raise ResumeRefused(
             f"{run.layout.fit_settings}: this run's SAEs are trained with other fit settings "

@@ -26,6 +26,16 @@ def fit_settings(cfg: PipelineConfig) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in _NOT_RESULT}
 
 
+# Fit fields that may differ between the SAEs of one run: a transfer run starts each SAE from another
+# (Ghilardi et al., BlackboxNLP 2024). Each SAE's provenance still records them.
+PER_SAE = ("init_from",)
+
+
+def run_fit_settings(fit: dict[str, Any]) -> dict[str, Any]:
+    """Of an SAE's or a run's fit settings, those every SAE of the run must share."""
+    return {k: v for k, v in fit.items() if k not in PER_SAE}
+
+
 def store_state(run: Run, group: str, shards: list[int]) -> StoreState:
     """The harvest config, the shards trained on, and a digest of their records' checksums for this group."""
     h = hashlib.sha256()

@@ -5,10 +5,20 @@ public API load it, so it sits beside the other ground services rather than insi
 """
 
 from ghsae.sae.architectures import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE, build_sae
-from ghsae.sae.base import REGISTRY, SAEConfig, SAEOutput, SparseAutoencoder, dead_window, fvu, register
+from ghsae.sae.base import (
+    AUXK_NORMALISATIONS,
+    REGISTRY,
+    SAEConfig,
+    SAEOutput,
+    SparseAutoencoder,
+    dead_window,
+    fvu,
+    register,
+)
 from ghsae.sae.io import SAELoadError, load_sae, save_sae
 
 __all__ = [
+    "AUXK_NORMALISATIONS",
     "REGISTRY",
     "BatchTopKSAE",
     "JumpReLUSAE",
