@@ -17,6 +17,7 @@ import numpy as np
 
 from ghsae.analysis import plots
 from ghsae.analysis.circuits import MEASURES, CircuitTarget, Curve, TaskCircuits, curve_rows, run_task
+from ghsae.analysis.html import img, table
 from ghsae.analysis.tasks import TaskPrompts, make_task, parse_tasks
 from ghsae.atomic import write_parquet_atomic
 from ghsae.layers import span
@@ -114,7 +115,7 @@ def render_section(report: CircuitReport | None) -> str:
         ]
         for r in report.results
     ]
-    parts.append(_table(["task", "clean metric", "prompts right", "check", "metric", "seconds"], rows))
+    parts.append(table(["task", "clean metric", "prompts right", "check", "metric", "seconds"], rows))
     for r in report.results:
         if not r.curves:
             continue
@@ -136,7 +137,7 @@ def render_section(report: CircuitReport | None) -> str:
                 {k: mean_curve(cs) for k, cs in by_kind.items()},
                 f"{r.check.task}: {TITLES[measure]}",
             )
-            parts.append(_img(png, f"{r.check.task} {measure}"))
+            parts.append(img(png, f"{r.check.task} {measure}"))
         parts.append(_group_table(r, report.groups))
     return "".join(parts)
 
@@ -189,18 +190,6 @@ def _group_table(r: TaskCircuits, groups) -> str:
                 continue
             at = dict(zip(n, vals))
             rows.append([span(g, "–"), measure] + [f"{at[x]:.3f}" if x in at else "–" for x in grid])
-    return "<p>Group SAEs, mean over each group's measured layers:</p>" + _table(
+    return "<p>Group SAEs, mean over each group's measured layers:</p>" + table(
         ["layers", "measure"] + [f"N={x}" for x in grid], rows, "wide"
     )
-
-
-def _table(headers: list[str], rows: list[list[str]], cls: str = "") -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def _img(png: bytes, alt: str) -> str:
-    import base64
-
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'

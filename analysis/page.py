@@ -5,9 +5,7 @@ One function per section, in SECTIONS order; each takes the ReportData and retur
 
 from __future__ import annotations
 
-import base64
 import html
-import math
 from datetime import UTC, datetime
 
 import numpy as np
@@ -16,6 +14,7 @@ from ghsae.analysis import plots
 from ghsae.analysis.circuit_report import render_section as circuit_section
 from ghsae.analysis.dashboards import report_block
 from ghsae.analysis.evals import WITH_SE
+from ghsae.analysis.html import fmt, img, pm, table
 from ghsae.analysis.rate import ratings_section
 from ghsae.analysis.report import ReportData, SAEKind
 from ghsae.layers import span, spans
@@ -50,20 +49,10 @@ SECTIONS = [
 ]
 
 
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def _fmt(value, spec: str = "{:.3f}") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return spec.format(value) if isinstance(value, (int, float, np.floating)) else html.escape(str(value))
 
 
-def _table(headers: list[str], rows: list[list[str]], cls: str = "") -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def _mean(by_layer: dict[int, dict], layers: list[int], key: str) -> float:
@@ -71,11 +60,6 @@ def _mean(by_layer: dict[int, dict], layers: list[int], key: str) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def _pm(value, se, spec: str) -> str:
-    """value ± standard error, both in the metric's format (the error alone when it is missing)."""
-    if se is None or (isinstance(se, float) and math.isnan(se)):
-        return _fmt(value, spec)
-    return f"{_fmt(value, spec)} ± {_fmt(se, spec)}"
 
 
 def _spans_of(data: ReportData) -> list[tuple[str, list[int]]]:
@@ -113,7 +97,7 @@ def headline(data: ReportData) -> list[dict]:
 
 
 def _cells(r: dict) -> list[str]:
-    return [_pm(r.get(k), r.get(f"{k}_se"), f) if k in r else "–" for k, _, f in METRICS]
+    return [pm(r.get(k), r.get(f"{k}_se"), f) if k in r else "–" for k, _, f in METRICS]
 
 
 def summary_section(data: ReportData) -> str:
@@ -134,7 +118,7 @@ def summary_section(data: ReportData) -> str:
         + "</p>"
     ]
     heads = ["SAEs", "over"] + [h for _, h, _ in METRICS]
-    parts.append(_table(heads, [[r["saes"], r["over"]] + _cells(r) for r in headline(data)], "wide"))
+    parts.append(table(heads, [[r["saes"], r["over"]] + _cells(r) for r in headline(data)], "wide"))
     missing = [g for g in plan.group_names if g not in data.side.names]
     if missing:
         parts.append(f'<p class="warn">Partial report: no SAE for {", ".join(missing)}.</p>')
@@ -151,7 +135,7 @@ def evals_section(data: ReportData) -> str:
         "Special tokens (BOS/EOS) are neither evaluated nor replaced, as harvest never stores them.</p>"
     ]
     rows = [[str(layer), ours[layer]["sae"]] + _cells(ours[layer]) for layer in layers if layer in ours]
-    parts.append(_table(["layer", "SAE"] + [h for _, h, _ in METRICS], rows, "wide"))
+    parts.append(table(["layer", "SAE"] + [h for _, h, _ in METRICS], rows, "wide"))
     for key in PLOTTED:
         if not any(key in r for r in ours.values()):
             continue
@@ -163,7 +147,7 @@ def evals_section(data: ReportData) -> str:
             heading,
             [theirs.get(x, {}).get(key, np.nan) for x in layers] if theirs else None,
         )
-        parts.append(_img(png, f"{heading} per layer"))
+        parts.append(img(png, f"{heading} per layer"))
     return "".join(parts)
 
 
@@ -199,14 +183,14 @@ def baseline_section(data: ReportData) -> str:
         a, b = ours.get(layer, {}), theirs.get(layer, {})
         row = [str(layer)]
         for k in cmp_keys:
-            row += [_pm(a.get(k), a.get(f"{k}_se"), FORMAT[k]), _pm(b.get(k), b.get(f"{k}_se"), FORMAT[k])]
-        rows.append(row + [_fmt(mm.get(layer))])
-    parts.append(_table(heads, rows, "wide"))
+            row += [pm(a.get(k), a.get(f"{k}_se"), FORMAT[k]), pm(b.get(k), b.get(f"{k}_se"), FORMAT[k])]
+        rows.append(row + [fmt(mm.get(layer))])
+    parts.append(table(heads, rows, "wide"))
     if mm:
         png = plots.per_layer_metric(
             layers, [mm.get(x, np.nan) for x in layers], groups, "MMCS: group decoder vs per-layer decoder"
         )
-        parts.append(_img(png, "MMCS per layer"))
+        parts.append(img(png, "MMCS per layer"))
     parts.append(
         "<p>MMCS: for each latent of the group SAE, the best cosine similarity with a decoder row of that "
         "layer's per-layer SAE, averaged.</p>"
@@ -227,18 +211,18 @@ def density_section(data: ReportData) -> str:
     parts = []
     for side in data.sides:
         side_d = {t.name: dens[t.name] for t in side.targets}
-        parts.append(_img(plots.density_histogram(side_d, side.kind.label), f"latent density, {side.kind.label}"))
+        parts.append(img(plots.density_histogram(side_d, side.kind.label), f"latent density, {side.kind.label}"))
     drows = [
         [
             html.escape(t.name),
             str(t.sae.cfg.n_latents),
-            _fmt(100.0 * float((dens[t.name] == 0).mean()), "{:.1f}"),
-            _fmt(100.0 * float((dens[t.name] > 0.1).mean()), "{:.1f}"),
+            fmt(100.0 * float((dens[t.name] == 0).mean()), "{:.1f}"),
+            fmt(100.0 * float((dens[t.name] > 0.1).mean()), "{:.1f}"),
         ]
         for side in data.sides
         for t in side.targets
     ]
-    parts.append(_table(["SAE", "latents", "dead % (never active on eval)", "dense % (> 10% of tokens)"], drows))
+    parts.append(table(["SAE", "latents", "dead % (never active on eval)", "dense % (> 10% of tokens)"], drows))
     return "".join(parts)
 
 
@@ -254,20 +238,20 @@ def clustering_section(data: ReportData) -> str:
         f"{cl.chosen_amad:.3f}). White squares: the groups.</p>"
     ]
     for d, matrix in cl.matrices.items():
-        parts.append(_img(plots.distance_heatmap(matrix, cl.layers, groups, f"{d} angular distance"), f"{d} heatmap"))
-    parts.append(_img(plots.amad_curve(cl.curves, cl.threshold, len(groups)), "AMAD curves"))
+        parts.append(img(plots.distance_heatmap(matrix, cl.layers, groups, f"{d} angular distance"), f"{d} heatmap"))
+    parts.append(img(plots.amad_curve(cl.curves, cl.threshold, len(groups)), "AMAD curves"))
     parts.append(f"<p>Each method's partition at this run's G = {len(groups)} ({html.escape(cl.distance)} distances):</p>")
     parts.append(
-        _table(
+        table(
             ["method", "groups", "AMAD"],
-            [[html.escape(r.method), spans(r.partition), _fmt(r.amad)] for r in cl.at_g],
+            [[html.escape(r.method), spans(r.partition), fmt(r.amad)] for r in cl.at_g],
         )
     )
     parts.append("<p>The G that <code>groups = auto</code> picks for each distance and method:</p>")
     parts.append(
-        _table(
+        table(
             ["distance", "method", "G", "AMAD", "groups"],
-            [[r.distance, html.escape(r.method), str(r.groups), _fmt(r.amad), spans(r.partition)] for r in cl.auto],
+            [[r.distance, html.escape(r.method), str(r.groups), fmt(r.amad), spans(r.partition)] for r in cl.auto],
         )
     )
     return "".join(parts)
@@ -276,31 +260,31 @@ def clustering_section(data: ReportData) -> str:
 def compute_section(data: ReportData) -> str:
     c = data.compute
     mib = 2**20
-    return _table(
+    return table(
         ["", "grouped (this run)", f"per-layer ({c.per_layer_source})"],
         [
             ["SAEs", str(c.groups), str(c.layers)],
-            ["harvest A (s, measured)", _fmt(c.harvest_seconds, "{:.1f}"), _fmt(c.per_layer_harvest_seconds, "{:.1f}")],
-            ["fit T per SAE (s)", _fmt(c.fit_seconds_per_sae, "{:.1f}"), _fmt(c.per_layer_fit_seconds_per_sae, "{:.1f}")],
+            ["harvest A (s, measured)", fmt(c.harvest_seconds, "{:.1f}"), fmt(c.per_layer_harvest_seconds, "{:.1f}")],
+            ["fit T per SAE (s)", fmt(c.fit_seconds_per_sae, "{:.1f}"), fmt(c.per_layer_fit_seconds_per_sae, "{:.1f}")],
             ["training tokens per SAE", f"{c.fit_tokens_per_sae:,}", ""],
-            ["A + G·T vs A + L·T (s)", _fmt(c.grouped_total_seconds, "{:.1f}"), _fmt(c.per_layer_total_seconds, "{:.1f}")],
-            ["speed-up", "", _fmt(c.speedup, "{:.2f}×")],
+            ["A + G·T vs A + L·T (s)", fmt(c.grouped_total_seconds, "{:.1f}"), fmt(c.per_layer_total_seconds, "{:.1f}")],
+            ["speed-up", "", fmt(c.speedup, "{:.2f}×")],
             [
                 "activation store on disk",
-                _fmt(c.bytes_on_disk / mib, "{:,.1f} MiB"),
-                _fmt(c.per_layer_bytes_on_disk / mib if c.per_layer_bytes_on_disk else None, "{:,.1f} MiB"),
+                fmt(c.bytes_on_disk / mib, "{:,.1f} MiB"),
+                fmt(c.per_layer_bytes_on_disk / mib if c.per_layer_bytes_on_disk else None, "{:,.1f} MiB"),
             ],
             [
                 "bytes per token",
-                _fmt(c.bytes_per_token, "{:,.0f}"),
-                _fmt(c.per_layer_bytes_per_token, "{:,.0f}") + " (every layer)",
+                fmt(c.bytes_per_token, "{:,.0f}"),
+                fmt(c.per_layer_bytes_per_token, "{:,.0f}") + " (every layer)",
             ],
         ],
     )
 
 
 def training_section(data: ReportData) -> str:
-    return _img(plots.training_curves(data.curves), "training curves") if data.curves else ""
+    return img(plots.training_curves(data.curves), "training curves") if data.curves else ""
 
 
 def latents_section(data: ReportData) -> str:
@@ -398,13 +382,13 @@ def render_summary(data: ReportData) -> str:
     ]
     for layer, r in sorted(data.rows(SAEKind.GROUP).items()):
         lines.append(
-            f"| {layer} | {r['sae']} | {_pm(r['fvu'], r.get('fvu_se'), '{:.3f}')} | "
-            f"{_pm(r.get('delta_ce_pct'), r.get('delta_ce_pct_se'), '{:.2f}')} | "
-            f"{_pm(r.get('kl'), r.get('kl_se'), '{:.4f}')} | {r['l0']:.1f} |"
+            f"| {layer} | {r['sae']} | {pm(r['fvu'], r.get('fvu_se'), '{:.3f}')} | "
+            f"{pm(r.get('delta_ce_pct'), r.get('delta_ce_pct_se'), '{:.2f}')} | "
+            f"{pm(r.get('kl'), r.get('kl_se'), '{:.4f}')} | {r['l0']:.1f} |"
         )
     lines += [
         "",
-        f"Compute: A = {_fmt(c.harvest_seconds, '{:.1f}')} s, T = {c.fit_seconds_per_sae:.1f} s per SAE; "
+        f"Compute: A = {fmt(c.harvest_seconds, '{:.1f}')} s, T = {c.fit_seconds_per_sae:.1f} s per SAE; "
         f"A + G·T = {c.grouped_total_seconds:.1f} s against A + L·T = {c.per_layer_total_seconds:.1f} s "
         f"({c.per_layer_source}): {c.speedup:.2f}x. Storage {c.bytes_per_token or 0:,.0f} B/token against "
         f"{c.per_layer_bytes_per_token:,} for every layer.",

@@ -29,14 +29,14 @@ from ghsae.analysis.evals import EvalResult, EvalTarget, evaluate
 from ghsae.analysis.metrics import mmcs
 from ghsae.analysis.rate import Score, load_scores
 from ghsae.atomic import write_parquet_atomic, write_text_atomic
-from ghsae.config import PipelineConfig, ReportConfig, config_from_dict
+from ghsae.config import PipelineConfig, ReportConfig
 from ghsae.errors import StoreError
 from ghsae.harvest import DISTANCES, amad, canonical_distance, complete_linkage, distance_matrix, solve
 from ghsae.layout import REPORT_METRICS, REPORT_PAGE, REPORT_SETTINGS, REPORT_SUMMARY, sae_training_metrics
 from ghsae.lm import LoadedModel
 from ghsae.records import ReportSettings, save_record
 from ghsae.run import Run
-from ghsae.train.provenance import fit_settings, run_fit_settings, settings_diffs
+from ghsae.train import settings_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +80,16 @@ def load_side(run: Run, kind: SAEKind, allow_partial: bool) -> ReportSide:
             f"the {what} {run.root} has no trained SAE for {', '.join(missing)}; run `ghsae fit --run-dir {run.root}` "
             "for them, or pass --allow-partial to report on the SAEs that exist"
         )
-    saved = run.fit_settings()
     targets, seconds, tokens, folders = [], {}, {}, {}
     for g in have:
         record = run.sae_record(g)
-        if saved is not None and record.provenance is not None:
-            run_fit = fit_settings(config_from_dict({"fit": dict(saved.fit)}))
-            diffs = settings_diffs(run_fit_settings(dict(record.provenance.fit)), run_fit_settings(run_fit), "SAE")
-            if diffs:
-                raise StoreError(
-                    f"the {what}'s SAE {g} was trained with other fit settings than the run's {run.layout.fit_settings} "
-                    f"({'; '.join(diffs[:4])}); train it with the run's settings: "
-                    f"`ghsae fit --run-dir {run.root} --group {g} --overwrite`"
-                )
+        diffs = settings_mismatch(run, g)
+        if diffs:
+            raise StoreError(
+                f"the {what}'s SAE {g} was trained with other fit settings than the run's {run.layout.fit_settings} "
+                f"({'; '.join(diffs[:4])}); train it with the run's settings: "
+                f"`ghsae fit --run-dir {run.root} --group {g} --overwrite`"
+            )
         name = g if kind is SAEKind.GROUP else f"per-layer {g}"
         targets.append(EvalTarget(name, kind.value, run.sae(g)))
         folders[name] = run.layout.sae_dir(g)

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from ghsae.analysis.circuit_report import make_tasks, mean_curve, measure, render_section
 from ghsae.analysis.circuits import MEASURES, CircuitTarget
-from ghsae.analysis.report import load_side
+from ghsae.analysis.report import SAEKind, load_side, report_model_settings
 from ghsae.config import load_config
 from ghsae.lm import load_model
+from ghsae.run import Run
 
 
 def _ints(text: str | None) -> list[int]:
@@ -53,17 +54,17 @@ def main() -> None:
         },
     )
     t0 = time.perf_counter()
-    run = load_side(Path(args.run), "group", args.allow_partial)
+    run = load_side(Run.open(args.run), SAEKind.GROUP, args.allow_partial)
     targets = [CircuitTarget(t.name, t.kind, t.sae) for t in run.targets]
     if args.baseline:
-        targets += [CircuitTarget(t.name, t.kind, t.sae) for t in load_side(Path(args.baseline), "baseline", True).targets]
-    model_path = json.loads(run.layout.config.read_text())["identity"]["model"]["path"]
-    lm = load_model(model_path, args.device, "auto")
+        base = load_side(Run.open(args.baseline), SAEKind.BASELINE, True)
+        targets += [CircuitTarget(t.name, t.kind, t.sae) for t in base.targets]
+    lm = load_model(*report_model_settings(run.run, cfg))
     load_s = time.perf_counter() - t0
     tasks = make_tasks(cfg.report.tasks, lm.tokenizer, cfg.report.task_prompts, cfg.fit.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = measure(lm, tasks, targets, run.plan.groups, cfg.report, cfg.fit.seed, out)
+    report = measure(lm, tasks, targets, [list(g) for g in run.run.plan.groups], cfg.report, cfg.fit.seed, out)
     (out / "circuits.html").write_text(
         f"<!doctype html><meta charset='utf-8'><title>circuits</title>{render_section(report)}", encoding="utf-8"
     )

@@ -27,17 +27,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
-from ghsae.cache.loader import ActivationLoader, GroupReader, LoaderBatch
-from ghsae.cache.manifest import aggregate_stats, done_shards, group_shard_rows, load_plan
-from ghsae.cache.store import ActivationStore
+from ghsae.cache.loader import LoaderBatch
 from ghsae.config import load_config
 from ghsae.device import pick_device
-from ghsae.layout import RunLayout
+from ghsae.run import Run
 from ghsae.sae import SAEConfig, build_sae
+from ghsae.train.fit import group_loader
 from ghsae.train.trainer import Trainer
 
 try:
@@ -77,16 +75,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    layout = RunLayout(Path(args.run_dir))
-    plan = load_plan(layout)
-    shards = done_shards(layout, plan)
-    layers = plan.groups[plan.group_names.index(args.group)]
-    d = int(plan.data["d_model"])
-    stats = aggregate_stats(layout, plan, shards)
-    scale = torch.from_numpy(stats.for_layers(layers, d)[0]).float()
-    store = ActivationStore.open(layout.acts)
-    rows = group_shard_rows(layout, plan, args.group, shards)
-    loader = ActivationLoader(GroupReader(store, args.group, rows), args.batch_size, 0, device, layers, scale)
+    run = Run.open(args.run_dir)
+    layout, store, d = run.layout, run.store, run.plan.d_model
+    fit_cfg = load_config(None).fit
+    data = group_loader(run, fit_cfg, args.group, run.done_shards(), device, batch_size=args.batch_size)
+    layers, scale, loader = data.layers, data.scale, data.loader
     n_batches = max(1, min(args.tokens, loader.rows_per_epoch) // args.batch_size)
 
     # loader alone over a whole epoch (keeping the first n_batches for the in-memory run),
@@ -104,10 +97,9 @@ def main() -> None:
     host_rows = sum(len(x) for x, _ in loader.host_batches(0))  # the host path alone: what a GPU is fed
     host_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    raw = sum(len(p.read_bytes()) for p in (layout.acts / args.group / "acts" / "c").rglob("*") if p.is_file())
+    files = [store.shard_file(args.group, "acts", s) for s in run.done_shards()]
+    raw = sum(len(p.read_bytes()) for p in files if p.is_file())
     raw_s = time.perf_counter() - t0
-
-    fit_cfg = load_config(None).fit
 
     def fresh_trainer() -> Trainer:
         torch.manual_seed(0)

@@ -21,13 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ghsae.cache.manifest import load_plan
 from ghsae.config import load_config
 from ghsae.harvest.plan import context_batches
-from ghsae.harvest.run import harvest
 from ghsae.hooks import capture_layers
-from ghsae.layout import RunLayout
 from ghsae.lm import load_model
+from ghsae.pipeline import harvest
+from ghsae.run import Run
 
 
 def bare_forward_tok_s(lm, tokens: np.ndarray, batch_size: int, last_layer: int) -> float:
@@ -72,9 +71,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ghsae-bench-") as tmp:
         run = Path(tmp) / "run"
         harvest(cfg, run, plan_only=True, progress=False, lm=lm)
-        layout = RunLayout(run)
-        plan = load_plan(layout)
-        contexts = np.load(layout.tokens)[: plan.n_contexts_harvest]
+        planned = Run.open(run)
+        plan = planned.plan
+        contexts = np.asarray(planned.tokens()[: plan.n_contexts_harvest])
         last = max(plan.layers)
         bare_forward_tok_s(lm, contexts[: cfg.harvest.batch_size], cfg.harvest.batch_size, last)  # warm-up
         before = bare_forward_tok_s(lm, contexts, cfg.harvest.batch_size, last)
@@ -95,9 +94,9 @@ def main() -> None:
                 "forward_tok_s": round(forward, 1),
                 "forward_tok_s_before_after": [round(before, 1), round(after, 1)],
                 "ratio": round(summary.tokens_per_second / forward, 3),
-                "bytes_per_token": round(info["bytes_per_token"], 1),
-                "per_layer_bytes_per_token": info["per_layer_bytes_per_token"],
-                "storage_ratio": round(info["storage_ratio"], 2),
+                "bytes_per_token": round(info.bytes_per_token or 0.0, 1),
+                "per_layer_bytes_per_token": info.per_layer_bytes_per_token,
+                "storage_ratio": round(info.storage_ratio or 0.0, 2),
             }
         )
     )

@@ -27,9 +27,9 @@ from test_resume import store_files  # noqa: E402
 
 from conftest import generate_documents, save_tiny_model  # noqa: E402
 from ghsae.config import config_from_dict  # noqa: E402
-from ghsae.distributed import cluster_client, harvest_on_cluster  # noqa: E402
-from ghsae.harvest.model import load_model  # noqa: E402
-from ghsae.harvest.run import harvest  # noqa: E402
+from ghsae.executors import open_executor  # noqa: E402
+from ghsae.lm import load_model  # noqa: E402
+from ghsae.pipeline import harvest  # noqa: E402
 
 
 def main() -> None:
@@ -66,13 +66,13 @@ def main() -> None:
     harvest(cfg, run, progress=False, lm=lm)
     results["one_process_tok_s"] = args.tokens / (time.perf_counter() - t0)
     for workers in (1, 2):
-        with cluster_client(workers, None) as client:
+        with open_executor(workers, progress=False) as cluster:
             # cold: the workers import torch/transformers and load the model inside the timing;
             # warm: a second run on the same cluster, each worker's model already loaded
             for state in ("cold", "warm"):
                 run = fresh(f"dask_{workers}_{state}")
                 t0 = time.perf_counter()
-                harvest_on_cluster(cfg, run, client, progress=False)
+                harvest(cfg, run, cluster, progress=False)
                 results[f"dask_{workers}_workers_{state}_tok_s"] = args.tokens / (time.perf_counter() - t0)
     reference = store_files(tmp / "one_process")
     results["stores_identical"] = all(

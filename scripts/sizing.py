@@ -17,7 +17,6 @@ Pythia results (6/12, 9/24, 6/16), rounded. --measured-run adds the bytes/token 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from dataclasses import dataclass
 
@@ -92,17 +91,16 @@ def main() -> None:
     if args.measured_run:
         from pathlib import Path
 
-        from ghsae.cache.manifest import run_info
-        from ghsae.layout import RunLayout
+        from ghsae.run import Run
 
-        info = run_info(RunLayout(Path(args.measured_run)))
-        d, groups = len(info["layers"]), len(info["groups"])
-        plan = json.loads(RunLayout(Path(args.measured_run)).plan.read_text())
-        contract = groups * row_bytes(plan["d_model"])
+        run = Run.open(Path(args.measured_run))
+        info = run.info()
+        d, groups = len(info.layers), len(info.groups)
+        contract = groups * row_bytes(run.plan.d_model)
         print(
-            f"\nMeasured on {args.measured_run}: {info['bytes_per_token']:,.0f} B/token on disk for {groups} groups over "
+            f"\nMeasured on {args.measured_run}: {info.bytes_per_token or 0:,.0f} B/token on disk for {groups} groups over "
             f"{d} layers; the contract gives {contract:,} B/token (difference: Zarr metadata and the last, "
-            f"partly filled chunk); {math.ceil(info['per_layer_bytes_per_token']):,} B/token for every layer."
+            f"partly filled chunk); {math.ceil(info.per_layer_bytes_per_token):,} B/token for every layer."
         )
 
 

@@ -22,7 +22,7 @@ import torch
 
 from ghsae.cache.loader import ActivationLoader, GroupReader
 from ghsae.cache.stats import NormStats
-from ghsae.config import PipelineConfig, config_from_dict
+from ghsae.config import FitConfig, PipelineConfig, config_from_dict
 from ghsae.device import pick_device
 from ghsae.errors import ConfigError, StoreError
 from ghsae.layers import layer_lookup_table
@@ -132,6 +132,43 @@ def _already_trained(run: Run, group: str, record: Provenance, restart: bool) ->
     return None
 
 
+@dataclass
+class GroupLoader:
+    """A group's training batches and the normalisation they are put in (the SAE carries the same)."""
+
+    layers: list[int]
+    scale: torch.Tensor  # [len(layers)] per-layer factor
+    mean: torch.Tensor | None  # [len(layers), d] per-layer mean, with fit.centre
+    loader: ActivationLoader
+
+
+def group_loader(
+    run: Run,
+    fc: FitConfig,
+    group: str,
+    shards: list[int],
+    device: torch.device,
+    *,
+    batch_size: int | None = None,
+    stats: NormStats | None = None,
+) -> GroupLoader:
+    """The loader `ghsae fit` trains `group` from (also what bench/fit.py measures): its rows in
+    `shards`, each shard verified on first read, normalised per layer (and centred with fit.centre)."""
+    layers, d = list(run.plan.group_layers(group)), run.plan.d_model
+    scale_np, mean_np = (stats or run.norm_stats(shards)).for_layers(layers, d)
+    scale = torch.from_numpy(scale_np).float()
+    mean = torch.from_numpy(mean_np).float() if fc.centre else None
+    rows = run.group_rows(group, shards)
+    verifier = run.verifier()
+    if mean is not None:
+        reader = GroupReader(run.store, group, rows, verify=verifier)
+        centring = ActivationLoader(reader, 4096, 0, torch.device("cpu"), layers, torch.ones(len(layers)), mean)
+        scale = centred_scale(centring, layers, d)
+    reader = GroupReader(run.store, group, rows, verify=verifier)
+    loader = ActivationLoader(reader, batch_size or fc.batch_size, fc.seed, device, layers, scale, mean)
+    return GroupLoader(layers, scale, mean, loader)
+
+
 def _train_group(
     run: Run,
     cfg: PipelineConfig,
@@ -145,18 +182,9 @@ def _train_group(
     fc, plan = cfg.fit, run.plan
     device = pick_device(fc.device, option=FIT_DEVICE_OPTION)
     gi = plan.group_names.index(group)
-    layers = list(plan.groups[gi])
     d = plan.d_model
-    scale_np, mean_np = stats.for_layers(layers, d)
-    scale = torch.from_numpy(scale_np).float()
-    mean = torch.from_numpy(mean_np).float() if fc.centre else None
-    rows = run.group_rows(group, shards)
-    verifier = run.verifier()
-    if mean is not None:
-        reader = GroupReader(run.store, group, rows, verify=verifier)
-        scale = centred_scale(
-            ActivationLoader(reader, 4096, 0, torch.device("cpu"), layers, torch.ones(len(layers)), mean), layers, d
-        )
+    data = group_loader(run, fc, group, shards, device, stats=stats)
+    layers, loader = data.layers, data.loader
 
     torch.manual_seed(fc.seed * 1_000_003 + gi)  # distinct, reproducible initialisation per group
     sae = build_sae(
@@ -172,8 +200,7 @@ def _train_group(
             extra={"run": str(run.root), "group": group, "config_hash": plan.config_hash},
         )
     )
-    sae.set_normalisation(scale, mean)
-    loader = ActivationLoader(GroupReader(run.store, group, rows, verify=verifier), fc.batch_size, fc.seed, device, layers, scale, mean)
+    sae.set_normalisation(data.scale, data.mean)
     sae.to(device)
     if fc.init_from:
         _init_from(sae, Path(fc.init_from))

@@ -76,3 +76,16 @@ def provenance_diffs(saved: Provenance | None, now: Provenance, where: str) -> l
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def settings_mismatch(run: Run, group: str) -> list[str]:
+    """How the trained SAE of `group` differs from the fit settings the run records (saes/fit.json),
+    apart from the per-SAE ones; empty when they agree or when either side records none."""
+    from ghsae.config import config_from_dict
+
+    saved = run.fit_settings()
+    record = run.sae_record(group)
+    if saved is None or record.provenance is None:
+        return []
+    run_fit = fit_settings(config_from_dict({"fit": dict(saved.fit)}, source=str(run.layout.fit_settings)))
+    return settings_diffs(run_fit_settings(dict(record.provenance.fit)), run_fit_settings(run_fit), "SAE")
