@@ -149,7 +149,7 @@ class Run:
                 "Harvest again with harvest.eval_tokens > 0"
             )
         start, stop = self.plan.eval_contexts
-        return np.asarray(self.tokens()[start:stop])
+        return np.array(self.tokens()[start:stop])  # a private, writable copy (torch.from_numpy needs one)
 
     # --- shards ---------------------------------------------------------------------------------
 
@@ -269,6 +269,18 @@ class Run:
         done = self.done_shards()
         problems += [f"shard {s}: {msg}" for s, msg in self.failing_shards(done).items()]
         return problems, len(done)
+
+    # --- the model ----------------------------------------------------------------------------
+
+    def model(self, device: str = "auto"):
+        """The language model this run was harvested from (a ghsae.lm.LoadedModel; loaded once per
+        process), refused if its weights changed since."""
+        from ghsae.lm import cached_model
+
+        resolved = self.config.resolved.get("model", {})
+        lm = cached_model(str(self.config.identity["model"]["path"]), device, str(resolved.get("dtype", "auto")))
+        lm.check_matches(self.plan.model)
+        return lm
 
     # --- SAEs -----------------------------------------------------------------------------------
 
