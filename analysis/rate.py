@@ -22,7 +22,6 @@ import hashlib
 import html
 import json
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,47 +30,7 @@ from ghsae.analysis.rate_page import RATINGS, render
 from ghsae.atomic import write_text_atomic
 from ghsae.errors import ConfigError, GhsaeError
 from ghsae.layout import RATING_KEY, RATING_PAGE, RATING_SCORES, RunLayout
-
-
-@dataclass(frozen=True)
-class RatingItem:
-    item: str
-    sae: str
-    kind: str  # group | baseline
-    layer: int
-    latent: int
-
-
-@dataclass(frozen=True)
-class RatingKey:
-    """Which SAE, layer and latent each opaque item id on a rating page is: the blind's key."""
-
-    kit: str
-    run: str
-    baseline: str | None
-    seed: int
-    items: tuple[RatingItem, ...]
-
-    def to_json(self) -> str:
-        return json.dumps({**asdict(self), "items": [asdict(i) for i in self.items]}, indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> RatingKey:
-        d = json.loads(text)
-        return cls(d["kit"], d["run"], d["baseline"], int(d["seed"]), tuple(RatingItem(**i) for i in d["items"]))
-
-
-@dataclass(frozen=True)
-class Score:
-    sae: str
-    kind: str
-    layer: int
-    interpretable: int
-    not_interpretable: int
-    unsure: int
-    proportion: float  # interpretable / (interpretable + not); nan when none rated
-    low: float
-    high: float
+from ghsae.records import RatingItem, RatingKey, RatingScores, Score, load_record, save_record
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -110,7 +69,9 @@ def build_kit(cfg, run, lm, baseline=None, n_latents: int = 96, out: Path | None
         base = load_side(baseline, SAEKind.BASELINE, allow_partial=True)
     baseline_dir = baseline.root if baseline is not None else None
     contexts = run.eval_contexts()
-    lm.check_matches(run.plan.model)
+    from ghsae.analysis.report import REPORT_MODEL_FIX
+
+    lm.check_matches(run.plan.model, fix=REPORT_MODEL_FIX)
     seed = cfg.fit.seed
     rng = np.random.default_rng([seed, 14])
     targets = side.targets + (base.targets if base else [])
@@ -142,7 +103,7 @@ def build_kit(cfg, run, lm, baseline=None, n_latents: int = 96, out: Path | None
         name, kind, layer, latent, body = entries[j]
         items.append(RatingItem(f"{i + 1:05d}", name, kind, layer, latent))
         bodies.append((f"{i + 1:05d}", body))
-    kit = hashlib.sha256(json.dumps([asdict(x) for x in items]).encode() + str(run_dir).encode()).hexdigest()[:12]
+    kit = hashlib.sha256(json.dumps([x.to_json() for x in items]).encode() + str(run_dir).encode()).hexdigest()[:12]
     base_path = str(Path(baseline_dir).resolve()) if baseline_dir is not None else None
     key = RatingKey(kit, str(Path(run_dir).resolve()), base_path, seed, tuple(items))
     intro = (
@@ -154,7 +115,7 @@ def build_kit(cfg, run, lm, baseline=None, n_latents: int = 96, out: Path | None
     out = Path(out) if out else run.layout.report_file(RATING_PAGE)
     out.parent.mkdir(parents=True, exist_ok=True)
     run.layout.report.mkdir(exist_ok=True)
-    write_text_atomic(run.layout.report_file(RATING_KEY), key.to_json())
+    save_record(run.layout.report_file(RATING_KEY), key)
     write_text_atomic(out, render(kit, bodies, intro))
     return out, key
 
@@ -193,7 +154,7 @@ def score(run_dir: Path, ratings_csv: Path) -> list[Score]:
     key_path = layout.report_file(RATING_KEY)
     if not key_path.is_file():
         raise RatingError(f"{key_path} not found; write a rating page first with `ghsae rate {run_dir}`")
-    key = RatingKey.from_json(key_path.read_text())
+    key = load_record(RatingKey, key_path, fix=f"write a new rating page with `ghsae rate {run_dir}`")
     ratings = read_ratings(Path(ratings_csv), key)
     counts: dict[tuple[str, str, int], dict[str, int]] = {}
     for it in key.items:
@@ -206,17 +167,15 @@ def score(run_dir: Path, ratings_csv: Path) -> list[Score]:
         low, high = wilson(c["interpretable"], n)
         p = c["interpretable"] / n if n else float("nan")
         scores.append(Score(sae, kind, layer, c["interpretable"], c["not"], c["unsure"], p, low, high))
-    write_text_atomic(
-        layout.report_file(RATING_SCORES), json.dumps({"kit": key.kit, "scores": [asdict(s) for s in scores]}, indent=1)
-    )
+    save_record(layout.report_file(RATING_SCORES), RatingScores(key.kit, tuple(scores)))
     return scores
 
 
-def load_scores(report_dir: Path) -> list[Score] | None:
-    path = Path(report_dir) / RATING_SCORES
+def load_scores(layout: RunLayout) -> list[Score] | None:
+    path = layout.report_file(RATING_SCORES)
     if not path.is_file():
         return None
-    return [Score(**s) for s in json.loads(path.read_text())["scores"]]
+    return list(load_record(RatingScores, path, fix="score the ratings again with `ghsae rate RUN --score CSV`").scores)
 
 
 def table_lines(scores: list[Score]) -> list[str]:

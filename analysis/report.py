@@ -40,6 +40,8 @@ from ghsae.train import settings_mismatch
 
 log = logging.getLogger(__name__)
 
+REPORT_MODEL_FIX = "The report evaluates with the run's own model: restore it, or harvest a new run with this one"
+
 class SAEKind(enum.StrEnum):
     """Which side of the comparison an SAE is on (the `kind` column of metrics.parquet)."""
 
@@ -309,10 +311,10 @@ class ReportData:
         return {r["layer"]: r for r in self.result.rows if r["kind"] == kind.value}
 
 
-def report_model_settings(run: Run, cfg: PipelineConfig) -> tuple[str, str, str]:
-    """(path, device, dtype) of the model the report loads: the run's model as harvested, the report's
-    device, the run's compute dtype."""
-    return str(run.config.identity["model"]["path"]), cfg.report.device, cfg.model.dtype
+def report_model_settings(run: Run, cfg: PipelineConfig) -> dict[str, str]:
+    """The model a report evaluates with: the run's model as harvested, on the report's device, in the
+    run's compute dtype (what report/settings.json records; Run.model loads it)."""
+    return {"path": run.settings().model.path, "device": cfg.report.device, "dtype": cfg.model.dtype}
 
 
 def gather(
@@ -332,7 +334,7 @@ def gather(
         check_baseline_data(run, baseline)  # before loading any of its SAEs
         base = load_side(baseline, SAEKind.BASELINE, allow_partial)
         fairness = check_baseline_tokens(run, side.fit_tokens, baseline, base.fit_tokens, allow_unmatched)
-    lm.check_matches(run.plan.model)
+    lm.check_matches(run.plan.model, fix=REPORT_MODEL_FIX)
     contexts = run.eval_contexts()
     rc, seed = cfg.report, cfg.fit.seed
     targets = side.targets + (base.targets if base else [])
@@ -371,7 +373,7 @@ def gather(
         settings=rc,
         circuits=circuits,
         dashboards=report_views(lm, contexts, special, targets, result.examples, rc),
-        ratings=load_scores(run.layout.report),
+        ratings=load_scores(run.layout),
     )
 
 
@@ -385,13 +387,12 @@ def write_report(data: ReportData, cfg: PipelineConfig) -> Path:
     write_parquet_atomic(layout.report_file(REPORT_METRICS), data.result.rows)
     write_text_atomic(layout.report_file(REPORT_PAGE), render_page(data))
     write_text_atomic(layout.report_file(REPORT_SUMMARY), render_summary(data))
-    path, device, dtype = report_model_settings(data.side.run, cfg)
     save_record(
         layout.report_file(REPORT_SETTINGS),
         ReportSettings(
             report=cfg.to_dict()["report"],
             seed=cfg.fit.seed,
-            model={"path": path, "device": device, "dtype": dtype},
+            model=report_model_settings(data.side.run, cfg),
             baseline=str(data.base.run.root) if data.base else None,
         ),
     )

@@ -18,9 +18,8 @@ from pathlib import Path
 
 from ghsae.analysis.circuit_report import make_tasks, mean_curve, measure, render_section
 from ghsae.analysis.circuits import MEASURES, CircuitTarget
-from ghsae.analysis.report import SAEKind, load_side, report_model_settings
+from ghsae.analysis.report import SAEKind, load_side
 from ghsae.config import load_config
-from ghsae.lm import load_model
 from ghsae.run import Run
 
 
@@ -59,7 +58,7 @@ def main() -> None:
     if args.baseline:
         base = load_side(Run.open(args.baseline), SAEKind.BASELINE, True)
         targets += [CircuitTarget(t.name, t.kind, t.sae) for t in base.targets]
-    lm = load_model(*report_model_settings(run.run, cfg))
+    lm = run.run.model(args.device)
     load_s = time.perf_counter() - t0
     tasks = make_tasks(cfg.report.tasks, lm.tokenizer, cfg.report.task_prompts, cfg.fit.seed)
     out = Path(args.out)

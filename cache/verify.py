@@ -25,6 +25,7 @@ import numpy as np
 
 from ghsae.cache.store import ROW_FIELDS, ActivationStore
 from ghsae.errors import StoreError
+from ghsae.layers import span
 from ghsae.records import Plan, ShardRecord
 
 _VERIFIED: set[tuple[str, str, int, str]] = set()
@@ -61,7 +62,7 @@ def verify_shard(store: ActivationStore, plan: Plan, group: str, shard: int, rec
     stray = [int(i) for i in ids if int(i) not in allowed]
     if stray:
         raise StoreError(
-            f"{where}: array layer holds layer ids {stray[:5]} outside the group's layers {allowed[0]}-{allowed[-1]}; "
+            f"{where}: array layer holds layer ids {stray[:5]} outside the group's layers {span(allowed)}; "
             f"{repair}"
         )
     if {int(i): int(c) for i, c in zip(ids, counts)} != dict(entry.layer_counts):

@@ -7,7 +7,7 @@ The public face, in a few names:
     sae = run.sae("group_01")                   # or run.sae_for_layer(14), or ghsae.load_sae(folder)
     z = sae.encode(x, layer=14)                 # x: raw residuals [n, d] at block 14's output
     x_hat = sae.decode(z, layer=14)             # back in layer 14's raw units
-    lm = ghsae.load_model(run.plan.model.source)
+    lm = run.model()                             # the model it was harvested from
 
 and the stages as functions in ghsae.pipeline (harvest, fit, report, run_all; `ghsae.harvest` is
 the harvest stage's package). Names are imported when first used, so `import ghsae` stays light
@@ -35,6 +35,7 @@ _EXPORTS = {
     "load_config": "ghsae.config",
     "open_executor": "ghsae.executors",
 }
+_MODULES = ("pipeline", "records", "errors", "train")  # `ghsae.pipeline.harvest(...)` without importing it first
 
 __all__ = [
     "LoadedModel",
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        return importlib.import_module(f"ghsae.{name}")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value

@@ -107,6 +107,19 @@ def staged_folder(target: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def move_into_place(staging: Path, target: Path) -> bool:
+    """Rename a finished staging folder to `target`. If another process put one there first (a race
+    between batch jobs), keep theirs and drop ours. True when ours went in."""
+    try:
+        os.rename(staging, target)
+        return True
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not target.is_dir():
+            raise
+        return False
+
+
 def read_json(path: Path, fix: str = "re-run `ghsae harvest` with the same config to rewrite it") -> Any:
     """Parse a JSON file of the run; a damaged one (empty, truncated, not JSON) is a DamagedFileError naming it."""
     try:

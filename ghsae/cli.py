@@ -359,24 +359,16 @@ def verify(run_dir):
     the plan's files, and each trained SAE's files. Writes nothing; exit 2 on any problem."""
     from ghsae.errors import StoreError
     from ghsae.run import Run
-    from ghsae.sae import load_sae
 
     run = Run.open(run_dir)
     problems, shards = run.verify()
-    saes = sorted(p for p in run.layout.saes.iterdir() if p.is_dir()) if run.layout.saes.is_dir() else []
-    for folder in saes:
-        if run.layout.sae_trained(folder.name):
-            try:
-                load_sae(folder)
-            except GhsaeError as e:
-                problems.append(str(e))
-            except Exception as e:  # a damaged safetensors file
-                problems.append(f"{folder}: cannot load ({type(e).__name__}: {e}); re-run `ghsae fit` for it")
+    sae_problems, saes = run.verify_saes()
+    problems += sae_problems
     for line in problems:
         click.echo(f"  {line}", err=True)
     if problems:
         raise StoreError(f"{run_dir}: {len(problems)} problems found (listed above)")
-    click.echo(f"{run_dir}: {shards} shards and {len(saes)} SAE folders verified, no problems")
+    click.echo(f"{run_dir}: {shards} shards and {saes} SAE folders verified, no problems")
 
 
 @main.command()

@@ -171,9 +171,9 @@ class StorageConfig:
             raise ConfigError(f"storage.chunk_rows is {self.chunk_rows}; expected a positive integer")
 
 
-ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")  # kept in step with train.sae.REGISTRY (tested)
+ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")  # kept in step with ghsae.sae.REGISTRY (tested)
 LR_DECAYS = ("none", "linear", "cosine")
-AUXK_NORMALISATIONS = ("total-variance", "error-variance")  # kept in step with train.sae (tested)
+AUXK_NORMALISATIONS = ("total-variance", "error-variance")  # kept in step with ghsae.sae (tested)
 
 
 @dataclass

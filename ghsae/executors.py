@@ -33,7 +33,7 @@ class InProcess:
     computing the next (harvest/steps.py); the tasks' own progress bars show."""
 
     in_process = True
-    workers = 1
+    workers = 1  # a constant here, a live count on a cluster
 
     def call(self, fn: Callable, *args: Any) -> Any:
         return fn(*args)
@@ -56,10 +56,14 @@ class DaskCluster:
     def __init__(self, client: Any, progress: bool = True):
         self.client = client
         self.progress = progress
-        n = len(client.scheduler_info().get("workers", {}))
-        self.workers = n
+        n = self.workers
         # split this host's cores between a LocalCluster's workers; a remote cluster sets its own
         self.threads = max(1, (os.cpu_count() or 1) // n) if n and client.cluster is not None else None
+
+    @property
+    def workers(self) -> int:
+        """Workers connected now (on a scheduler, workers may join after the client)."""
+        return len(self.client.scheduler_info().get("workers", {}))
 
     def call(self, fn: Callable, *args: Any) -> Any:
         return self.client.submit(_with_threads, self.threads, fn, *args, pure=False).result()

@@ -22,6 +22,8 @@ OUT/layer_XX/{cfg.json, sae_weights.safetensors}.
 
 from __future__ import annotations
 
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,8 +143,11 @@ class RunLayout:
         return self.manifest / f"shard-{shard:05d}.npz"
 
     def staging(self, tag: str) -> Path:
-        """A private scratch folder; renamed into place when complete, so readers never see half a file."""
-        return self.root / f"{STAGING_PREFIX}{tag}"
+        """A private scratch folder; renamed into place when complete, so readers never see half a file.
+
+        The name is `.staging-<tag>-<pid>-<random>`: the pid lets a later harvest remove what a killed
+        process of this host left (harvest.steps), the random part keeps concurrent jobs apart."""
+        return self.root / f"{STAGING_PREFIX}{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def group_name(index: int) -> str:

@@ -64,13 +64,13 @@ class LoadedModel:
         """What a plan records of the model, and what a later stage checks the model it loads against."""
         return ModelIdentity(self.source.description, self.fingerprint, type(self.model).__name__)
 
-    def check_matches(self, planned: ModelIdentity) -> None:
-        """Refuse to go on with a model other than the one a run was planned with."""
+    def check_matches(self, planned: ModelIdentity, fix: str = "Use the original model or a new --run-dir") -> None:
+        """Refuse to go on with a model other than the one a run was planned with; `fix` says what to do."""
         if self.fingerprint != planned.fingerprint:
             raise RunDirError(
                 f"this run was planned with model {planned.source} (fingerprint {planned.fingerprint}) but the model "
                 f"loaded now ({self.source.description}) has fingerprint {self.fingerprint}; its weights or config "
-                "changed. Use the original model or a new --run-dir"
+                f"changed. {fix}"
             )
 
     @property
@@ -172,12 +172,6 @@ def cached_model(path: str, device: str = "auto", dtype: str = "auto") -> Loaded
         _LOADED.clear()
         _LOADED[key] = load_model(path, device, dtype)
     return _LOADED[key]
-
-
-def keep_model(lm: LoadedModel, path: str, device: str = "auto", dtype: str = "auto") -> None:
-    """Make an already loaded model the one cached_model(path, device, dtype) returns."""
-    _LOADED.clear()
-    _LOADED[(path, device, dtype)] = lm
 
 
 # Class-name endings of models trained to predict the next token.

@@ -30,6 +30,7 @@ from ghsae.run import Run
 from ghsae.train.fit import FitResult, check_fit_settings, fit_group, selected_groups, shards_to_fit
 
 HARVEST_SECTIONS = ("model", "data", "harvest", "grouping", "storage", "fit", "report")
+DEVICE_SECTIONS = ("model", "fit", "report")
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -45,11 +46,18 @@ def settings_for(
     the run exists, else the --config file (or the embedded default); a --config given for an
     existing run replaces `sections` only; flags (`overrides`) last."""
     base = None
-    if run_dir is not None and RunLayout(Path(run_dir)).config.is_file() and RunLayout(Path(run_dir)).plan.is_file():
+    layout = RunLayout(Path(run_dir)) if run_dir is not None else None
+    if layout is not None and layout.config.is_file() and layout.plan.is_file():
         try:
-            base = Run.open(run_dir).settings().to_dict()
+            base = Run.open(layout.root).settings().to_dict()
         except DamagedFileError:
             base = None  # a damaged config.json: harvest rewrites it; start from the file or default
+    if base is not None:
+        # The device belongs to the machine, not the run: a run made on a GPU resumes on a CPU
+        # with the file's (or the default) device. Dtype and batch sizes stay the run's.
+        machine = load_config(config_path)
+        for section in DEVICE_SECTIONS:
+            base[section]["device"] = getattr(machine, section).device
     return load_config(config_path, overrides, base=base, sections=sections)
 
 
@@ -148,9 +156,10 @@ def fit(
     run = Run.open(run_dir)
     shards_to_fit(run, allow_partial)  # an incomplete store is refused before any work
     names = selected_groups(run, groups)
-    pick_device(cfg.fit.device, option="fit.device (--device)")  # a bad device fails before any work
+    if executor.in_process:  # a cluster's workers may have devices this client lacks; each task checks its own
+        pick_device(cfg.fit.device, option="fit.device (--device)")  # a bad device fails before any work
     if check_fit_settings(run, cfg, overwrite) or run.fit_settings() is None:
-        run.save_fit_settings(cfg)
+        run.save_fit_settings(cfg)  # checked against the run's SAEs first, so never a refused fit's settings
     return executor.map(
         fit_task,
         names,
@@ -224,13 +233,9 @@ def report(
 
 
 def report_model(cfg: PipelineConfig, run: Run, lm: LoadedModel | None = None) -> LoadedModel:
-    """The model a report loads: the one the run was harvested with (its path from config.json), on
-    the report's device, in the run's compute dtype."""
-    from ghsae.analysis.report import report_model_settings
-
-    if lm is not None:
-        return lm
-    return cached_model(*report_model_settings(run, cfg))
+    """The model a report loads: the one the run was harvested with, on the report's device, in the
+    run's compute dtype (cfg starts from the run's settings)."""
+    return lm if lm is not None else run.model(cfg.report.device, cfg.model.dtype)
 
 
 def report_task(
@@ -277,10 +282,6 @@ def run_all(
     from ghsae.train.fit import summary_lines
 
     executor = executor or InProcess()
-    layout = RunLayout(Path(run_dir))
-    # a refused run folder or a missing dataset fails before the slow model load
-    prepare_run_dir(layout, cfg, overwrite)
-    resolve_files(cfg.data.dataset)
     say(summary_line(harvest(cfg, run_dir, executor, overwrite=overwrite, progress=progress)))
     for line in summary_lines(fit(cfg, run_dir, executor, overwrite=overwrite, progress=progress)):
         say(line)

@@ -8,6 +8,8 @@
     saes/fit.json             FitSettings      the [fit] settings the run's SAEs are trained with
     saes/<group>/cfg.json     SAERecord        one SAE: its config, the fit settings and store it came from
     report/settings.json      ReportSettings   what the last report was made with
+    report/rating-key.json    RatingKey        the blind rating page's key (ids -> SAE, layer, latent)
+    report/ratings.json       RatingScores     scored ratings
 
 Each record is a frozen dataclass with `from_json(obj)` and `to_json()`; code elsewhere uses
 fields, never `data["key"]`. `to_json` gives back exactly the dict ghsae has always written, so a
@@ -522,6 +524,90 @@ class ReportSettings:
 
     def to_json(self) -> dict:
         return {"report": dict(self.report), "seed": self.seed, "model": dict(self.model), "baseline": self.baseline}
+
+
+# --- the blind rating kit (analysis/rate.py) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RatingItem:
+    item: str  # the opaque id shown on the page
+    sae: str
+    kind: str  # group | baseline
+    layer: int
+    latent: int
+
+    @classmethod
+    def from_json(cls, obj: Mapping) -> RatingItem:
+        return cls(str(obj["item"]), str(obj["sae"]), str(obj["kind"]), int(obj["layer"]), int(obj["latent"]))
+
+    def to_json(self) -> dict:
+        return {"item": self.item, "sae": self.sae, "kind": self.kind, "layer": self.layer, "latent": self.latent}
+
+
+@dataclass(frozen=True)
+class RatingKey:
+    """report/rating-key.json: which SAE, layer and latent each opaque item id on a rating page is
+    (the blind's key; the page itself names none of them)."""
+
+    kit: str
+    run: str
+    baseline: str | None
+    seed: int
+    items: tuple[RatingItem, ...]
+
+    @classmethod
+    def from_json(cls, obj: Any) -> RatingKey:
+        obj = _check_version(obj, "rating-key.json")
+        items = tuple(RatingItem.from_json(i) for i in obj["items"])
+        return cls(str(obj["kit"]), str(obj["run"]), obj.get("baseline"), int(obj["seed"]), items)
+
+    def to_json(self) -> dict:
+        return {
+            "kit": self.kit,
+            "run": self.run,
+            "baseline": self.baseline,
+            "seed": self.seed,
+            "items": [i.to_json() for i in self.items],
+        }
+
+
+@dataclass(frozen=True)
+class Score:
+    """One SAE and layer's share of latents rated interpretable, with its Wilson interval."""
+
+    sae: str
+    kind: str
+    layer: int
+    interpretable: int
+    not_interpretable: int
+    unsure: int
+    proportion: float  # interpretable / (interpretable + not); nan when none rated
+    low: float
+    high: float
+
+    @classmethod
+    def from_json(cls, obj: Mapping) -> Score:
+        return cls(**{k: obj[k] for k in cls.__dataclass_fields__})
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class RatingScores:
+    """report/ratings.json: the scored ratings of one kit (the next report shows them)."""
+
+    kit: str
+    scores: tuple[Score, ...]
+
+    @classmethod
+    def from_json(cls, obj: Any) -> RatingScores:
+        obj = _check_version(obj, "ratings.json")
+        return cls(str(obj["kit"]), tuple(Score.from_json(s) for s in obj["scores"]))
+
+    def to_json(self) -> dict:
+        return {"kit": self.kit, "scores": [s.to_json() for s in self.scores]}
 
 
 # --- reading and writing --------------------------------------------------------------------------

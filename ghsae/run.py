@@ -250,7 +250,8 @@ class Run:
         return bad
 
     def verify(self) -> tuple[list[str], int]:
-        """Check every file the store's readers rely on; returns (problems, shards checked). Writes nothing."""
+        """Check every file the store's readers rely on; returns (problems, shards checked). Writes
+        nothing. `verify_saes` checks the SAE folders too (what `ghsae verify` runs)."""
         problems: list[str] = []
         for path in (self.layout.config, self.layout.tokens, self.layout.similarity):
             if not path.is_file():
@@ -270,16 +271,38 @@ class Run:
         problems += [f"shard {s}: {msg}" for s, msg in self.failing_shards(done).items()]
         return problems, len(done)
 
+    def verify_saes(self) -> tuple[list[str], int]:
+        """Load every trained SAE folder (cfg.json against the weights); returns (problems, folders)."""
+        from ghsae.errors import GhsaeError
+        from ghsae.sae import load_sae
+
+        saes = self.layout.saes
+        folders = sorted(p for p in saes.iterdir() if p.is_dir()) if saes.is_dir() else []
+        problems = []
+        for folder in folders:
+            if not self.layout.sae_trained(folder.name):
+                continue
+            try:
+                load_sae(folder)
+            except GhsaeError as e:
+                problems.append(str(e))
+            except Exception as e:  # a damaged safetensors file
+                problems.append(f"{folder}: cannot load ({type(e).__name__}: {e}); re-run `ghsae fit` for it")
+        return problems, len(folders)
+
     # --- the model ----------------------------------------------------------------------------
 
-    def model(self, device: str = "auto"):
-        """The language model this run was harvested from (a ghsae.lm.LoadedModel; loaded once per
-        process), refused if its weights changed since."""
+    def model(self, device: str = "auto", dtype: str | None = None):
+        """The language model this run was harvested from (a ghsae.lm.LoadedModel, loaded once per
+        process), in the run's compute dtype unless `dtype`; refused if its weights changed since."""
         from ghsae.lm import cached_model
 
-        resolved = self.config.resolved.get("model", {})
-        lm = cached_model(str(self.config.identity["model"]["path"]), device, str(resolved.get("dtype", "auto")))
-        lm.check_matches(self.plan.model)
+        settings = self.settings().model
+        lm = cached_model(settings.path, device, dtype or settings.dtype)
+        lm.check_matches(
+            self.plan.model,
+            fix=f"Restore the model {self.root} was harvested with ({settings.path}), or harvest a new run with this one",
+        )
         return lm
 
     # --- SAEs -----------------------------------------------------------------------------------
@@ -309,9 +332,10 @@ class Run:
             raise ConfigError(f"layer {layer} is not harvested in {self.root}; it has layers {self.plan.layers[0]}..{self.plan.layers[-1]}")
         return self.sae(self.plan.group_of_layer(layer), device)
 
-    def check_group(self, group: str) -> None:
+    def check_group(self, group: str, option: str = "") -> None:
+        """Refuse a group name the run does not have (`option`: the flag it came from, e.g. "--group ")."""
         if group not in self.plan.group_names:
-            raise ConfigError(f"{group} is not in {self.root}; it has {', '.join(self.plan.group_names)}")
+            raise ConfigError(f"{option}{group} is not in {self.root}; it has {', '.join(self.plan.group_names)}")
 
     # --- what `ghsae info` says ---------------------------------------------------------------
 

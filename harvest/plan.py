@@ -12,16 +12,15 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ghsae.atomic import move_into_place
 from ghsae.config import PipelineConfig
 from ghsae.errors import ConfigError, ModelError, RunDirError
 from ghsae.harvest.partition import amad, choose_groups, solve
@@ -94,13 +93,13 @@ def ensure_plan(cfg: PipelineConfig, lm: LoadedModel, layout: RunLayout, progres
         if plan_complete(layout):
             return load_record(Plan, layout.plan)
         layers = check_model_fits(cfg, lm)
-        staging = layout.staging(f"plan-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        staging = layout.staging("plan")
         staging.mkdir(parents=True)
         try:
             _build_plan(cfg, lm, layers, staging, progress)
             if layout.plan_dir.exists():
                 _replace_damaged_plan(layout, staging)
-            os.rename(staging, layout.plan_dir)
+            move_into_place(staging, layout.plan_dir)  # under the plan lock: no other process races here
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return load_record(Plan, layout.plan)

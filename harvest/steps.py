@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from ghsae import faults
+from ghsae.atomic import move_into_place
 from ghsae.cache.store import ROW_METADATA_BYTES, ActivationStore, StoreGeometry
 from ghsae.config import PipelineConfig
 from ghsae.errors import ConfigError, DamagedFileError, RunDirError
@@ -124,19 +124,14 @@ def ensure_store(layout: RunLayout, plan: Plan, cfg: PipelineConfig) -> Activati
             dtype=cfg.storage.dtype,
             compression=cfg.storage.compression,
         )
-        staging = layout.staging(f"store-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        staging = layout.staging("store")
         attrs = {
             "config_hash": plan.config_hash,
             "layers": list(plan.layers),
             "layer_groups": [list(g) for g in plan.groups],
         }
         ActivationStore.create(staging, list(plan.group_names), geometry, attrs)
-        try:
-            os.rename(staging, layout.acts)
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)
-            if not layout.acts.is_dir():
-                raise
+        move_into_place(staging, layout.acts)  # a job that lost the race uses the winner's (equal) store
     store = ActivationStore.open(layout.acts)
     if store.root.attrs.get("config_hash") != plan.config_hash:
         raise RunDirError(f"{layout.acts} belongs to another config; re-run with --overwrite to rebuild it")

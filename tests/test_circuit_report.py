@@ -16,12 +16,13 @@ from circuit_fixtures import save_task_llama
 from click.testing import CliRunner
 
 from conftest import tiny_config
-from ghsae.analysis.rate import RatingError, RatingKey, score, wilson
+from ghsae.analysis.rate import RatingError, score, wilson
 from ghsae.cli import main
 from ghsae.config import to_toml
 from ghsae.layout import RATING_KEY
 from ghsae.lm import load_model
 from ghsae.pipeline import fit, harvest
+from ghsae.records import RatingKey, load_record
 
 FIT = {"fit.expansion": 2, "fit.k": 4, "fit.batch_size": 128, "fit.tokens": 1024, "fit.lr": 3e-3}
 REPORT = {"report.ce_tokens": 128, "report.latents_shown": 2, "report.examples_per_latent": 2}
@@ -141,7 +142,7 @@ def _kit(runs, tmp_path, latents=3):
         + ["--latents", str(latents), "--out", str(out)],
     )
     assert res.exit_code == 0, res.output + str(res.exception)
-    return run, out, RatingKey.from_json((run / "report" / RATING_KEY).read_text())
+    return run, out, load_record(RatingKey, run / "report" / RATING_KEY)
 
 
 def test_rating_page_is_blind_and_samples_per_sae_and_layer(runs, tmp_path):

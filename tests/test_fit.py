@@ -101,7 +101,7 @@ def test_fit_refuses_an_incomplete_store_unless_allowed(tmp_path, tiny_llama, te
     with pytest.raises(StoreError, match=r"shards \[1, 3\] .* not harvested.*--allow-partial"):
         fit(cfg, tmp_path / "run", progress=False)
     assert fit(cfg, tmp_path / "run", groups=["group_00"], allow_partial=True, progress=False)[0].tokens >= 256
-    with pytest.raises(GhsaeError, match="--group group_99 is not in this run"):
+    with pytest.raises(GhsaeError, match="--group group_99 is not in .*; it has group_00, group_01"):
         fit(cfg, tmp_path / "run", groups=["group_99"], allow_partial=True, progress=False)
 
 

@@ -38,13 +38,16 @@ def test_a_refit_with_another_lr_is_refused_then_started_over_on_request(tmp_pat
     r = cli([*args[:2], other, *args[3:]])
     assert r.exit_code == 2
     assert_one_line_error(r.output, "saes/fit.json: this run's SAEs are trained with other fit settings (fit.lr: 0.003 in the run, 0.01 now)")
-    # each SAE checks its own record too (a run from before saes/fit.json existed) ...
+    # a run from before saes/fit.json existed: its trained SAEs' records stand in for it, and the
+    # refused fit writes no fit.json (it would record settings no SAE was trained with)
     (fitted_run / "saes" / "fit.json").unlink()
     r = cli([*args[:2], other, *args[3:]])
     assert r.exit_code == 2
-    assert_one_line_error(r.output, "fit.lr: 0.003 in the trained SAE, 0.01 now")
-    # ... and its checkpoint, while only a checkpoint exists (a fit killed before its end)
-    (fitted_run / "saes" / GROUP / "sae.safetensors").unlink()
+    assert_one_line_error(r.output, "fit.lr: 0.003 in the trained SAE group_00, 0.01 now")
+    assert not (fitted_run / "saes" / "fit.json").exists()
+    # and beneath both, each checkpoint (a fit killed before any SAE was finished)
+    for folder in (fitted_run / "saes").iterdir():
+        (folder / "sae.safetensors").unlink()
     r = cli([*args[:2], other, *args[3:]])
     assert r.exit_code == 2
     assert_one_line_error(r.output, "fit.lr: 0.003 in the checkpoint, 0.01 now")

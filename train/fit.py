@@ -22,16 +22,23 @@ import torch
 
 from ghsae.cache.loader import ActivationLoader, GroupReader
 from ghsae.cache.stats import NormStats
-from ghsae.config import FitConfig, PipelineConfig, config_from_dict
+from ghsae.config import FitConfig, PipelineConfig
 from ghsae.device import pick_device
 from ghsae.errors import ConfigError, StoreError
-from ghsae.layers import layer_lookup_table
+from ghsae.layers import layer_lookup_table, span
 from ghsae.layout import SAE_FILES, sae_config
 from ghsae.locks import hold_run, wait_lock
 from ghsae.records import Provenance, SAERecord, load_record
 from ghsae.run import Run
 from ghsae.sae import SAEConfig, SparseAutoencoder, build_sae, dead_window, load_sae, save_sae
-from ghsae.train.provenance import fit_settings, provenance, provenance_diffs, run_fit_settings, settings_diffs
+from ghsae.train.provenance import (
+    fit_settings,
+    provenance,
+    provenance_diffs,
+    recorded_run_fit,
+    run_fit_settings,
+    settings_diffs,
+)
 from ghsae.train.trainer import ResumeRefused, Trainer
 
 log = logging.getLogger(__name__)
@@ -66,25 +73,32 @@ def shards_to_fit(run: Run, allow_partial: bool) -> list[int]:
 def selected_groups(run: Run, groups: list[str] | None) -> list[str]:
     """The groups to train: those named (each checked against the run), or every group."""
     names = groups or list(run.plan.group_names)
-    unknown = [g for g in names if g not in run.plan.group_names]
-    if unknown:
-        raise ConfigError(f"--group {unknown[0]} is not in this run; it has {', '.join(run.plan.group_names)}")
+    for g in names:
+        run.check_group(g, option="--group ")
     return names
 
 
 def check_fit_settings(run: Run, cfg: PipelineConfig, overwrite: bool) -> list[str]:
-    """Refuse fit settings other than the ones the run's SAEs are trained with (saes/fit.json),
-    listing the differing keys, unless `overwrite`; returns those differences."""
-    saved = run.fit_settings()
-    if saved is None:
+    """Refuse fit settings other than the ones the run's SAEs are trained with (saes/fit.json, or the
+    trained SAEs' own records in a run from before that file), listing the differing keys, unless
+    `overwrite`; returns those differences. Nothing is written here."""
+    recorded = recorded_run_fit(run)
+    if recorded is None:
         return []
-    saved_cfg = config_from_dict({"fit": dict(saved.fit)}, source=str(run.layout.fit_settings))
-    diffs = settings_diffs(run_fit_settings(fit_settings(saved_cfg)), run_fit_settings(fit_settings(cfg)), "run")
+    saved, where = recorded
+    diffs = settings_diffs(saved, run_fit_settings(fit_settings(cfg)), where)
     if diffs and not overwrite:
+        source = run.layout.fit_settings if where == "run" else run.layout.sae_dir(where.split()[-1])
         raise ResumeRefused(
-            f"{run.layout.fit_settings}: this run's SAEs are trained with other fit settings "
+            f"{source}: this run's SAEs are trained with other fit settings "
             f"({'; '.join(diffs[:6])}{'; ...' if len(diffs) > 6 else ''}). Drop --config / the flags to use the "
             "run's own, or pass --overwrite to train its SAEs again with these"
+        )
+    if diffs:
+        log.warning(
+            "--overwrite: the run's fit settings change (%s); its SAEs trained otherwise are trained again "
+            "when fitted, and the report refuses those not yet retrained",
+            "; ".join(diffs[:4]),
         )
     return diffs
 
@@ -273,7 +287,7 @@ def _init_from(sae: SparseAutoencoder, folder: Path) -> None:
 
 def summary_lines(results: list[FitResult]) -> list[str]:
     return [
-        f"{r.group} (layers {r.layers[0]}-{r.layers[-1]}): {r.tokens:,} tokens, {r.steps} steps, "
+        f"{r.group} (layers {span(r.layers)}): {r.tokens:,} tokens, {r.steps} steps, "
         f"final batch FVU {r.final_fvu:.3f} -> {r.folder}"
         if r.final_fvu is not None
         else f"{r.group}: already trained with these settings on this store ({r.steps} steps); nothing to do"

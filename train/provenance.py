@@ -78,14 +78,29 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def settings_mismatch(run: Run, group: str) -> list[str]:
-    """How the trained SAE of `group` differs from the fit settings the run records (saes/fit.json),
-    apart from the per-SAE ones; empty when they agree or when either side records none."""
+def recorded_run_fit(run: Run) -> tuple[dict[str, Any], str] | None:
+    """The result-deciding fit settings the run's SAEs share, and where they were read: saes/fit.json,
+    or, for a run fitted before that file existed, the first trained SAE's provenance. None when the
+    run has neither (nothing is trained yet)."""
     from ghsae.config import config_from_dict
 
     saved = run.fit_settings()
+    if saved is not None:
+        cfg = config_from_dict({"fit": dict(saved.fit)}, source=str(run.layout.fit_settings))
+        return run_fit_settings(fit_settings(cfg)), "run"
+    for group in run.trained_groups():
+        record = run.sae_record(group)
+        if record.provenance is not None:
+            return run_fit_settings(dict(record.provenance.fit)), f"trained SAE {group}"
+    return None
+
+
+def settings_mismatch(run: Run, group: str) -> list[str]:
+    """How the trained SAE of `group` differs from the fit settings the run records (saes/fit.json),
+    apart from the per-SAE ones; empty when they agree or when either side records none."""
     record = run.sae_record(group)
-    if saved is None or record.provenance is None:
+    if not run.layout.fit_settings.is_file() or record.provenance is None:
         return []
-    run_fit = fit_settings(config_from_dict({"fit": dict(saved.fit)}, source=str(run.layout.fit_settings)))
-    return settings_diffs(run_fit_settings(dict(record.provenance.fit)), run_fit_settings(run_fit), "SAE")
+    recorded = recorded_run_fit(run)
+    assert recorded is not None  # saes/fit.json exists
+    return settings_diffs(run_fit_settings(dict(record.provenance.fit)), recorded[0], "SAE")

@@ -12,7 +12,7 @@ from ghsae.sae.sparse import SparseCodes, decode_active, encode_active
 
 
 class TopKFamily(SparseAutoencoder):
-    """TopK-style SAEs, trained sparsely: FVU + AuxK over the dead latents (train/sparse.py)."""
+    """TopK-style SAEs, trained sparsely: FVU + AuxK over the dead latents (sparse.py)."""
 
     def select(self, pre: torch.Tensor) -> tuple[torch.Tensor, SparseCodes]:
         """(active pre-activations [nnz], their pattern) chosen from pre [n, m] (no graph)."""
