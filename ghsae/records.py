@@ -32,6 +32,8 @@ from ghsae.atomic import read_json, write_json_atomic
 from ghsae.errors import DamagedFileError
 
 RECORD_VERSION = 1
+STATS_FROM_STORED = "stored-rows"  # a plan's per-layer sums are of the rows as stored (since issue 13)
+STATS_FROM_MODEL = "model-output"  # ... of the model's output before the cast (plans made before)
 
 
 def _check_version(obj: Any, what: str) -> dict:
@@ -200,6 +202,7 @@ class Plan:
     grouping: GroupingRecord
     probe_tokens: int
     seconds: float | None = None  # tokenise + probe + partition: part of the report's harvest cost A
+    stats_from: str = STATS_FROM_MODEL  # what the shards' per-layer sums are taken of (absent: before issue 13)
 
     @classmethod
     def from_json(cls, obj: Any) -> Plan:
@@ -223,6 +226,7 @@ class Plan:
             grouping=GroupingRecord.from_json(obj["amad"]),
             probe_tokens=int(obj.get("probe_tokens", 0)),
             seconds=obj.get("seconds"),
+            stats_from=str(obj.get("stats_from", STATS_FROM_MODEL)),
         )
 
     def to_json(self) -> dict:
@@ -247,6 +251,8 @@ class Plan:
         }
         if self.seconds is not None:
             out["seconds"] = self.seconds
+        if self.stats_from != STATS_FROM_MODEL:
+            out["stats_from"] = self.stats_from
         return out
 
     # --- what the stages ask of it

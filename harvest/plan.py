@@ -30,9 +30,20 @@ from ghsae.layers import span
 from ghsae.layout import PLAN_FILE, SIMILARITY_FILE, TOKENS_FILE, RunLayout, group_name
 from ghsae.lm import LoadedModel
 from ghsae.locks import wait_lock
-from ghsae.records import DatasetIdentity, GroupingRecord, Plan, TokenizerIdentity, load_record, save_record
+from ghsae.records import (
+    STATS_FROM_STORED,
+    DatasetIdentity,
+    GroupingRecord,
+    Plan,
+    TokenizerIdentity,
+    load_record,
+    save_record,
+)
 
 log = logging.getLogger(__name__)
+
+STATS_FROM = STATS_FROM_STORED
+"""What a new plan's shards take their per-layer sums of: the rows as stored (harvest/shards.py)."""
 
 
 def resolve_layers(spec: str | list[int], n_layers: int) -> list[int]:
@@ -191,6 +202,7 @@ def _build_plan(cfg: PipelineConfig, lm: LoadedModel, layers: list[int], staging
         ),
         probe_tokens=sim.tokens,
         seconds=time.perf_counter() - t0,  # tokenise + probe + partition: part of the report's harvest cost A
+        stats_from=STATS_FROM,
     )
     save_record(staging / PLAN_FILE, plan)
     log.info(

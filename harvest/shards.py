@@ -23,7 +23,7 @@ from ghsae.errors import HarvestError
 from ghsae.hooks import capture_layers
 from ghsae.layout import RunLayout
 from ghsae.lm import LoadedModel
-from ghsae.records import GroupRows, LayerSums, Plan, ShardRecord, save_record
+from ghsae.records import STATS_FROM_STORED, GroupRows, LayerSums, Plan, ShardRecord, save_record
 
 FLOAT16_MAX = 65504.0
 
@@ -53,13 +53,80 @@ class ShardSums:
     layers: dict[int, LayerSums]
 
 
-@dataclass
-class _LayerStatsAcc:
-    sum_x: torch.Tensor  # [L, d] float64
-    sum_norm: torch.Tensor  # [L] float64
-    sum_sq: torch.Tensor  # [L] float64
-    count: torch.Tensor  # [L] int64
-    max_abs: torch.Tensor  # [] float32, checked once per batch (one device sync, not one per layer)
+class LayerSumsAccumulator:
+    """Per-layer sums of one shard's stored rows (count, sum x, sum ||x||, sum ||x||^2), in float64
+    on the harvest's device, plus the peak |activation| for the float16 overflow check.
+
+    A plan with stats_from = "stored-rows" (every plan since issue 13) sums the rows as stored
+    (after the cast to the storage dtype), so a store derived from an all-layers harvest
+    (harvest/derive.py) reproduces them exactly; older plans summed the model's output before the
+    cast ("model-output"). Rows are added per batch and layer, in the same order either way.
+    """
+
+    def __init__(self, n_layers: int, d_model: int, device: torch.device):
+        f64 = torch.float64
+        self.sum_x = torch.zeros(n_layers, d_model, dtype=f64, device=device)
+        self.sum_norm = torch.zeros(n_layers, dtype=f64, device=device)
+        self.sum_sq = torch.zeros(n_layers, dtype=f64, device=device)
+        self.count = torch.zeros(n_layers, dtype=torch.int64, device=device)
+        self.max_abs = torch.zeros((), dtype=torch.float32, device=device)  # read once per batch
+
+    def add(self, i: int, rows: torch.Tensor) -> None:
+        """Add rows [n, d] (float32) of the layer at position i."""
+        if rows.shape[0] == 0:
+            return
+        norms = rows.norm(dim=1).double()
+        self.sum_x[i] += rows.sum(dim=0, dtype=torch.float64)
+        self.sum_norm[i] += norms.sum()
+        self.sum_sq[i] += (norms * norms).sum()
+        self.count[i] += rows.shape[0]
+
+    def track_peak(self, rows: torch.Tensor) -> None:
+        if rows.shape[0]:
+            torch.maximum(self.max_abs, rows.abs().amax(), out=self.max_abs)
+
+    def sums(self, layers: tuple[int, ...]) -> ShardSums:
+        return ShardSums(
+            sum_x=self.sum_x.cpu().numpy(),
+            layers={
+                layer: LayerSums(int(self.count[i]), float(self.sum_norm[i]), float(self.sum_sq[i]))
+                for i, layer in enumerate(layers)
+            },
+        )
+
+
+def assemble_rows(
+    plan: Plan, draws: ShardDraws, tokens_CT: np.ndarray, start: int, acts: list[np.ndarray]
+) -> dict[str, ShardRows]:
+    """Each group's ShardRows from its activations [n, d] (physical dtype, already in row order)."""
+    T = tokens_CT.shape[1]
+    kept_sorted = draws.kept[draws.order]
+    token = tokens_CT.reshape(-1)[kept_sorted].astype(np.int32)
+    seq = (start + kept_sorted // T).astype(np.int32)
+    pos = (kept_sorted % T).astype(np.int32)
+    return {
+        name: ShardRows(
+            acts=acts[gi], layer=draws.layers[gi][draws.order].astype(np.int16), token=token, seq=seq, pos=pos
+        )
+        for gi, name in enumerate(plan.group_names)
+    }
+
+
+def row_inverse(draws: ShardDraws) -> np.ndarray:
+    """inverse[k] = the row of a group's shard that kept token k lands in."""
+    inverse = np.empty_like(draws.order)
+    inverse[draws.order] = np.arange(draws.order.size)
+    return inverse
+
+
+def check_overflow(acc: LayerSumsAccumulator, storage_dtype: str, shard: int) -> None:
+    if storage_dtype == "float16":
+        peak = float(acc.max_abs)
+        if not np.isfinite(peak) or peak > FLOAT16_MAX:
+            raise HarvestError(
+                f"shard {shard}: an activation of magnitude {peak:.4g} does not fit float16 (max {FLOAT16_MAX:g}); "
+                'set storage.dtype = "bfloat16" in pipeline.toml (same range as float32) and re-run with --overwrite'
+            )
 
 
 class ShardProducer:
@@ -81,10 +148,10 @@ class ShardProducer:
         tokens_CT = np.array(tokens[start:stop])  # a private copy: the memmap is read-only
         draws = shard_draws(self.plan, self.seed, shard, tokens_CT)
         n, d, dev = draws.kept.size, self.lm.d_model, self.lm.device
-        inverse = np.empty_like(draws.order)
-        inverse[draws.order] = np.arange(n)  # kept token k lands in row inverse[k]
+        inverse = row_inverse(draws)
         outs = [torch.empty(n, d, dtype=self.torch_storage, device=dev) for _ in self.plan.groups]
-        acc = self._new_acc()
+        acc = LayerSumsAccumulator(len(self.plan.layers), d, dev)
+        stored_rows = self.plan.stats_from == STATS_FROM_STORED
         T = tokens_CT.shape[1]
         for b0 in range(0, tokens_CT.shape[0], self.batch_size):
             b1 = min(b0 + self.batch_size, tokens_CT.shape[0])
@@ -95,14 +162,17 @@ class ShardProducer:
             def on_layer(layer: int, resid: torch.Tensor, index=index) -> None:
                 src, dst = index[layer]
                 rows = resid.reshape(-1, d).index_select(0, src).float()
-                outs[self.group_of[layer]].index_copy_(0, dst, rows.to(self.torch_storage))
-                self._accumulate(acc, self.layer_index[layer], rows)
+                stored = rows.to(self.torch_storage)
+                outs[self.group_of[layer]].index_copy_(0, dst, stored)
+                acc.track_peak(rows)
+                acc.add(self.layer_index[layer], stored.float() if stored_rows else rows)
 
             capture_layers(self.lm.model, self.lm.blocks, input_ids, self.plan.layers, on_layer)
-            self._check_overflow(acc, shard)
+            check_overflow(acc, self.storage_dtype, shard)
             if on_batch is not None:
                 on_batch(input_ids.numel())
-        return self._assemble(outs, draws, tokens_CT, start), self._sums(acc)
+        acts = [to_storage(o, self.storage_dtype) for o in outs]
+        return assemble_rows(self.plan, draws, tokens_CT, start, acts), acc.sums(self.plan.layers)
 
     def _batch_index(self, draws: ShardDraws, inverse: np.ndarray, k0: int, k1: int, offset: int):
         """Per layer: (positions in the flattened batch, destination rows), as device tensors."""
@@ -117,62 +187,6 @@ class ShardProducer:
                 index[layer] = (src, dst)
         return index
 
-    def _new_acc(self) -> _LayerStatsAcc:
-        L, d, dev = len(self.plan.layers), self.lm.d_model, self.lm.device
-        f64 = torch.float64
-        return _LayerStatsAcc(
-            sum_x=torch.zeros(L, d, dtype=f64, device=dev),
-            sum_norm=torch.zeros(L, dtype=f64, device=dev),
-            sum_sq=torch.zeros(L, dtype=f64, device=dev),
-            count=torch.zeros(L, dtype=torch.int64, device=dev),
-            max_abs=torch.zeros((), dtype=torch.float32, device=dev),
-        )
-
-    @staticmethod
-    def _accumulate(acc: _LayerStatsAcc, i: int, rows: torch.Tensor) -> None:
-        if rows.shape[0] == 0:
-            return
-        norms = rows.norm(dim=1).double()
-        acc.sum_x[i] += rows.sum(dim=0, dtype=torch.float64)
-        acc.sum_norm[i] += norms.sum()
-        acc.sum_sq[i] += (norms * norms).sum()
-        acc.count[i] += rows.shape[0]
-        torch.maximum(acc.max_abs, rows.abs().amax(), out=acc.max_abs)
-
-    def _check_overflow(self, acc: _LayerStatsAcc, shard: int) -> None:
-        if self.storage_dtype == "float16":
-            peak = float(acc.max_abs)
-            if not np.isfinite(peak) or peak > FLOAT16_MAX:
-                raise HarvestError(
-                    f"shard {shard}: an activation of magnitude {peak:.4g} does not fit float16 (max {FLOAT16_MAX:g}); "
-                    'set storage.dtype = "bfloat16" in pipeline.toml (same range as float32) and re-run with --overwrite'
-                )
-
-    def _assemble(self, outs, draws: ShardDraws, tokens_CT: np.ndarray, start: int) -> dict[str, ShardRows]:
-        T = tokens_CT.shape[1]
-        kept_sorted = draws.kept[draws.order]
-        token = tokens_CT.reshape(-1)[kept_sorted].astype(np.int32)
-        seq = (start + kept_sorted // T).astype(np.int32)
-        pos = (kept_sorted % T).astype(np.int32)
-        rows = {}
-        for gi, name in enumerate(self.plan.group_names):
-            rows[name] = ShardRows(
-                acts=to_storage(outs[gi], self.storage_dtype),
-                layer=draws.layers[gi][draws.order].astype(np.int16),
-                token=token,
-                seq=seq,
-                pos=pos,
-            )
-        return rows
-
-    def _sums(self, acc: _LayerStatsAcc) -> ShardSums:
-        return ShardSums(
-            sum_x=acc.sum_x.cpu().numpy(),
-            layers={
-                layer: LayerSums(int(acc.count[i]), float(acc.sum_norm[i]), float(acc.sum_sq[i]))
-                for i, layer in enumerate(self.plan.layers)
-            },
-        )
 
 
 def commit_shard(

@@ -67,6 +67,50 @@ EXPECTED = {  # recorded on main at 0ed3b33, before issue 11's reshape
 }
 
 
+# Since issue 13 a plan records stats_from = "stored-rows": the shards' per-layer sums are of the
+# rows as stored, so a store derived from an all-layers harvest equals a direct one in every byte.
+# That changes the plan, the sums and statistics, and so (through the normalisation) the SAEs.
+EXPECTED_NOW = {
+    "acts.zarr/group_00/acts": "6bf0165386a45252",
+    "acts.zarr/group_00/layer": "8cf23fd28debbcb5",
+    "acts.zarr/group_00/pos": "bcf680414a8da173",
+    "acts.zarr/group_00/seq": "cbb676fc1389710d",
+    "acts.zarr/group_00/token": "e9561dfde2f18fea",
+    "acts.zarr/group_00/zarr.json": "36615682d5be9646",
+    "acts.zarr/group_01/acts": "b2ef7e4341aff2c6",
+    "acts.zarr/group_01/layer": "45d0d298850ee8c4",
+    "acts.zarr/group_01/pos": "bcf680414a8da173",
+    "acts.zarr/group_01/seq": "cbb676fc1389710d",
+    "acts.zarr/group_01/token": "e9561dfde2f18fea",
+    "acts.zarr/group_01/zarr.json": "36615682d5be9646",
+    "acts.zarr/zarr.json": "fe420b1b98976222",
+    "config.json": "b41a809844c507c6",
+    "ghsae-run.json": "ead602351bd5f4c2",
+    "manifest/shard-00000.json": "f3501d2eb51ae579",
+    "manifest/shard-00000.npz": "6c7a90299151fc8a",
+    "manifest/shard-00001.json": "4045919fe6148187",
+    "manifest/shard-00001.npz": "a8a9fd4add6aa18f",
+    "manifest/shard-00002.json": "7eddae41bad17458",
+    "manifest/shard-00002.npz": "ccb049b0a881a46e",
+    "manifest/shard-00003.json": "d097469d252ad871",
+    "manifest/shard-00003.npz": "dca80eca7828e347",
+    "manifest/stats.json": "30acf1c1dedbec28",
+    "manifest/stats.npz": "20f43e9256c084d5",
+    "plan/plan.json": "691e413382457eb7",
+    "plan/similarity.npz": "744f5b2dbbfca935",
+    "plan/tokens.npy": "1a29492758c6f50f",
+    "saes/fit.json": "164d9fdab4dbebcd",
+    "saes/group_00/cfg.json": "4898af1ff38c2a47",
+    "saes/group_00/checkpoint.pt": "89b90da39565ab03",
+    "saes/group_00/metrics.parquet": "f7f714a0e00552b7",
+    "saes/group_00/sae.safetensors": "4086e7b2d25ed7fc",
+    "saes/group_01/cfg.json": "0c73dd10f1a05640",
+    "saes/group_01/checkpoint.pt": "eb235fbe7b553602",
+    "saes/group_01/metrics.parquet": "f9fc3cd1ede9d727",
+    "saes/group_01/sae.safetensors": "0b02310a0746035c",
+}
+
+
 def _json_digest(data: bytes) -> str:
     return hashlib.sha256(_VOLATILE_JSON.sub(rb"\g<1>0", data)).hexdigest()
 
@@ -149,9 +193,26 @@ def build_tiny_run(folder: Path) -> Path:
     return folder / "run"
 
 
-def test_a_tiny_run_stores_exactly_the_bytes_it_stored_before_the_reshape(tmp_path, monkeypatch):
+def _compare(got: dict[str, str], expected: dict[str, str]) -> None:
+    changed = {k: (expected.get(k), v) for k, v in got.items() if expected.get(k) != v}
+    gone = sorted(set(expected) - set(got))
+    assert not changed and not gone, f"stored bytes changed: {changed}; files gone: {gone}"
+
+
+def test_a_run_planned_as_before_issue_13_stores_exactly_the_bytes_it_stored_before_the_reshape(
+    tmp_path, monkeypatch
+):
+    """A plan without stats_from (every run made before issue 13) keeps its rules: a resumed old
+    run writes what it always wrote."""
+    from ghsae.harvest import plan
+    from ghsae.records import STATS_FROM_MODEL
+
+    monkeypatch.setattr(plan, "STATS_FROM", STATS_FROM_MODEL)
+    monkeypatch.chdir(tmp_path)
+    _compare(run_digests(build_tiny_run(tmp_path)), EXPECTED)
+
+
+def test_a_new_run_stores_exactly_the_pinned_bytes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     got = run_digests(build_tiny_run(tmp_path))
-    changed = {k: (EXPECTED.get(k), v) for k, v in got.items() if EXPECTED.get(k) != v}
-    gone = sorted(set(EXPECTED) - set(got))
-    assert not changed and not gone, f"stored bytes changed: {changed}; files gone: {gone}"
+    _compare(got, EXPECTED_NOW)
