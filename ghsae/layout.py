@@ -1,6 +1,8 @@
 """Every path inside a run folder, built in one place.
 
 RUN/ghsae-run.json            marker: this folder is a ghsae run (format version); written first
+RUN/derived.json              a run derived from an all-layers run: the source (harvest/derive.py)
+RUN/per-layer/                the all-layers run of a comparison (a run folder of its own)
 RUN/.locks/                   advisory lock files (run, plan, shard-N, sae-<group>)
 RUN/config.json               resolved config (written once the plan exists)
 RUN/plan/plan.json            groups, shard geometry, model/tokenizer/dataset fingerprints
@@ -55,11 +57,23 @@ STATS_FILE = "stats.json"
 STATS_ARRAYS = "stats.npz"
 STAGING_PREFIX = ".staging-"
 MARKER_FILE = "ghsae-run.json"
+DERIVED_FILE = "derived.json"  # a run derived from an all-layers run (harvest/derive.py): where from
+PER_LAYER_DIR = "per-layer"  # the all-layers run a comparison (ghsae run with compare.per_layer) keeps inside
 LOCKS_DIR = ".locks"
 RUN_FORMAT = "ghsae-run"
 RUN_FORMAT_VERSION = 1
 # Every top-level name ghsae writes in a run folder: --overwrite removes these and nothing else.
-OWNED_NAMES = (CONFIG_FILE, PLAN_DIR, ACTS_STORE, MANIFEST_DIR, SAES_DIR, REPORT_DIR, MARKER_FILE)
+OWNED_NAMES = (
+    CONFIG_FILE,
+    PLAN_DIR,
+    ACTS_STORE,
+    MANIFEST_DIR,
+    SAES_DIR,
+    REPORT_DIR,
+    MARKER_FILE,
+    DERIVED_FILE,
+    PER_LAYER_DIR,
+)
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,15 @@ class RunLayout:
     @property
     def config(self) -> Path:
         return self.root / CONFIG_FILE
+
+    @property
+    def derived_from(self) -> Path:
+        return self.root / DERIVED_FILE
+
+    @property
+    def per_layer(self) -> Path:
+        """The all-layers run kept inside this one for a comparison (its per-layer SAEs)."""
+        return self.root / PER_LAYER_DIR
 
     @property
     def plan_dir(self) -> Path:

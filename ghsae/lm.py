@@ -66,12 +66,7 @@ class LoadedModel:
 
     def check_matches(self, planned: ModelIdentity, fix: str = "Use the original model or a new --run-dir") -> None:
         """Refuse to go on with a model other than the one a run was planned with; `fix` says what to do."""
-        if self.fingerprint != planned.fingerprint:
-            raise RunDirError(
-                f"this run was planned with model {planned.source} (fingerprint {planned.fingerprint}) but the model "
-                f"loaded now ({self.source.description}) has fingerprint {self.fingerprint}; its weights or config "
-                f"changed. {fix}"
-            )
+        check_same_model(planned, self.identity, fix)
 
     @property
     def special_ids(self) -> list[int]:
@@ -159,6 +154,18 @@ def load_model(path: str, device_name: str = "auto", dtype_name: str = "auto") -
         device=device,
         dtype=dtype,
     )
+
+
+def check_same_model(
+    planned: ModelIdentity, found: ModelIdentity, fix: str = "Use the original model or a new --run-dir"
+) -> None:
+    """Refuse a model (or a derived run's source) other than the one a run was planned with."""
+    if found.fingerprint != planned.fingerprint:
+        raise RunDirError(
+            f"this run was planned with model {planned.source} (fingerprint {planned.fingerprint}) but the model "
+            f"loaded now ({found.source}) has fingerprint {found.fingerprint}; its weights or config "
+            f"changed. {fix}"
+        )
 
 
 _LOADED: dict[tuple[str, str, str], LoadedModel] = {}  # this process's model (one at a time)

@@ -5,6 +5,7 @@
     plan/plan.json            Plan             groups, shard geometry, fingerprints (ModelIdentity, ...)
     manifest/shard-N.json     ShardRecord      one done shard: rows, layer counts, checksums per group
     manifest/stats.json       RunStats         per-layer normalisation statistics over every shard
+    derived.json              DerivedFrom      the all-layers run a derived run was gathered from
     saes/fit.json             FitSettings      the [fit] settings the run's SAEs are trained with
     saes/<group>/cfg.json     SAERecord        one SAE: its config, the fit settings and store it came from
     report/settings.json      ReportSettings   what the last report was made with
@@ -530,6 +531,24 @@ class ReportSettings:
 
     def to_json(self) -> dict:
         return {"report": dict(self.report), "seed": self.seed, "model": dict(self.model), "baseline": self.baseline}
+
+
+@dataclass(frozen=True)
+class DerivedFrom:
+    """derived.json: the all-layers run a grouped run's rows were gathered from (harvest/derive.py),
+    and the seconds the derivation took (no model ran: the source's harvest is the model pass)."""
+
+    source: str
+    source_config_hash: str
+    seconds: float
+
+    @classmethod
+    def from_json(cls, obj: Any) -> DerivedFrom:
+        obj = _check_version(obj, "derived.json")
+        return cls(str(obj["source"]), str(obj["source_config_hash"]), float(obj["seconds"]))
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "source_config_hash": self.source_config_hash, "seconds": self.seconds}
 
 
 # --- the blind rating kit (analysis/rate.py) ---------------------------------------------------

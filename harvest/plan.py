@@ -14,7 +14,9 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +26,7 @@ from ghsae.atomic import move_into_place
 from ghsae.config import PipelineConfig
 from ghsae.errors import ConfigError, ModelError, RunDirError
 from ghsae.harvest.partition import amad, choose_groups, solve
-from ghsae.harvest.similarity import canonical_distance, distance_matrix, probe_similarity
+from ghsae.harvest.similarity import SimilarityResult, canonical_distance, distance_matrix, probe_similarity
 from ghsae.harvest.text import dataset_description, iter_documents, iter_token_documents, pack_contexts, write_contexts
 from ghsae.layers import span
 from ghsae.layout import PLAN_FILE, SIMILARITY_FILE, TOKENS_FILE, RunLayout, group_name
@@ -34,6 +36,7 @@ from ghsae.records import (
     STATS_FROM_STORED,
     DatasetIdentity,
     GroupingRecord,
+    ModelIdentity,
     Plan,
     TokenizerIdentity,
     load_record,
@@ -93,8 +96,17 @@ def context_batches(tokens: np.ndarray, batch_size: int, device: torch.device) -
         yield torch.from_numpy(np.array(tokens[i : i + batch_size])).long().to(device)
 
 
-def ensure_plan(cfg: PipelineConfig, lm: LoadedModel, layout: RunLayout, progress: bool = True) -> Plan:
-    """Load the run's plan, computing it first if no job has yet (or rebuilding it if a file of it is gone).
+PlanBuilder = Callable[[Path], None]
+"""Writes tokens.npy, similarity.npz and plan.json into the staging folder it is given."""
+
+
+def model_plan_builder(cfg: PipelineConfig, lm: LoadedModel, progress: bool = True) -> PlanBuilder:
+    """The plan of a direct harvest: tokenise the dataset, probe the model, partition."""
+    return lambda staging: _build_plan(cfg, lm, check_model_fits(cfg, lm), staging, progress)
+
+
+def ensure_plan(layout: RunLayout, build: PlanBuilder) -> Plan:
+    """Load the run's plan, building it first if no job has yet (or rebuilding it if a file of it is gone).
 
     Under the plan lock, so concurrent jobs plan once: the others wait, then read its plan.
     """
@@ -103,11 +115,10 @@ def ensure_plan(cfg: PipelineConfig, lm: LoadedModel, layout: RunLayout, progres
     with wait_lock(layout.lock("plan"), "the plan step"):
         if plan_complete(layout):
             return load_record(Plan, layout.plan)
-        layers = check_model_fits(cfg, lm)
         staging = layout.staging("plan")
         staging.mkdir(parents=True)
         try:
-            _build_plan(cfg, lm, layers, staging, progress)
+            build(staging)
             if layout.plan_dir.exists():
                 _replace_damaged_plan(layout, staging)
             move_into_place(staging, layout.plan_dir)  # under the plan lock: no other process races here
@@ -139,12 +150,28 @@ def _replace_damaged_plan(layout: RunLayout, staging) -> None:
     shutil.rmtree(layout.plan_dir)
 
 
+@dataclass(frozen=True)
+class PlanInputs:
+    """What a plan is made of besides its grouping: the model's identity and the probe's statistics.
+
+    A direct harvest measures them (the model, the token stream, the probe); a derived run reads
+    them from its all-layers source (harvest/derive.py). Either way `write_plan` turns them into
+    the same similarity.npz and plan.json."""
+
+    model: ModelIdentity
+    tokenizer: TokenizerIdentity
+    dataset: DatasetIdentity
+    n_layers_model: int
+    d_model: int
+    layers: list[int]
+    similarity: SimilarityResult
+
+
 def _build_plan(cfg: PipelineConfig, lm: LoadedModel, layers: list[int], staging, progress: bool) -> None:
     t0 = time.perf_counter()
     ctx, hv = cfg.data.context_length, cfg.harvest
     n_harvest = math.ceil(hv.tokens / ctx)
     n_eval = math.ceil(hv.eval_tokens / ctx)
-    per_shard = hv.shard_tokens // ctx
     tok = lm.tokenizer
     bos = tok.bos_token_id if cfg.data.prepend_bos else None
     eos = tok.eos_token_id
@@ -159,7 +186,24 @@ def _build_plan(cfg: PipelineConfig, lm: LoadedModel, layers: list[int], staging
     bar = tqdm(total=2 * probe.size, unit="tok", unit_scale=True, desc="probe", disable=not progress)
     sim = probe_similarity(lm, lambda: context_batches(probe, hv.batch_size, lm.device), layers, bar)
     bar.close()
-    gc = cfg.grouping
+    inputs = PlanInputs(
+        model=lm.identity,
+        tokenizer=TokenizerIdentity(tokenizer_fingerprint(tok), bos, eos, tuple(lm.special_ids)),
+        dataset=DatasetIdentity.from_json({**dataset_description(cfg.data.dataset), "fingerprint": dataset_hash}),
+        n_layers_model=lm.n_layers,
+        d_model=lm.d_model,
+        layers=layers,
+        similarity=sim,
+    )
+    write_plan(cfg, inputs, staging, t0)
+
+
+def write_plan(cfg: PipelineConfig, inputs: PlanInputs, staging: Path, t0: float) -> Plan:
+    """Partition the layers from the probe's distances and write similarity.npz and plan.json."""
+    ctx, hv, gc = cfg.data.context_length, cfg.harvest, cfg.grouping
+    n_harvest = math.ceil(hv.tokens / ctx)
+    per_shard = hv.shard_tokens // ctx
+    sim, layers = inputs.similarity, inputs.layers
     dist = distance_matrix(sim, gc.distance)
     solution = solve(dist, gc.method, gc.objective)
     groups = choose_groups(solution, gc.groups, gc.amad_threshold, layers)
@@ -176,17 +220,17 @@ def _build_plan(cfg: PipelineConfig, lm: LoadedModel, layers: list[int], staging
     )
     plan = Plan(
         config_hash=cfg.identity_hash(),
-        model=lm.identity,
-        tokenizer=TokenizerIdentity(tokenizer_fingerprint(tok), bos, eos, tuple(lm.special_ids)),
-        dataset=DatasetIdentity.from_json({**dataset_description(cfg.data.dataset), "fingerprint": dataset_hash}),
-        n_layers_model=lm.n_layers,
-        d_model=lm.d_model,
+        model=inputs.model,
+        tokenizer=inputs.tokenizer,
+        dataset=inputs.dataset,
+        n_layers_model=inputs.n_layers_model,
+        d_model=inputs.d_model,
         layers=tuple(layers),
         groups=tuple(tuple(g) for g in groups),
         group_names=tuple(group_name(i) for i in range(len(groups))),
         context_length=ctx,
         n_contexts_harvest=n_harvest,
-        n_contexts_eval=n_eval,
+        n_contexts_eval=math.ceil(hv.eval_tokens / ctx),
         contexts_per_shard=per_shard,
         n_shards=math.ceil(n_harvest / per_shard),
         shard_rows=hv.shard_tokens,
@@ -213,6 +257,7 @@ def _build_plan(cfg: PipelineConfig, lm: LoadedModel, layers: list[int], staging
         canonical_distance(gc.distance),
         solution.method if solution.method == "agglomerative" else f"dp, {solution.objective}",
     )
+    return plan
 
 
 def _amad_of(dist: np.ndarray, layers: list[int], groups: list[list[int]]) -> float:

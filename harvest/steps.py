@@ -27,13 +27,13 @@ from ghsae.atomic import move_into_place
 from ghsae.cache.store import ROW_METADATA_BYTES, ActivationStore, StoreGeometry
 from ghsae.config import PipelineConfig
 from ghsae.errors import ConfigError, DamagedFileError, RunDirError
-from ghsae.harvest.plan import check_model_fits, ensure_plan
+from ghsae.harvest.plan import PlanBuilder, check_model_fits, ensure_plan, model_plan_builder
 from ghsae.harvest.rundir import claim_run_dir
 from ghsae.harvest.shards import ShardProducer, commit_shard
 from ghsae.layout import STAGING_PREFIX, RunLayout
-from ghsae.lm import LoadedModel
+from ghsae.lm import LoadedModel, check_same_model
 from ghsae.locks import FileLock, hold_run, try_lock, wait_lock
-from ghsae.records import Plan, RunConfig, load_record, save_record
+from ghsae.records import ModelIdentity, Plan, RunConfig, load_record, save_record
 from ghsae.run import Run, RunInfo
 from ghsae.space import require_free
 
@@ -90,10 +90,18 @@ class HarvestSummary:
 def plan_step(cfg: PipelineConfig, layout: RunLayout, lm: LoadedModel, overwrite: bool, progress: bool) -> Run:
     """Claim the folder (marker, run lock, --overwrite), plan once, write config.json, create the store."""
     check_model_fits(cfg, lm)  # layers and groups against the model, before tokenising
+    return claim_and_plan(cfg, layout, model_plan_builder(cfg, lm, progress), lm.identity, overwrite)
+
+
+def claim_and_plan(
+    cfg: PipelineConfig, layout: RunLayout, build: PlanBuilder, model: ModelIdentity, overwrite: bool
+) -> Run:
+    """The plan step of a direct harvest and of a derived run alike: claim, plan (with `build`),
+    config.json, the store."""
     with claim_run_dir(layout, cfg, overwrite):
-        plan = ensure_plan(cfg, lm, layout, progress)
+        plan = ensure_plan(layout, build)
         # prepare_run_dir checked before planning; a job of another config may have planned since
-        check_plan_matches(layout, plan, cfg, lm)
+        check_plan_matches(layout, plan, cfg, model)
         write_run_config(layout, cfg)
         ensure_store(layout, plan, cfg)
         layout.manifest.mkdir(exist_ok=True)
@@ -138,14 +146,14 @@ def ensure_store(layout: RunLayout, plan: Plan, cfg: PipelineConfig) -> Activati
     return store
 
 
-def check_plan_matches(layout: RunLayout, plan: Plan, cfg: PipelineConfig, lm: LoadedModel) -> None:
+def check_plan_matches(layout: RunLayout, plan: Plan, cfg: PipelineConfig, model: ModelIdentity) -> None:
     """Refuse to write shards for a plan made by another config or another model."""
     if plan.config_hash != cfg.identity_hash():
         raise RunDirError(
             f"{layout.plan} was made by config {plan.config_hash}, this command's is {cfg.identity_hash()}; "
             "use another --run-dir or pass --overwrite"
         )
-    lm.check_matches(plan.model)
+    check_same_model(plan.model, model)
 
 
 def recheck_done_shards(run: Run, shards: list[int]) -> list[int]:
@@ -171,7 +179,7 @@ def recheck_done_shards(run: Run, shards: list[int]) -> list[int]:
 def write_shards(run: Run, cfg: PipelineConfig, lm: LoadedModel, todo: list[int], progress: bool) -> Written:
     """Produce and commit the shards of `todo` that are not done yet, under the run lock (shared)."""
     with hold_run(run.layout):
-        check_plan_matches(run.layout, run.plan, cfg, lm)
+        check_plan_matches(run.layout, run.plan, cfg, lm.identity)
         todo = [s for s in todo if not run.shard_done(s)]
         if not todo:
             return Written([], 0)

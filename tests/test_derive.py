@@ -1,0 +1,60 @@
+"""A grouped run derived from an all-layers run equals a direct harvest of that grouping, byte for byte."""
+
+from __future__ import annotations
+
+import pytest
+from test_stored_bytes import run_digests
+
+from conftest import tiny_config
+from ghsae.errors import ConfigError
+from ghsae.harvest.derive import derive_run
+from ghsae.pipeline import harvest
+from ghsae.run import Run
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, tiny_llama, text_dataset, tiny_lm):
+    """An all-layers run of the tiny model (every layer a group of its own)."""
+    run = tmp_path_factory.mktemp("source") / "per-layer"
+    harvest(tiny_config(tiny_llama, text_dataset, **{"grouping.groups": "per-layer"}), run, progress=False, lm=tiny_lm)
+    return run
+
+
+def without_derivation_record(digests: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in digests.items() if k != "derived.json"}
+
+
+@pytest.mark.parametrize("groups", [[[0, 2], [3, 5]], 3, "auto"], ids=["ranges", "G=3", "auto"])
+def test_a_derived_run_equals_a_direct_harvest_of_the_same_grouping(
+    source, tiny_llama, text_dataset, tiny_lm, tmp_path, groups
+):
+    cfg = tiny_config(tiny_llama, text_dataset, **{"grouping.groups": groups})
+    derived = derive_run(source, cfg, tmp_path / "derived", progress=False)
+    harvest(cfg, tmp_path / "direct", progress=False, lm=tiny_lm)
+    direct = Run.open(tmp_path / "direct")
+    assert derived.plan.groups == direct.plan.groups and len(derived.plan.groups) > 1
+    got, want = run_digests(derived.root), run_digests(direct.root)
+    assert without_derivation_record(got) == want
+    assert "derived.json" in got
+    # the rows themselves, not only their hash: every group's activations come from the source
+    assert any(k.endswith("/acts") for k in want)
+
+
+def test_a_derivation_resumes_to_the_same_bytes(source, tiny_llama, text_dataset, tmp_path):
+    cfg = tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 2})
+    run = derive_run(source, cfg, tmp_path / "derived", progress=False)
+    before = without_derivation_record(run_digests(run.root))
+    run.forget_shard(1)  # as if killed before shard 1's record
+    (run.layout.stats).unlink()
+    derive_run(source, cfg, tmp_path / "derived", progress=False)
+    assert without_derivation_record(run_digests(run.root)) == before
+
+
+def test_a_source_that_cannot_give_the_rows_is_refused_with_the_reason(source, tiny_llama, text_dataset, tmp_path):
+    other_seed = tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 2, "harvest.seed": 5})
+    with pytest.raises(ConfigError, match=r"harvest.seed is 0 in the source, 5 here"):
+        derive_run(source, other_seed, tmp_path / "a", progress=False)
+    grouped = tmp_path / "grouped"
+    derive_run(source, tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 2}), grouped, progress=False)
+    with pytest.raises(ConfigError, match=r"is not an all-layers run \(harvest it with --groups per-layer\)"):
+        derive_run(grouped, tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 3}), tmp_path / "b", progress=False)
