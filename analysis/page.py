@@ -60,12 +60,19 @@ def _mean(by_layer: dict[int, dict], layers: list[int], key: str) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-
-
 def _spans_of(data: ReportData) -> list[tuple[str, list[int]]]:
-    """The two spans every headline is given over: all layers, and 0..L-2 (as the paper reports)."""
+    """The spans every headline is given over: all layers and 0..L-2 (as the paper reports), and,
+    with per-layer spot checks, the spot layers (the only ones a comparison can use)."""
     layers = list(data.plan.layers)
-    return [("all layers", layers), (f"layers {layers[0]}..{layers[-2]}", layers[:-1] or layers)]
+    out = [("all layers", layers), (f"layers {layers[0]}..{layers[-2]}", layers[:-1] or layers)]
+    if data.spot_checks:
+        out.append((f"spot layers {', '.join(map(str, data.compared_layers))}", data.compared_layers))
+    return out
+
+
+def _compared_spans(data: ReportData) -> list[tuple[str, list[int]]]:
+    """The spans over which both kinds have an SAE at every layer."""
+    return [(label, ls) for label, ls in _spans_of(data) if set(ls) <= set(data.compared_layers)]
 
 
 def headline(data: ReportData) -> list[dict]:
@@ -77,7 +84,8 @@ def headline(data: ReportData) -> list[dict]:
         by = data.rows(kind)
         if not by:
             continue
-        for label, ls in _spans_of(data):
+        spans_here = _spans_of(data) if kind is SAEKind.GROUP else _compared_spans(data)
+        for label, ls in spans_here:
             row = {"saes": kind.label, "over": label, **{k: _mean(by, ls, k) for k, _, _ in METRICS}}
             keys = [(by[x]["sae"], x) for x in ls if x in by]
             for k in WITH_SE:
@@ -85,7 +93,7 @@ def headline(data: ReportData) -> list[dict]:
             out.append(row)
     ours, theirs = data.rows(SAEKind.GROUP), data.rows(SAEKind.BASELINE)
     if ours and theirs:  # paired over the same eval contexts, so the error is that of the difference
-        for label, ls in _spans_of(data):
+        for label, ls in _compared_spans(data):
             both = [x for x in ls if x in ours and x in theirs]
             row = {"saes": "group − per-layer", "over": label}
             for k in WITH_SE:
@@ -117,12 +125,50 @@ def summary_section(data: ReportData) -> str:
         )
         + "</p>"
     ]
+    if base:
+        parts.append(gap_paragraph(data))
     heads = ["SAEs", "over"] + [h for _, h, _ in METRICS]
     parts.append(table(heads, [[r["saes"], r["over"]] + _cells(r) for r in headline(data)], "wide"))
     missing = [g for g in plan.group_names if g not in data.side.names]
     if missing:
         parts.append(f'<p class="warn">Partial report: no SAE for {", ".join(missing)}.</p>')
     return "".join(parts)
+
+
+def gap_paragraph(data: ReportData) -> str:
+    """The answer the page exists for: how much worse than per-layer SAEs, and how much cheaper."""
+    layers = data.compared_layers
+    ours, theirs, result, c = data.rows(SAEKind.GROUP), data.rows(SAEKind.BASELINE), data.result, data.compute
+    a = [(ours[x]["sae"], x) for x in layers]
+    b = [(theirs[x]["sae"], x) for x in layers]
+    parts = []
+    for k, label, spec in (("fvu", "FVU", "{:.3f}"), ("delta_ce_pct", "ΔCE %", "{:.2f}"), ("kl", "KL", "{:.3f}")):
+        g, g_se = result.mean_with_se(a, k)
+        p, p_se = result.mean_with_se(b, k)
+        d, d_se = result.difference_with_se(a, b, k)
+        rel = f", {100 * d / p:+.0f} % relative" if p else ""
+        parts.append(
+            f"{label} {pm(g, g_se, spec)} against {pm(p, p_se, spec)} (difference {pm(d, d_se, spec)}{rel})"
+        )
+    where = (
+        f"At the {len(layers)} spot-check layers ({', '.join(map(str, layers))}), where per-layer SAEs were trained "
+        "with the same tokens per SAE from the same harvest (spot checks, not a full baseline: the other layers have "
+        "none)"
+        if data.spot_checks
+        else f"Over all {len(layers)} layers, against a per-layer SAE at each"
+    )
+    storage = (
+        f"; the store is {c.per_layer_bytes_on_disk / c.bytes_on_disk:.1f}× smaller than the all-layers one (measured)"
+        if c.per_layer_bytes_on_disk and c.bytes_on_disk
+        else ""
+    )
+    return (
+        f'<p class="gap"><b>How much worse, how much cheaper.</b> {where}, the group SAEs reach '
+        + "; ".join(parts)
+        + f". They cost A + G·T = {fmt(c.grouped_total_seconds, '{:,.1f}')} s against A + L·T = "
+        f"{fmt(c.per_layer_total_seconds, '{:,.1f}')} s for per-layer SAEs at every layer ({c.per_layer_source}): "
+        f"<b>{c.speedup:.2f}× cheaper</b>{storage}. ± is one standard error over eval contexts, the difference paired.</p>"
+    )
 
 
 def evals_section(data: ReportData) -> str:
@@ -154,6 +200,16 @@ def evals_section(data: ReportData) -> str:
 def baseline_section(data: ReportData) -> str:
     layers, groups = list(data.plan.layers), [list(g) for g in data.plan.groups]
     parts = []
+    if data.spot_checks:
+        parts.append(
+            f"<p><b>Spot checks.</b> Per-layer SAEs at layers {', '.join(map(str, data.compared_layers))} "
+            "(the middle layer of each group unless <code>compare.spot_layers</code> says otherwise), trained on the "
+            "same tokens per SAE as the group SAEs. Every layer was harvested once "
+            f"(<code>{html.escape(str(data.base.run.root)) if data.base else ''}</code>) and this run's grouped store "
+            "derived from that harvest, byte for byte what a direct harvest stores; the per-layer SAEs train on it "
+            "directly. The other layers have no per-layer SAE: <code>compare.per_layer = \"all\"</code> (or "
+            "<code>ghsae sweep</code>) trains every one.</p>"
+        )
     fair = data.fairness
     if fair is not None:
         a, b = fair.eval_contexts
@@ -171,8 +227,9 @@ def baseline_section(data: ReportData) -> str:
     ours, theirs = data.rows(SAEKind.GROUP), data.rows(SAEKind.BASELINE)
     if not theirs:
         parts.append(
-            "<p>No baseline. Harvest the same model with <code>--groups per-layer</code>, fit it with the same "
-            "<code>fit.tokens</code>, and pass it as <code>ghsae report --baseline BASE_RUN</code>.</p>"
+            "<p>No per-layer SAEs to compare with. <code>ghsae run</code> trains spot checks by default "
+            "(<code>compare.per_layer</code>); or harvest the same model with <code>--groups per-layer</code>, fit it "
+            "with the same <code>fit.tokens</code>, and pass it as <code>ghsae report --baseline BASE_RUN</code>.</p>"
         )
         return "".join(parts)
     cmp_keys = ["fvu", "delta_ce_pct", "kl", "ce_score", "l0", "dead_pct"]
@@ -260,7 +317,14 @@ def clustering_section(data: ReportData) -> str:
 def compute_section(data: ReportData) -> str:
     c = data.compute
     mib = 2**20
-    return table(
+    note = ""
+    if c.derivation_seconds is not None:
+        note = (
+            "<p>This run's store was derived from a harvest of every layer, so no model ran for it: A is that "
+            "harvest's measured model pass, which a direct harvest of this grouping runs too (it writes "
+            f"1/|g| as much). Gathering its rows from the all-layers store took {c.derivation_seconds:,.1f} s.</p>"
+        )
+    return note + table(
         ["", "grouped (this run)", f"per-layer ({c.per_layer_source})"],
         [
             ["SAEs", str(c.groups), str(c.layers)],

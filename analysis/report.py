@@ -32,9 +32,9 @@ from ghsae.atomic import write_parquet_atomic, write_text_atomic
 from ghsae.config import PipelineConfig, ReportConfig
 from ghsae.errors import StoreError
 from ghsae.harvest import DISTANCES, amad, canonical_distance, complete_linkage, distance_matrix, solve
-from ghsae.layout import REPORT_METRICS, REPORT_PAGE, REPORT_SETTINGS, REPORT_SUMMARY, sae_training_metrics
+from ghsae.layout import REPORT_METRICS, REPORT_PAGE, REPORT_SETTINGS, REPORT_SUMMARY, RunLayout, sae_training_metrics
 from ghsae.lm import LoadedModel
-from ghsae.records import ReportSettings, save_record
+from ghsae.records import DerivedFrom, ReportSettings, load_record, save_record
 from ghsae.run import Run
 from ghsae.train import settings_mismatch
 
@@ -120,6 +120,7 @@ class ComputeAccount:
     per_layer_harvest_seconds: float | None
     per_layer_fit_seconds_per_sae: float
     per_layer_bytes_on_disk: int | None
+    derivation_seconds: float | None = None  # a derived run: gathering its rows from the all-layers run
 
     @property
     def grouped_total_seconds(self) -> float:
@@ -134,13 +135,31 @@ class ComputeAccount:
         return self.per_layer_total_seconds / max(self.grouped_total_seconds, 1e-9)
 
 
+def harvest_cost(run: Run) -> tuple[float | None, float | None]:
+    """(A, derivation seconds): the measured model pass behind a run's store. A derived run ran no
+    model: its A is the harvest of every layer it was derived from (a direct harvest of the grouping
+    runs the same forward pass), and the derivation's own seconds are given beside it."""
+    if not run.layout.derived_from.is_file():
+        return run.harvest_seconds(), None
+    derived = load_record(DerivedFrom, run.layout.derived_from)
+    source = Path(derived.source)
+    A = Run.open(source).harvest_seconds() if RunLayout(source).plan.is_file() else None
+    return A, derived.seconds
+
+
 def compute_account(side: ReportSide, base: ReportSide | None) -> ComputeAccount:
     info = side.run.info()
-    A = side.run.harvest_seconds()
+    A, derive_s = harvest_cost(side.run)
     T = float(np.mean(list(side.fit_seconds.values())))
+    L = len(side.run.plan.layers)
     if base is not None:
-        source = "measured on the baseline run"
         A_base, T_base = base.run.harvest_seconds(), float(np.mean(list(base.fit_seconds.values())))
+        n = len(base.targets)
+        source = (
+            "measured on the baseline run"
+            if n == L
+            else f"A measured; T measured on the {n} per-layer spot-check SAEs, times L = {L}"
+        )
         base_bytes: int | None = base.run.info().bytes_on_disk
     else:
         source, A_base, T_base, base_bytes = "estimated: same A, L SAEs at this run's measured T", A, T, None
@@ -158,6 +177,7 @@ def compute_account(side: ReportSide, base: ReportSide | None) -> ComputeAccount
         per_layer_harvest_seconds=A_base,
         per_layer_fit_seconds_per_sae=T_base,
         per_layer_bytes_on_disk=base_bytes,
+        derivation_seconds=derive_s,
     )
 
 
@@ -303,6 +323,17 @@ class ReportData:
         return self.side.run.plan
 
     @property
+    def compared_layers(self) -> list[int]:
+        """The layers with both a group SAE and a per-layer SAE (all of them, or the spot checks)."""
+        theirs = self.rows(SAEKind.BASELINE)
+        return [x for x in self.plan.layers if x in theirs and x in self.rows(SAEKind.GROUP)]
+
+    @property
+    def spot_checks(self) -> bool:
+        """The per-layer SAEs cover some layers only: the comparison is at those layers."""
+        return self.base is not None and len(self.compared_layers) < len(self.plan.layers)
+
+    @property
     def sides(self) -> list[ReportSide]:
         return [self.side] + ([self.base] if self.base else [])
 
@@ -325,14 +356,18 @@ def gather(
     *,
     allow_partial: bool = False,
     allow_unmatched: bool = False,
+    spot_checks: bool = False,
     progress: bool = True,
 ) -> ReportData:
-    """Measure every section of the report (the slow part: evals, dashboards, circuits)."""
+    """Measure every section of the report (the slow part: evals, dashboards, circuits).
+
+    spot_checks: the baseline is the run's own all-layers run (RUN/per-layer), with per-layer SAEs
+    at some layers only; the report compares at exactly those layers."""
     side = load_side(run, SAEKind.GROUP, allow_partial)
     base, fairness = None, None
     if baseline is not None:
         check_baseline_data(run, baseline)  # before loading any of its SAEs
-        base = load_side(baseline, SAEKind.BASELINE, allow_partial)
+        base = load_side(baseline, SAEKind.BASELINE, allow_partial or spot_checks)
         fairness = check_baseline_tokens(run, side.fit_tokens, baseline, base.fit_tokens, allow_unmatched)
     lm.check_matches(run.plan.model, fix=REPORT_MODEL_FIX)
     contexts = run.eval_contexts()

@@ -294,6 +294,31 @@ class ReportConfig:
             raise ConfigError(f"report.ce_tokens is {self.ce_tokens}; expected 0 (no CE evals) or more")
 
 
+COMPARISONS = ("none", "spot-checks", "all")
+
+
+@dataclass
+class CompareConfig:
+    per_layer: str = "spot-checks"
+    """Per-layer SAEs `ghsae run` trains beside the group SAEs, to measure what grouping costs: none,
+    spot-checks (at spot_layers, one per group by default) or all (every layer: the full baseline).
+    Either needs every layer's activations: they are harvested once into RUN/per-layer, and the
+    grouped store is derived from that harvest byte for byte, so the model runs once."""
+    spot_layers: list[int] = field(default_factory=list)
+    """Layers of the spot checks; empty: the middle layer of every group."""
+    max_source_bytes: int = 0
+    """Largest all-layers store the comparison may write, in bytes (0: only the free disk limits
+    it). Over it, `ghsae run` harvests the grouped run alone and says so."""
+
+    def __post_init__(self) -> None:
+        _check_choice("compare.per_layer", self.per_layer, COMPARISONS)
+        if self.max_source_bytes < 0 or any(layer < 0 for layer in self.spot_layers):
+            raise ConfigError(
+                f"compare.max_source_bytes ({self.max_source_bytes}) and compare.spot_layers ({self.spot_layers}) "
+                "must not be negative"
+            )
+
+
 @dataclass
 class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -303,6 +328,7 @@ class PipelineConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def __post_init__(self) -> None:
         ctx = self.data.context_length

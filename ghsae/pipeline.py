@@ -216,6 +216,10 @@ def report(
     """Evaluate the run's SAEs (and a baseline's) and write RUN/report/; returns that folder."""
     executor = executor or InProcess()
     check_report_inputs(Run.open(run_dir))
+    own = own_per_layer_run(run_dir)
+    if baseline is None:
+        baseline = own  # the per-layer SAEs of `ghsae run`'s comparison, when it made them
+    spot_checks = baseline is not None and own is not None and Path(baseline).resolve() == own.resolve()
     if baseline is not None:
         Run.open(baseline)  # a baseline that is not a run fails here, before the model load
     here = lm if executor.in_process else None
@@ -226,10 +230,19 @@ def report(
         str(baseline) if baseline is not None else None,
         allow_partial,
         allow_unmatched,
+        spot_checks,
         executor.task_progress(progress),
         here,
     )
     return Path(out)
+
+
+def own_per_layer_run(run_dir: str | Path) -> Path | None:
+    """RUN/per-layer when it holds trained per-layer SAEs (the comparison `ghsae run` makes)."""
+    path = RunLayout(Path(run_dir)).per_layer
+    if RunLayout(path).plan.is_file() and Run.open(path).trained_groups():
+        return path
+    return None
 
 
 def report_model(cfg: PipelineConfig, run: Run, lm: LoadedModel | None = None) -> LoadedModel:
@@ -244,6 +257,7 @@ def report_task(
     baseline: str | None,
     allow_partial: bool,
     allow_unmatched: bool,
+    spot_checks: bool,
     progress: bool,
     lm: LoadedModel | None = None,
 ) -> str:
@@ -258,6 +272,7 @@ def report_task(
         Run.open(baseline) if baseline is not None else None,
         allow_partial=allow_partial,
         allow_unmatched=allow_unmatched,
+        spot_checks=spot_checks,
         progress=progress,
     )
     return str(write_report(data, cfg))
@@ -277,13 +292,27 @@ def run_all(
     say: Callable[[str], None] = print,
 ) -> Path:
     """Harvest, fit every group's SAE, report; each stage resumes where it stopped. `say` gets one
-    line per stage."""
+    line per stage.
+
+    With compare.per_layer (the default: spot-checks), every layer is harvested once into
+    RUN/per-layer, RUN's grouped store is derived from it, per-layer SAEs are trained there at the
+    spot layers (or all), and the report sets them beside the group SAEs (ghsae/compare.py)."""
+    from ghsae import compare
     from ghsae.harvest.steps import summary_line
     from ghsae.train.fit import summary_lines
 
     executor = executor or InProcess()
-    say(summary_line(harvest(cfg, run_dir, executor, overwrite=overwrite, progress=progress)))
+    source = None
+    if cfg.compare.per_layer != "none" and baseline is None:
+        source = compare.harvest_once(cfg, run_dir, executor, overwrite=overwrite, progress=progress, say=say)
+    else:
+        say(summary_line(harvest(cfg, run_dir, executor, overwrite=overwrite, progress=progress)))
     for line in summary_lines(fit(cfg, run_dir, executor, overwrite=overwrite, progress=progress)):
         say(line)
+    if source is not None:
+        groups = compare.per_layer_groups(source, Run.open(run_dir), cfg)
+        source_cfg = compare.per_layer_config(cfg)
+        for line in summary_lines(fit(source_cfg, source.root, executor, groups=groups, overwrite=overwrite, progress=progress)):
+            say(f"per-layer {line}")
     return report(cfg, run_dir, executor, baseline=baseline, progress=progress)
 

@@ -22,6 +22,11 @@ def human(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system `path` is (or would be) on."""
+    return shutil.disk_usage(_existing(path)).free
+
+
 def require_free(path: Path, needed: int, what: str) -> None:
     """Refuse to start writing `needed` bytes under `path` when its file system has less free."""
     free = shutil.disk_usage(_existing(path)).free

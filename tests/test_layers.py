@@ -1,6 +1,7 @@
 """Which part of ghsae may import which (ARCHITECTURE.md, "Layers"), checked on every module's imports.
 
-    top        ghsae.pipeline, ghsae.executors, ghsae.cli, ghsae.__main__, ghsae (the public API)
+    top        ghsae.pipeline, ghsae.executors, ghsae.compare, ghsae.sweep, ghsae.cli, ghsae.__main__,
+               ghsae (the public API)
     stages     ghsae.harvest, ghsae.train, ghsae.analysis   (each: ground, store, run, itself, and
                                                              another stage only through its package)
     run        ghsae.run                                      (ground, store)
@@ -43,7 +44,7 @@ GROUND = {
     "ghsae.sae",
 }
 STAGES = ("ghsae.harvest", "ghsae.train", "ghsae.analysis")
-TOP = {"ghsae", "ghsae.pipeline", "ghsae.executors", "ghsae.cli", "ghsae.__main__"}
+TOP = {"ghsae", "ghsae.pipeline", "ghsae.executors", "ghsae.compare", "ghsae.sweep", "ghsae.cli", "ghsae.__main__"}
 
 
 def module_name(path: Path) -> str:

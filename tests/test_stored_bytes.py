@@ -40,7 +40,8 @@ EXPECTED = {  # recorded on main at 0ed3b33, before issue 11's reshape
     "acts.zarr/group_01/token": "e9561dfde2f18fea",
     "acts.zarr/group_01/zarr.json": "36615682d5be9646",
     "acts.zarr/zarr.json": "fe420b1b98976222",
-    "config.json": "b41a809844c507c6",
+    # config.json's resolved settings gained the [compare] section in issue 13 (its identity and hash did not)
+    "config.json": "66c041c28942ce8c",
     "ghsae-run.json": "ead602351bd5f4c2",
     "manifest/shard-00000.json": "9940ad7d3a3f7f25",
     "manifest/shard-00000.npz": "3467e59a69a2b60b",
@@ -84,7 +85,7 @@ EXPECTED_NOW = {
     "acts.zarr/group_01/token": "e9561dfde2f18fea",
     "acts.zarr/group_01/zarr.json": "36615682d5be9646",
     "acts.zarr/zarr.json": "fe420b1b98976222",
-    "config.json": "b41a809844c507c6",
+    "config.json": "66c041c28942ce8c",
     "ghsae-run.json": "ead602351bd5f4c2",
     "manifest/shard-00000.json": "f3501d2eb51ae579",
     "manifest/shard-00000.npz": "6c7a90299151fc8a",
