@@ -33,3 +33,21 @@ def table(headers: list[str], rows: list[list[str]], cls: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+table{border-collapse:collapse;margin:.8em 0;font-size:.85em}
+th,td{border:1px solid #ccc;padding:.2em .5em;text-align:right}
+th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
+table.wide{font-size:.75em}
+.gap{background:#f6f8fa;border-left:4px solid #1f77b4;padding:.5em .8em}
+img{max-width:100%;display:block;margin:.5em 0}
+section{border-top:2px solid #ddd;margin-top:2em}
+.small{color:#777;font-size:.85em} .warn{color:#a00}
+mark{background:#ffd54f;font-weight:bold}
+.ctx{font-family:ui-monospace,monospace;white-space:pre-wrap;font-size:.85em}
+.act{display:inline-block;min-width:3.5em;font-family:ui-monospace,monospace}
+ul.examples{list-style:none;padding-left:.5em}
+.dash{margin:0 0 1em .5em} svg.hist{display:block;border-bottom:1px solid #999}
+"""

@@ -14,7 +14,7 @@ from ghsae.analysis import plots
 from ghsae.analysis.circuit_report import render_section as circuit_section
 from ghsae.analysis.dashboards import report_block
 from ghsae.analysis.evals import WITH_SE
-from ghsae.analysis.html import fmt, img, pm, table
+from ghsae.analysis.html import CSS, fmt, img, pm, table
 from ghsae.analysis.rate import ratings_section
 from ghsae.analysis.report import ReportData, SAEKind
 from ghsae.layers import span, spans
@@ -386,7 +386,7 @@ def render_page(data: ReportData) -> str:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>ghsae report</title>"
-        f"<style>{_CSS}</style></head><body><h1>ghsae report</h1><p class='small'>written {stamp}</p>"
+        f"<style>{CSS}</style></head><body><h1>ghsae report</h1><p class='small'>written {stamp}</p>"
         f"<nav><ol>{toc}</ol></nav>{body}</body></html>"
     )
 
@@ -459,20 +459,3 @@ def render_summary(data: ReportData) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-_CSS = """
-body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
-table{border-collapse:collapse;margin:.8em 0;font-size:.85em}
-th,td{border:1px solid #ccc;padding:.2em .5em;text-align:right}
-th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
-table.wide{font-size:.75em}
-img{max-width:100%;display:block;margin:.5em 0}
-section{border-top:2px solid #ddd;margin-top:2em}
-.small{color:#777;font-size:.85em} .warn{color:#a00}
-mark{background:#ffd54f;font-weight:bold}
-.ctx{font-family:ui-monospace,monospace;white-space:pre-wrap;font-size:.85em}
-.act{display:inline-block;min-width:3.5em;font-family:ui-monospace,monospace}
-ul.examples{list-style:none;padding-left:.5em}
-.dash{margin:0 0 1em .5em} svg.hist{display:block;border-bottom:1px solid #999}
-"""

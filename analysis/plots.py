@@ -103,3 +103,74 @@ def training_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> bytes:
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     return _png(fig)
+
+
+SWEEP_COLOUR, AUTO_COLOUR = "#1f77b4", "#ff7f0e"
+
+
+def sweep_metric(
+    label: str,
+    n_groups: list[int],
+    seconds: list[float],
+    values: list[float],
+    errors: list[float],
+    auto: list[bool],
+    reference: tuple[float, float, float, int] | None,
+) -> bytes:
+    """A metric against G (left) and against compute A + G·T (right), ± one standard error; the
+    per-layer SAEs (value, error, seconds, L) as the reference; the AMAD-chosen G marked."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.2), sharey=True)
+    err = np.nan_to_num(np.asarray(errors, dtype=float))
+    for ax, x in ((left, n_groups), (right, seconds)):
+        ax.errorbar(x, values, yerr=err, fmt="o-", color=SWEEP_COLOUR, ms=4, capsize=3, label="group SAEs")
+        for xi, yi, is_auto in zip(x, values, auto):
+            if is_auto:
+                ax.plot([xi], [yi], marker="*", ms=14, color=AUTO_COLOUR, ls="none", label="G the AMAD rule picks")
+        ax.grid(alpha=0.3)
+    if reference is not None:
+        value, error, total, n_layers = reference
+        for ax in (left, right):
+            ax.axhline(value, color=BASE_COLOUR, ls="--", lw=1, label="per-layer SAEs")
+            if np.isfinite(error):
+                ax.axhspan(value - error, value + error, color=BASE_COLOUR, alpha=0.1)
+        left.plot([n_layers], [value], "s", color=BASE_COLOUR, ms=5)
+        right.plot([total], [value], "s", color=BASE_COLOUR, ms=5)
+    left.set_xlabel("G (number of groups; L = per-layer)")
+    right.set_xlabel("compute A + G·T (s, measured)")
+    left.set_ylabel(label)
+    left.legend(fontsize=7)
+    fig.suptitle(f"{label} against G and against compute", fontsize=10)
+    return _png(fig)
+
+
+def sweep_per_layer(label: str, layers: list[int], lines: dict[str, list[float]]) -> bytes:
+    """A metric at each layer, one line per grouping (per-layer dashed)."""
+    fig, ax = plt.subplots(figsize=(9.6, 3.2))
+    for name, values in lines.items():
+        style = dict(color=BASE_COLOUR, ls="--", lw=1.5) if name == "per-layer" else dict(lw=1)
+        ax.plot(layers, values, marker=".", ms=3, label=name, **style)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(label)
+    ax.set_title(f"{label} per layer, each grouping", fontsize=10)
+    ax.legend(fontsize=7, ncol=4)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def transfer_curves(scratch: dict[str, tuple], transfer: dict[str, tuple]) -> bytes:
+    """Training-batch FVU against tokens, from scratch and with transfer: thin per group (after the
+    first, which has nothing to transfer from), bold the mean."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    for curves, colour, label in ((scratch, BASE_COLOUR, "from scratch"), (transfer, SWEEP_COLOUR, "transfer")):
+        series = list(curves.values())[1:]
+        for tokens, fvu in series:
+            ax.plot(tokens, fvu, color=colour, alpha=0.25, lw=0.8)
+        if series:
+            n = min(len(f) for _, f in series)
+            ax.plot(series[0][0][:n], np.mean([f[:n] for _, f in series], axis=0), color=colour, lw=2, label=label)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("batch FVU")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)

@@ -309,6 +309,52 @@ def run_pipeline(
 
 
 @main.command()
+@config_option
+@click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="Sweep folder to create or resume.")
+@click.option(
+    "--groups",
+    "groupings",
+    default="2,3,4,6,8,auto,per-layer",
+    show_default=True,
+    help="Groupings to compare: numbers of groups, auto (the AMAD rule's G) and per-layer.",
+)
+@click.option("--model", help="Model folder, .gguf file, hub id or builtin:smollm2-135m.")
+@click.option("--dataset", help="Dataset file, folder or glob (.txt/.jsonl/.parquet) or builtin:python-docs.")
+@click.option("--tokens", type=int, help="Token positions to harvest (once, every layer).")
+@click.option("--fit-tokens", type=int, help="Training tokens per SAE, the same for every grouping (0: one pass).")
+@click.option("--transfer", default="", help="Groupings also trained with transfer from the previous group, e.g. G4,G8.")
+@click.option("--device", help="auto | cpu | cuda | cuda:N (every stage).")
+@click.option("--overwrite", is_flag=True, help="Replace a sweep in --run-dir of other groupings or settings.")
+@executor_options
+@progress_option
+@_user_errors
+def sweep(
+    config_path, run_dir, groupings, model, dataset, tokens, fit_tokens, transfer, device, overwrite, workers, scheduler,
+    no_progress,
+):  # fmt: skip
+    """Quality against compute: harvest every layer once, derive one run per G, train every grouping's SAEs
+    at equal tokens per SAE, and write SWEEP/report/sweep.html (the paper's figure for this model)."""
+    import time
+
+    from ghsae import pipeline
+    from ghsae import sweep as sweeps
+
+    _quiet_libraries(no_progress)
+    overrides = _data_overrides(model, dataset, tokens, None, device)
+    overrides.update({"fit.device": device, "report.device": device, "fit.tokens": fit_tokens})
+    cfg = pipeline.settings_for(None, config_path, overrides)
+    names = sweeps.parse_groupings(groupings)
+    transfers = [t.strip() for t in transfer.split(",") if t.strip()]
+    t0 = time.perf_counter()
+    with _executor(workers, scheduler, no_progress) as ex:
+        out = sweeps.sweep(
+            cfg, run_dir, ex, groupings=names, transfer=transfers, overwrite=overwrite, progress=not no_progress,
+            say=click.echo,
+        )  # fmt: skip
+    click.echo(f"sweep: {out / 'sweep.html'} ({time.perf_counter() - t0:,.0f} s in all)")
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @config_option
 @baseline_option

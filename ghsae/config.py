@@ -174,6 +174,7 @@ class StorageConfig:
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")  # kept in step with ghsae.sae.REGISTRY (tested)
 LR_DECAYS = ("none", "linear", "cosine")
 AUXK_NORMALISATIONS = ("total-variance", "error-variance")  # kept in step with ghsae.sae (tested)
+TRANSFERS = ("none", "previous-group")
 
 
 @dataclass
@@ -225,6 +226,10 @@ class FitConfig:
     """Seeds the SAE initialisation and the loader's order."""
     init_from: str = ""
     """Start from this trained SAE folder (transfer: Ghilardi et al., BlackboxNLP 2024) instead of random."""
+    transfer: str = added_later("none", before="none")
+    """none, or previous-group: each group's SAE starts from the previous group's trained SAE of the
+    same run (its weights; its own layers' normalisation), the groups trained in order; the first
+    group's starts from scratch (transfer between neighbouring layers, Ghilardi et al., BlackboxNLP 2024)."""
     device: str = runtime("auto")
     """auto (CUDA when present), cpu, cuda or cuda:N."""
 
@@ -232,6 +237,9 @@ class FitConfig:
         _check_choice("fit.architecture", self.architecture, ARCHITECTURES)
         _check_choice("fit.decay", self.decay, LR_DECAYS)
         _check_choice("fit.auxk_normalisation", self.auxk_normalisation, AUXK_NORMALISATIONS)
+        _check_choice("fit.transfer", self.transfer, TRANSFERS)
+        if self.transfer != "none" and self.init_from:
+            raise ConfigError("fit.transfer and fit.init_from both say where an SAE starts; set one of them")
         if self.dead_tokens < 0:
             raise ConfigError(f"fit.dead_tokens is {self.dead_tokens}; expected 0 (auto) or a positive token count")
         for name in ("expansion", "k", "batch_size", "checkpoint_tokens"):

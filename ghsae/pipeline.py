@@ -160,17 +160,10 @@ def fit(
         pick_device(cfg.fit.device, option="fit.device (--device)")  # a bad device fails before any work
     if check_fit_settings(run, cfg, overwrite) or run.fit_settings() is None:
         run.save_fit_settings(cfg)  # checked against the run's SAEs first, so never a refused fit's settings
-    return executor.map(
-        fit_task,
-        names,
-        cfg.to_dict(),
-        str(run_dir),
-        allow_partial,
-        overwrite,
-        executor.task_progress(progress),
-        desc="fit",
-        unit="SAE",
-    )
+    args = (cfg.to_dict(), str(run_dir), allow_partial, overwrite, executor.task_progress(progress))
+    if cfg.fit.transfer != "none":  # each group starts from the previous one's SAE: one after another
+        return [r for name in names for r in executor.map(fit_task, [name], *args, desc="fit", unit="SAE")]
+    return executor.map(fit_task, names, *args, desc="fit", unit="SAE")
 
 
 def fit_task(

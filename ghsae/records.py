@@ -6,6 +6,7 @@
     manifest/shard-N.json     ShardRecord      one done shard: rows, layer counts, checksums per group
     manifest/stats.json       RunStats         per-layer normalisation statistics over every shard
     derived.json              DerivedFrom      the all-layers run a derived run was gathered from
+    SWEEP/ghsae-sweep.json    SweepRecord      a sweep folder and its groupings
     saes/fit.json             FitSettings      the [fit] settings the run's SAEs are trained with
     saes/<group>/cfg.json     SAERecord        one SAE: its config, the fit settings and store it came from
     report/settings.json      ReportSettings   what the last report was made with
@@ -549,6 +550,33 @@ class DerivedFrom:
 
     def to_json(self) -> dict:
         return {"source": self.source, "source_config_hash": self.source_config_hash, "seconds": self.seconds}
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    """SWEEP/ghsae-sweep.json: this folder is a sweep (ghsae/sweep.py) of these groupings."""
+
+    format: str
+    version: int
+    groupings: tuple[str, ...]  # as given to --groups: numbers, auto, per-layer
+    config_hash: str  # the harvest identity of the sweep's config
+    created: float
+
+    @classmethod
+    def from_json(cls, obj: Any) -> SweepRecord:
+        obj = _check_version(obj, "ghsae-sweep.json")
+        return cls(
+            str(obj["format"]), int(obj["version"]), tuple(obj["groupings"]), str(obj["config_hash"]), float(obj["created"])
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "format": self.format,
+            "version": self.version,
+            "groupings": list(self.groupings),
+            "config_hash": self.config_hash,
+            "created": self.created,
+        }
 
 
 # --- the blind rating kit (analysis/rate.py) ---------------------------------------------------

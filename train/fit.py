@@ -216,8 +216,10 @@ def _train_group(
     )
     sae.set_normalisation(data.scale, data.mean)
     sae.to(device)
-    if fc.init_from:
-        _init_from(sae, Path(fc.init_from))
+    donor = transfer_source(run, fc, group)
+    if donor is not None:
+        _init_from(sae, donor)
+        sae.cfg.extra["init_from"] = str(donor)  # recorded in cfg.json with the SAE
     else:
         _init_b_dec(sae, loader)
     total = fc.tokens or loader.rows_per_epoch
@@ -263,6 +265,23 @@ def _init_b_dec(sae: SparseAutoencoder, loader: ActivationLoader) -> None:
     first = next(loader.batches(0), None)
     if first is not None:
         sae.b_dec.copy_(first.x.mean(dim=0))
+
+
+def transfer_source(run: Run, fc: FitConfig, group: str) -> Path | None:
+    """The trained SAE this group's starts from: fit.init_from, or with fit.transfer =
+    previous-group the previous group's of this run (None for the first group: from scratch)."""
+    if fc.init_from:
+        return Path(fc.init_from)
+    gi = run.plan.group_names.index(group)
+    if fc.transfer == "none" or gi == 0:
+        return None
+    previous = run.plan.group_names[gi - 1]
+    if not run.sae_trained(previous):
+        raise StoreError(
+            f"fit.transfer = previous-group: {group} starts from {previous}'s SAE, which is not trained; "
+            f"fit the groups in order (`ghsae fit --run-dir {run.root}` does)"
+        )
+    return run.layout.sae_dir(previous)
 
 
 @torch.no_grad()

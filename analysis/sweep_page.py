@@ -1,0 +1,222 @@
+"""The sweep's page: the paper's figure for this model, quality against G and against compute
+(A + G·T), per layer and averaged, the per-layer SAEs as the reference, the AMAD-chosen G marked,
+the speed-up and storage at each G; and, when the sweep trained transfer variants, FVU against
+training tokens with and without transfer."""
+
+from __future__ import annotations
+
+import html
+from datetime import UTC, datetime
+
+import numpy as np
+
+from ghsae.analysis import plots
+from ghsae.analysis.html import CSS, fmt, img, pm, table
+from ghsae.analysis.sweep import PAPER, Grouping, SweepData
+from ghsae.layers import spans
+
+METRICS = [("fvu", "FVU", "{:.3f}"), ("delta_ce_pct", "ΔCE %", "{:.2f}"), ("kl", "KL (nats)", "{:.3f}")]
+
+
+def _span_layers(data: SweepData) -> list[int]:
+    """Layers 0..L-2, as the paper averages (the last layer's ΔCE is the unembedding's own)."""
+    return data.layers[:-1] or data.layers
+
+
+def summary_rows(data: SweepData) -> list[dict]:
+    """One row per grouping: means over layers 0..L-2 with standard errors, the paired difference
+    from the per-layer SAEs, cost and storage."""
+    layers = _span_layers(data)
+    base = data.per_layer
+    L = len(data.layers)
+    per_layer_total = (data.harvest_seconds or 0.0) + L * base.fit_seconds if base else None
+    rows = []
+    for g in data.groupings:
+        keys = data.keys(g, layers)
+        row: dict = {"grouping": g, "total": data.total_seconds(g)}
+        for k, _, _ in METRICS:
+            row[k] = data.result.mean_with_se(keys, k)
+            if base is not None and g is not base:
+                row[f"{k}_diff"] = data.result.difference_with_se(keys, data.keys(base, layers), k)
+        row["speedup"] = per_layer_total / row["total"] if per_layer_total and row["total"] else None
+        row["storage_ratio"] = base.store_bytes / g.store_bytes if base and g.store_bytes else None
+        rows.append(row)
+    return rows
+
+
+def _name(g: Grouping) -> str:
+    return g.name + (" ★ (AMAD rule)" if g.auto else "")
+
+
+def table_section(data: SweepData) -> str:
+    rows = summary_rows(data)
+    base = data.per_layer
+    heads = ["grouping", "G", "groups", "AMAD"]
+    for _, label, _ in METRICS:
+        heads += [label, f"{label} − per-layer"]
+    heads += ["T per SAE (s)", "A + G·T (s)", "speed-up", "store", "B / token", "store ×"]
+    body = []
+    for r in rows:
+        g = r["grouping"]
+        cells = [html.escape(_name(g)), str(g.n_groups), spans(g.run.plan.groups), fmt(g.amad)]
+        for k, _, spec in METRICS:
+            cells.append(pm(*r[k], spec))
+            if f"{k}_diff" in r:
+                d, se = r[f"{k}_diff"]
+                ref = r[k][0] - d
+                rel = f" ({100 * d / ref:+.0f} %)" if ref else ""
+                cells.append(pm(d, se, spec) + rel)
+            else:
+                cells.append("reference" if g is base else "–")
+        cells += [
+            fmt(g.fit_seconds, "{:.1f}"),
+            fmt(r["total"], "{:,.0f}"),
+            fmt(r["speedup"], "{:.2f}×"),
+            fmt(g.store_bytes / 2**20, "{:,.0f} MiB"),
+            fmt(g.bytes_per_token, "{:,.0f}"),
+            fmt(r["storage_ratio"], "{:.1f}×"),
+        ]
+        body.append(cells)
+    return table(heads, body, "wide sweep")
+
+
+def figures_section(data: SweepData) -> str:
+    rows = [r for r in summary_rows(data) if not r["grouping"].transfer]
+    base = next((r for r in rows if r["grouping"] is data.per_layer), None)
+    grouped = [r for r in rows if r is not base]
+    grouped.sort(key=lambda r: r["grouping"].n_groups)
+    parts = []
+    for k, label, _ in METRICS:
+        png = plots.sweep_metric(
+            label,
+            [r["grouping"].n_groups for r in grouped],
+            [r["total"] for r in grouped],
+            [r[k][0] for r in grouped],
+            [r[k][1] for r in grouped],
+            auto=[r["grouping"].auto for r in grouped],
+            reference=(base[k][0], base[k][1], base["total"], len(data.layers)) if base else None,
+        )
+        parts.append(img(png, f"{label} against G and compute"))
+    for k, label, _ in METRICS:
+        lines = {}
+        for g in data.groupings:
+            if g.transfer:
+                continue
+            by = {r["layer"]: r.get(k) for r in data.result.rows if r["kind"] == g.name}
+            lines[g.name] = [by.get(x, np.nan) for x in data.layers]
+        parts.append(img(plots.sweep_per_layer(label, data.layers, lines), f"{label} per layer"))
+    return "".join(parts)
+
+
+def transfer_section(data: SweepData) -> str:
+    pairs = [(g, data.by_name(g.name.removesuffix("-transfer"))) for g in data.groupings if g.transfer]
+    if not pairs:
+        return (
+            "<p>No transfer variant in this sweep (<code>ghsae sweep --transfer G5,...</code> trains each named "
+            "grouping's SAEs once more, each started from the previous group's).</p>"
+        )
+    parts = [
+        "<p>Transfer (Ghilardi et al., BlackboxNLP 2024): the same store and settings, each group's SAE started from "
+        "the previous group's trained SAE instead of at random (the first group's from scratch). Curves: training-batch "
+        "FVU against tokens, thin per group, bold the mean over groups after the first. Tokens to match: the first "
+        "logged point where the transfer run's FVU (a running mean over 5 logged points) is at or below the "
+        "from-scratch run's final FVU (the mean of its last 5).</p>"
+    ]
+    rows = []
+    for tr, scratch in pairs:
+        if scratch is None:
+            continue
+        parts.append(img(plots.transfer_curves(data.curves[scratch.name], data.curves[tr.name]), f"transfer {scratch.name}"))
+        for t in tr.targets[1:]:
+            group = t.name.split("/")[-1]
+            s_tok, s_fvu = data.curves[scratch.name][f"{scratch.name}/{group}"]
+            t_tok, t_fvu = data.curves[tr.name][t.name]
+            target = float(np.mean(s_fvu[-5:]))
+            w = min(5, len(t_fvu))  # a running mean over the last w logged points
+            smooth = np.convolve(t_fvu, np.ones(w) / w, mode="valid")
+            hit = np.flatnonzero(smooth <= target)
+            at = int(t_tok[hit[0] + w - 1]) if hit.size else None
+            a = data.result.mean_with_se(data.keys(scratch, list(t.sae.cfg.layers)), "fvu")
+            b = data.result.mean_with_se(data.keys(tr, list(t.sae.cfg.layers)), "fvu")
+            rows.append(
+                [
+                    html.escape(f"{scratch.name} {group}"),
+                    f"{target:.3f}",
+                    f"{at:,} of {int(s_tok[-1]):,}" if at is not None else f"not within {int(t_tok[-1]):,}",
+                    pm(*a, "{:.3f}"),
+                    pm(*b, "{:.3f}"),
+                ]
+            )
+    parts.append(
+        table(
+            ["SAE", "final training FVU, from scratch", "tokens for transfer to match it", "eval FVU, scratch", "eval FVU, transfer"],
+            rows,
+        )
+    )
+    return "".join(parts)
+
+
+def render_sweep_page(data: SweepData) -> str:
+    base = data.per_layer
+    tokens = {g.tokens_per_sae for g in data.groupings}
+    first = data.groupings[0].run
+    res = data.result
+    intro = (
+        f"<p>Model <b>{html.escape(first.plan.model.source)}</b>, {len(data.layers)} layers. Every grouping's SAEs "
+        f"trained on <b>{', '.join(f'{t:,}' for t in sorted(tokens))}</b> tokens per SAE"
+        + (" (equal across groupings, from the SAEs' records)" if len(tokens) == 1 else " (<b>not equal</b>)")
+        + "; each layer of a group sees about T/|g| of them. All evaluated together on the same "
+        f"{res.eval_tokens:,} held-out tokens ({res.eval_contexts} contexts; spliced CE and KL on {res.ce_tokens:,} "
+        f"predictions in {res.ce_contexts} contexts), so the differences from the per-layer SAEs are paired. Means over "
+        f"layers {data.layers[0]}..{_span_layers(data)[-1]} (as the paper reports), ± one standard error over eval "
+        f"contexts. A = {fmt(data.harvest_seconds, '{:,.0f}')} s is the one measured model pass (every layer harvested "
+        "once, every grouping's store derived from it); T the measured training seconds per SAE of each grouping; "
+        "speed-up = (A + L·T<sub>per-layer</sub>) / (A + G·T); storage measured on disk.</p>"
+    )
+    paper = (
+        f"<p>The paper's {PAPER['model']} figures, from far longer training (hundreds of millions of tokens): per-layer "
+        f"FVU {PAPER['per-layer'][0]} and ΔCE {PAPER['per-layer'][1]} %, against {PAPER['grouped'][0]} and "
+        f"{PAPER['grouped'][1]} % at its chosen G = {PAPER['G']}.</p>"
+    )
+    if base is None:
+        intro += "<p class='warn'>No per-layer SAEs in this sweep: differences and speed-ups need them.</p>"
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    sections = [
+        ("table", "Quality, compute and storage at each G", intro + paper + table_section(data)),
+        ("figures", "Against G and against compute; per layer", figures_section(data)),
+        ("transfer", "Transfer between neighbouring groups", transfer_section(data)),
+    ]
+    body = "".join(f'<section id="{sid}"><h2>{html.escape(t)}</h2>{content}</section>' for sid, t, content in sections)
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>ghsae sweep</title>"
+        f"<style>{CSS}</style></head><body><h1>ghsae sweep: quality against compute</h1>"
+        f"<p class='small'>written {stamp}</p>{body}</body></html>"
+    )
+
+
+def render_sweep_summary(data: SweepData) -> str:
+    """The table as Markdown (what README and docs/results.md quote)."""
+    lines = [
+        f"# ghsae sweep: {data.groupings[0].run.plan.model.source}",
+        "",
+        f"Means over layers {data.layers[0]}..{_span_layers(data)[-1]}, ± one standard error over eval contexts; "
+        f"A = {fmt(data.harvest_seconds, '{:,.0f}')} s (one model pass).",
+        "",
+        "| grouping | G | tokens/SAE | FVU | Δ FVU vs per-layer | ΔCE % | Δ ΔCE % | KL | T/SAE (s) | A + G·T (s) | speed-up | B/token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in summary_rows(data):
+        g = r["grouping"]
+        diff = {k: pm(*r[f"{k}_diff"], spec) if f"{k}_diff" in r else "–" for k, _, spec in METRICS}
+        lines.append(
+            f"| {_name(g)} | {g.n_groups} | {g.tokens_per_sae:,} | {pm(*r['fvu'], '{:.3f}')} | {diff['fvu']} | "
+            f"{pm(*r['delta_ce_pct'], '{:.2f}')} | {diff['delta_ce_pct']} | {pm(*r['kl'], '{:.3f}')} | "
+            f"{g.fit_seconds:.1f} | {r['total']:,.0f} | {fmt(r['speedup'], '{:.2f}×')} | {fmt(g.bytes_per_token, '{:,.0f}')} |"
+        )
+    lines += [
+        "",
+        f"Paper, {PAPER['model']}: per-layer FVU {PAPER['per-layer'][0]} / ΔCE {PAPER['per-layer'][1]} %; "
+        f"G = {PAPER['G']}: {PAPER['grouped'][0]} / {PAPER['grouped'][1]} %.",
+        "",
+    ]
+    return "\n".join(lines)

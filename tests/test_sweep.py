@@ -1,0 +1,96 @@
+"""`ghsae sweep` on the tiny model: two groupings and per-layer from one harvest, at equal tokens per
+SAE, on one page with a figure per metric and a row per grouping, and one parquet of every row."""
+
+from __future__ import annotations
+
+from html.parser import HTMLParser
+
+import pyarrow.parquet as pq
+import pytest
+from runs import cli, small_config, write_config
+
+from ghsae.run import Run
+
+FIT = {"fit.expansion": 2, "fit.k": 4, "fit.batch_size": 64, "fit.tokens": 512, "fit.checkpoint_tokens": 512}
+REPORT = {"report.ce_tokens": 128}
+
+
+class Page(HTMLParser):
+    """The figures' alt texts and the sweep table's first cells."""
+
+    def __init__(self):
+        super().__init__()
+        self.alts: list[str] = []
+        self.rows: list[str] = []
+        self._in_sweep_table = self._first_cell = False
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.alts.append(a.get("alt", ""))
+        if tag == "table" and "sweep" in (a.get("class") or ""):
+            self._in_sweep_table = True
+        if tag == "tr" and self._in_sweep_table:
+            self._first_cell = True
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self._in_sweep_table = False
+
+    def handle_data(self, data):
+        if self._first_cell and data.strip():
+            self.rows.append(data.strip())
+            self._first_cell = False
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, tiny_llama, text_dataset):
+    root = tmp_path_factory.mktemp("sweep")
+    cfg = small_config(tiny_llama, text_dataset, **FIT, **REPORT)
+    args = ["sweep", "--config", write_config(root, cfg), "--run-dir", root / "sweep", "--no-progress"]
+    r = cli([*args, "--groups", "2,3,per-layer", "--transfer", "G2"])
+    assert r.exit_code == 0, r.output
+    return root / "sweep", r.output
+
+
+def test_a_sweep_builds_its_page_with_a_figure_per_metric_and_a_row_per_grouping(swept):
+    sweep_dir, output = swept
+    page = Page()
+    page.feed((sweep_dir / "report" / "sweep.html").read_text())
+    for metric in ("FVU", "ΔCE %", "KL (nats)"):
+        assert f"{metric} against G and compute" in page.alts
+        assert f"{metric} per layer" in page.alts
+    assert "transfer G2" in page.alts
+    # after the header row; the tiny model's probe makes the AMAD rule pick G = 2
+    assert page.rows[1:] == ["G2 ★ (AMAD rule)", "G2-transfer", "G3", "per-layer"], page.rows
+    assert "derived G2" in output and "derived G3" in output
+
+
+def test_the_sweeps_parquet_holds_every_grouping_sae_and_layer(swept):
+    sweep_dir, _ = swept
+    rows = pq.read_table(sweep_dir / "report" / "metrics.parquet").to_pylist()
+    keys = {(r["grouping"], r["group"], r["layer"]) for r in rows}
+    assert len(keys) == len(rows) == 4 * 6  # four groupings, each covering all 6 layers once
+    assert {r["grouping"] for r in rows} == {"G2", "G3", "G2-transfer", "per-layer"}
+    assert {r["n_groups"] for r in rows if r["grouping"] == "per-layer"} == {6}
+    assert all(r["fvu"] > 0 and r["total_seconds"] > 0 for r in rows)
+
+
+def test_every_grouping_trains_its_saes_on_the_same_tokens_per_sae(swept):
+    sweep_dir, _ = swept
+    tokens = set()
+    for name in ("G2", "G3", "G2-transfer", "per-layer"):
+        run = Run.open(sweep_dir / name)
+        tokens |= {run.sae_record(g).tokens for g in run.plan.group_names}
+    assert tokens == {512}
+
+
+def test_a_transfer_variant_starts_each_group_from_the_previous_one(swept):
+    sweep_dir, _ = swept
+    run = Run.open(sweep_dir / "G2-transfer")
+    assert "init_from" not in run.sae_record("group_00").sae["extra"]
+    assert run.sae_record("group_01").sae["extra"]["init_from"] == str(run.layout.sae_dir("group_00"))
+    # the transfer variant reads the G2 run's store through hard links: no bytes copied
+    a = (sweep_dir / "G2" / "acts.zarr" / "zarr.json").stat()
+    b = (sweep_dir / "G2-transfer" / "acts.zarr" / "zarr.json").stat()
+    assert a.st_ino == b.st_ino
