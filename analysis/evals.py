@@ -192,7 +192,10 @@ def evaluate(
     examples_per_latent: int = 5,
     seed: int = 0,
     progress: bool = True,
+    zero_ablation: bool = True,
 ) -> EvalResult:
+    """zero_ablation: also splice zeros in at each layer, the CE-loss score's floor (one more pass of
+    the later blocks per layer; the sweep, which reports no CE score, leaves it out)."""
     device = lm.device
     special = torch.tensor(sorted(special_ids), dtype=torch.long, device=device)
     layers = sorted({layer for t in targets for layer in t.sae.cfg.layers})
@@ -239,7 +242,7 @@ def evaluate(
             for layer in layers:
                 x = resid[layer][keep].float()
                 per_layer[layer].add_rows(row_ctx, x)
-                if ce is not None:
+                if ce is not None and zero_ablation:
                     per_layer[layer].ce[batch_ctx] = ce.spliced(layer, torch.zeros_like(x[:ce_rows]))[0]
                 for t in targets:
                     if layer not in t.sae.cfg.layers:
@@ -283,8 +286,6 @@ def evaluate(
                 infl.update(
                     delta_ce=ratio_influence(delta, clean.rows[c]),
                     delta_ce_pct=ratio_influence(100.0 * delta, clean.ce[c]),
-                    # score = 1 - sum(delta) / sum(zeroed - clean): minus that ratio's influence
-                    ce_score=-ratio_influence(delta, pl.ce[c] - clean.ce[c]),
                     kl=ratio_influence(ps.kl[c], clean.rows[c]),
                 )
                 row.update(
@@ -292,12 +293,14 @@ def evaluate(
                     ce_spliced=sae_ce,
                     delta_ce=sae_ce - clean_ce,
                     delta_ce_pct=100.0 * (sae_ce - clean_ce) / clean_ce,
-                    ce_zero_ablation=z_ce,
-                    ce_score=ce_loss_score(clean_ce, sae_ce, z_ce),
                     kl=float(ps.kl.sum()) / ce_tokens,
                     ce_predictions=ce_tokens,
                     ce_contexts=n_ce_ctx,
                 )
+                if zero_ablation:
+                    # score = 1 - sum(delta) / sum(zeroed - clean): minus that ratio's influence
+                    infl["ce_score"] = -ratio_influence(delta, pl.ce[c] - clean.ce[c])
+                    row.update(ce_zero_ablation=z_ce, ce_score=ce_loss_score(clean_ce, sae_ce, z_ce))
             row.update({f"{k}_se": standard_error(v) for k, v in infl.items()})
             influence[(t.name, layer)] = infl
             rows.append(row)

@@ -126,6 +126,7 @@ def gather_sweep(
         examples_per_latent=1,
         seed=cfg.fit.seed,
         progress=progress,
+        zero_ablation=False,  # the sweep shows no CE-loss score: a pass per layer saved
     )
     A = Run.open(source).harvest_seconds() if source is not None else first.harvest_seconds()
     curves = {
