@@ -43,6 +43,7 @@ class EvalTarget:
     name: str
     kind: str
     sae: SparseAutoencoder
+    spliced: bool = True  # also splice its reconstruction in for CE and KL (a pass of the later blocks per layer)
 
 
 @dataclass
@@ -256,7 +257,7 @@ def evaluate(
                         (x.double() - recon.double()).pow(2).sum(1).cpu().numpy(),
                     )
                     examples[t.name].add(z, coords_global, layer)
-                    if ce is not None:
+                    if ce is not None and t.spliced:
                         ce_ctx, kl_ctx = ce.spliced(layer, recon[:ce_rows])
                         per_sae[(t.name, layer)].ce[batch_ctx] = ce_ctx
                         per_sae[(t.name, layer)].kl[batch_ctx] = kl_ctx
@@ -278,7 +279,7 @@ def evaluate(
             ps, pl = per_sae[(t.name, layer)], per_layer[layer]
             infl = {"fvu": ratio_influence(ps.sq_err, pl.total_var())}
             row.update(eval_contexts=n_ctx)
-            if ce_tokens:
+            if ce_tokens and t.spliced:
                 sae_ce = float(ps.ce.sum()) / ce_tokens
                 z_ce = float(pl.ce.sum()) / ce_tokens
                 c = slice(0, n_ce_ctx)

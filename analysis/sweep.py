@@ -15,10 +15,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ghsae.analysis.evals import EvalResult, EvalTarget, evaluate
-from ghsae.atomic import write_parquet_atomic, write_text_atomic
+from ghsae.atomic import write_bytes_atomic, write_parquet_atomic, write_text_atomic
 from ghsae.config import PipelineConfig, ReportConfig
 from ghsae.errors import StoreError
-from ghsae.layout import sae_training_metrics
+from ghsae.layout import SWEEP_METRICS, SWEEP_PAGE, SWEEP_SUMMARY, SweepLayout, sae_training_metrics
 from ghsae.lm import LoadedModel
 from ghsae.run import Run
 
@@ -88,7 +88,8 @@ def load_grouping(name: str, run: Run, auto: bool) -> Grouping:
     targets, seconds, tokens = [], [], []
     for g in run.plan.group_names:
         record = run.sae_record(g)
-        targets.append(EvalTarget(f"{name}/{g}", name, run.sae(g)))
+        # a transfer variant is there for its FVU against training tokens: no CE passes for it
+        targets.append(EvalTarget(f"{name}/{g}", name, run.sae(g), spliced=not name.endswith(TRANSFER_SUFFIX)))
         seconds.append(record.seconds if record.seconds is not None else float("nan"))
         tokens.append(record.tokens)
     info = run.info()
@@ -165,11 +166,15 @@ def metric_rows(data: SweepData) -> list[dict]:
     return out
 
 
-def write_sweep(data: SweepData, out: Path) -> Path:
-    from ghsae.analysis.sweep_page import render_sweep_page, render_sweep_summary
+def write_sweep(data: SweepData, layout: SweepLayout) -> Path:
+    """report/: the page, its table as Markdown, every row as parquet, and each metric's figure as a PNG."""
+    from ghsae.analysis.sweep_page import METRICS, metric_figure, render_sweep_page, render_sweep_summary
 
+    out = layout.report
     out.mkdir(parents=True, exist_ok=True)
-    write_parquet_atomic(out / "metrics.parquet", metric_rows(data))
-    write_text_atomic(out / "sweep.html", render_sweep_page(data))
-    write_text_atomic(out / "summary.md", render_sweep_summary(data))
+    write_parquet_atomic(out / SWEEP_METRICS, metric_rows(data))
+    write_text_atomic(out / SWEEP_PAGE, render_sweep_page(data))
+    write_text_atomic(out / SWEEP_SUMMARY, render_sweep_summary(data))
+    for key, label, _ in METRICS:
+        write_bytes_atomic(layout.figure(key), metric_figure(data, key, label))
     return out

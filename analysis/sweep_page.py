@@ -80,23 +80,24 @@ def table_section(data: SweepData) -> str:
     return table(heads, body, "wide sweep")
 
 
-def figures_section(data: SweepData) -> str:
+def metric_figure(data: SweepData, key: str, label: str) -> bytes:
+    """One metric against G and against compute, the per-layer SAEs as the reference line."""
     rows = [r for r in summary_rows(data) if not r["grouping"].transfer]
     base = next((r for r in rows if r["grouping"] is data.per_layer), None)
-    grouped = [r for r in rows if r is not base]
-    grouped.sort(key=lambda r: r["grouping"].n_groups)
-    parts = []
-    for k, label, _ in METRICS:
-        png = plots.sweep_metric(
-            label,
-            [r["grouping"].n_groups for r in grouped],
-            [r["total"] for r in grouped],
-            [r[k][0] for r in grouped],
-            [r[k][1] for r in grouped],
-            auto=[r["grouping"].auto for r in grouped],
-            reference=(base[k][0], base[k][1], base["total"], len(data.layers)) if base else None,
-        )
-        parts.append(img(png, f"{label} against G and compute"))
+    grouped = sorted((r for r in rows if r is not base), key=lambda r: r["grouping"].n_groups)
+    return plots.sweep_metric(
+        label,
+        [r["grouping"].n_groups for r in grouped],
+        [r["total"] for r in grouped],
+        [r[key][0] for r in grouped],
+        [r[key][1] for r in grouped],
+        auto=[r["grouping"].auto for r in grouped],
+        reference=(base[key][0], base[key][1], base["total"], len(data.layers)) if base else None,
+    )
+
+
+def figures_section(data: SweepData) -> str:
+    parts = [img(metric_figure(data, k, label), f"{label} against G and compute") for k, label, _ in METRICS]
     for k, label, _ in METRICS:
         lines = {}
         for g in data.groupings:

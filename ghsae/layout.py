@@ -200,6 +200,41 @@ SAE_FILES = (SAE_WEIGHTS, SAE_CONFIG, CHECKPOINT, TRAINING_METRICS)
 """Every file ghsae writes in an SAE folder (what `fit --overwrite` removes, and nothing else)."""
 
 
+# --- a sweep folder (ghsae/sweep.py) ---------------------------------------------------------------
+
+SWEEP_MARKER = "ghsae-sweep.json"
+SWEEP_PAGE = "sweep.html"
+SWEEP_METRICS = "metrics.parquet"  # one row per (grouping, SAE, layer)
+SWEEP_SUMMARY = "summary.md"
+
+
+@dataclass(frozen=True)
+class SweepLayout:
+    """SWEEP/ghsae-sweep.json, SWEEP/per-layer/ (the all-layers run), SWEEP/G<n>/ and
+    SWEEP/G<n>-transfer/ (derived runs), SWEEP/report/ (the page, its figures, the parquet)."""
+
+    root: Path
+
+    @property
+    def marker(self) -> Path:
+        return self.root / SWEEP_MARKER
+
+    @property
+    def per_layer(self) -> Path:
+        return self.root / PER_LAYER_DIR
+
+    def grouping(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def report(self) -> Path:
+        return self.root / REPORT_DIR
+
+    def figure(self, metric: str) -> Path:
+        """A metric's figure against G and compute, as a PNG beside the page (for docs to quote)."""
+        return self.report / f"{metric}.png"
+
+
 def saelens_folder(out: Path, layer: int, width: int) -> Path:
     """OUT/layer_XX: one SAELens folder per layer, numbered to the width of the deepest layer."""
     return out / f"layer_{layer:0{width}d}"

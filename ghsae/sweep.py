@@ -33,7 +33,7 @@ from ghsae.executors import Executor, InProcess
 from ghsae.harvest import canonical_distance, distance_matrix, solve
 from ghsae.harvest.derive import derive_run
 from ghsae.harvest.steps import summary_line
-from ghsae.layout import RUN_FORMAT_VERSION, SAES_DIR, RunLayout
+from ghsae.layout import LOCKS_DIR, REPORT_DIR, RUN_FORMAT_VERSION, SAES_DIR, RunLayout, SweepLayout
 from ghsae.records import SweepRecord, load_record, save_record
 from ghsae.run import Run
 from ghsae.space import free_bytes, human
@@ -41,7 +41,6 @@ from ghsae.train.fit import summary_lines
 
 log = logging.getLogger(__name__)
 
-SWEEP_MARKER = "ghsae-sweep.json"
 SWEEP_FORMAT = "ghsae-sweep"
 PER_LAYER = "per-layer"
 DEFAULT_GROUPINGS = "2,3,4,6,8,auto,per-layer"
@@ -74,9 +73,9 @@ def auto_groups(source: Run, cfg: PipelineConfig) -> int:
     return solve(dist, cfg.grouping.method, cfg.grouping.objective).auto_groups(cfg.grouping.amad_threshold)
 
 
-def open_sweep(root: Path, cfg: PipelineConfig, groupings: list[str], overwrite: bool) -> SweepRecord:
+def open_sweep(layout: SweepLayout, cfg: PipelineConfig, groupings: list[str], overwrite: bool) -> SweepRecord:
     """Claim the sweep folder (its record first), or resume one made with the same groupings."""
-    marker = root / SWEEP_MARKER
+    root, marker = layout.root, layout.marker
     record = SweepRecord(SWEEP_FORMAT, RUN_FORMAT_VERSION, tuple(groupings), cfg.identity_hash(), time.time())
     if marker.is_file():
         old = load_record(SweepRecord, marker, fix=f"delete {marker} only if {root} is not a sweep")
@@ -88,10 +87,10 @@ def open_sweep(root: Path, cfg: PipelineConfig, groupings: list[str], overwrite:
         if (old.groupings, old.config_hash) == (record.groupings, record.config_hash):
             return old
     elif root.is_dir() and any(root.iterdir()):
-        raise RunDirError(f"{root} is not empty and holds no {SWEEP_MARKER}: not a sweep folder; choose a new --run-dir")
+        raise RunDirError(f"{root} is not empty and holds no {marker.name}: not a sweep folder; choose a new --run-dir")
     if overwrite and marker.is_file():
         for child in root.iterdir():
-            if child.name == SWEEP_MARKER or (child / "ghsae-run.json").is_file() or child.name == "report":
+            if child == marker or RunLayout(child).marker.is_file() or child == layout.report:
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
     root.mkdir(parents=True, exist_ok=True)
     save_record(marker, record)
@@ -114,10 +113,11 @@ def sweep(
     sweep's page. Each step resumes where it stopped. `transfer`: groupings also trained with
     fit.transfer = previous-group, for the FVU-against-tokens comparison."""
     executor = executor or InProcess()
-    root = Path(sweep_dir)
-    open_sweep(root, cfg, groupings, overwrite)
+    layout = SweepLayout(Path(sweep_dir))
+    root = layout.root
+    open_sweep(layout, cfg, groupings, overwrite)
     wanted = {t if t.startswith("G") or t in ("auto", PER_LAYER) else f"G{t}" for t in transfer or []}
-    source_dir = root / PER_LAYER
+    source_dir = layout.per_layer
     source_cfg = per_layer_config(cfg)
     pipeline.harvest(source_cfg, source_dir, executor, plan_only=True, progress=progress)
     needed = all_layers_bytes(Run.open(source_dir).plan)
@@ -136,13 +136,13 @@ def sweep(
         )
         shutil.rmtree(source_dir)
         for name, g in _resolved(groupings, None, cfg).items():
-            runs[name] = root / name
+            runs[name] = layout.grouping(name)
             say(summary_line(pipeline.harvest(grouping_config(cfg, g), runs[name], executor, progress=progress)))
     else:
         say(summary_line(pipeline.harvest(source_cfg, source_dir, executor, progress=progress)))
         source = Run.open(source_dir)
         for name, g in _resolved(groupings, source, cfg).items():
-            runs[name] = root / name
+            runs[name] = layout.grouping(name)
             derive_run(source_dir, grouping_config(cfg, g), runs[name], progress=progress)
             say(f"derived {name} from {source_dir} (no model)")
         if PER_LAYER in groupings:
@@ -155,7 +155,7 @@ def sweep(
         for line in summary_lines(pipeline.fit(g_cfg, path, executor, progress=progress)):
             say(f"{name} {line}")
         if name in wanted:
-            linked = root / f"{name}-transfer"
+            linked = layout.grouping(f"{name}-transfer")
             link_run(path, linked)
             for line in summary_lines(pipeline.fit(transfer_config(g_cfg), linked, executor, progress=progress)):
                 say(f"{name}-transfer {line}")
@@ -164,7 +164,7 @@ def sweep(
 
     lm = Run.open(next(iter(runs.values()))).model(cfg.report.device, cfg.model.dtype)
     data = gather_sweep(cfg, runs, lm, auto=auto, source=source_dir if source_dir.is_dir() else None, progress=progress)
-    return write_sweep(data, root / "report")
+    return write_sweep(data, layout)
 
 
 def _resolved(groupings: list[str], source: Run | None, cfg: PipelineConfig) -> dict[str, int]:
@@ -200,7 +200,7 @@ def link_run(source: Path, target: Path) -> None:
         return
     staging = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    ignore = shutil.ignore_patterns(SAES_DIR, "report", ".locks")
+    ignore = shutil.ignore_patterns(SAES_DIR, REPORT_DIR, LOCKS_DIR)
     shutil.copytree(source, staging, copy_function=_link_or_copy, ignore=ignore)
     os.replace(staging, target)
     RunLayout(target).locks.mkdir(exist_ok=True)

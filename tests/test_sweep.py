@@ -64,6 +64,8 @@ def test_a_sweep_builds_its_page_with_a_figure_per_metric_and_a_row_per_grouping
     # after the header row; the tiny model's probe makes the AMAD rule pick G = 2
     assert page.rows[1:] == ["G2 ★ (AMAD rule)", "G2-transfer", "G3", "per-layer"], page.rows
     assert "derived G2" in output and "derived G3" in output
+    for key in ("fvu", "delta_ce_pct", "kl"):  # each figure also as a PNG beside the page, for docs to quote
+        assert (sweep_dir / "report" / f"{key}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_the_sweeps_parquet_holds_every_grouping_sae_and_layer(swept):

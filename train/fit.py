@@ -306,7 +306,7 @@ def _init_from(sae: SparseAutoencoder, folder: Path) -> None:
 
 def summary_lines(results: list[FitResult]) -> list[str]:
     return [
-        f"{r.group} (layers {span(r.layers)}): {r.tokens:,} tokens, {r.steps} steps, "
+        f"{r.group} ({'layers' if len(r.layers) > 1 else 'layer'} {span(r.layers)}): {r.tokens:,} tokens, {r.steps} steps, "
         f"final batch FVU {r.final_fvu:.3f} -> {r.folder}"
         if r.final_fvu is not None
         else f"{r.group}: already trained with these settings on this store ({r.steps} steps); nothing to do"
