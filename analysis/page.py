@@ -150,12 +150,17 @@ def gap_paragraph(data: ReportData) -> str:
         parts.append(
             f"{label} {pm(g, g_se, spec)} against {pm(p, p_se, spec)} (difference {pm(d, d_se, spec)}{rel})"
         )
+    same = []
+    if data.fairness is not None and data.fairness.matched:
+        same.append("the same tokens per SAE")
+    if data.own_baseline:
+        same.append("the same harvest")
+    trained = f", where per-layer SAEs were trained with {' and '.join(same)}" if same else ""
     where = (
-        f"At the {len(layers)} spot-check layers ({', '.join(map(str, layers))}), where per-layer SAEs were trained "
-        "with the same tokens per SAE from the same harvest (spot checks, not a full baseline: the other layers have "
-        "none)"
+        f"At the {len(layers)} spot-check layers ({', '.join(map(str, layers))}){trained} (spot checks, not a full "
+        "baseline: the other layers have none)"
         if data.spot_checks
-        else f"Over all {len(layers)} layers, against a per-layer SAE at each"
+        else f"Over all {len(layers)} layers, against a per-layer SAE at each{trained}"
     )
     storage = (
         f"; the store is {c.per_layer_bytes_on_disk / c.bytes_on_disk:.1f}× smaller than the all-layers one (measured)"
@@ -167,7 +172,8 @@ def gap_paragraph(data: ReportData) -> str:
         + "; ".join(parts)
         + f". They cost A + G·T = {fmt(c.grouped_total_seconds, '{:,.1f}')} s against A + L·T = "
         f"{fmt(c.per_layer_total_seconds, '{:,.1f}')} s for per-layer SAEs at every layer ({c.per_layer_source}): "
-        f"<b>{c.speedup:.2f}× cheaper</b>{storage}. ± is one standard error over eval contexts, the difference paired.</p>"
+        + (f"<b>{c.speedup:.2f}× cheaper</b>" if c.speedup is not None else "speed-up unknown (a harvest time is missing)")
+        + f"{storage}. ± is one standard error over eval contexts, the difference paired.</p>"
     )
 
 
@@ -201,15 +207,25 @@ def baseline_section(data: ReportData) -> str:
     layers, groups = list(data.plan.layers), [list(g) for g in data.plan.groups]
     parts = []
     if data.spot_checks:
-        parts.append(
-            f"<p><b>Spot checks.</b> Per-layer SAEs at layers {', '.join(map(str, data.compared_layers))} "
-            "(the middle layer of each group unless <code>compare.spot_layers</code> says otherwise), trained on the "
-            "same tokens per SAE as the group SAEs. Every layer was harvested once "
-            f"(<code>{html.escape(str(data.base.run.root)) if data.base else ''}</code>) and this run's grouped store "
-            "derived from that harvest, byte for byte what a direct harvest stores; the per-layer SAEs train on it "
-            "directly. The other layers have no per-layer SAE: <code>compare.per_layer = \"all\"</code> (or "
-            "<code>ghsae sweep</code>) trains every one.</p>"
-        )
+        layers_text = ", ".join(map(str, data.compared_layers))
+        if data.own_baseline and data.base is not None:
+            derived = data.side.run.layout.derived_from.is_file()
+            origin = (
+                "this run's grouped store was derived from that harvest, byte for byte what a direct harvest stores"
+                if derived
+                else "this run was harvested directly before, so that harvest was a second model pass"
+            )
+            parts.append(
+                f"<p><b>Spot checks.</b> Per-layer SAEs at layers {layers_text} (the middle layer of each group "
+                "unless <code>compare.spot_layers</code> says otherwise), from every layer harvested once into "
+                f"<code>{html.escape(str(data.base.run.root))}</code>; {origin}. The other layers have no per-layer "
+                "SAE: <code>compare.per_layer = \"all\"</code> (or <code>ghsae sweep</code>) trains every one.</p>"
+            )
+        else:
+            parts.append(
+                f"<p><b>Partial baseline.</b> The baseline has per-layer SAEs at layers {layers_text} only; the "
+                "comparison is at those layers.</p>"
+            )
     fair = data.fairness
     if fair is not None:
         a, b = fair.eval_contexts
@@ -453,8 +469,8 @@ def render_summary(data: ReportData) -> str:
     lines += [
         "",
         f"Compute: A = {fmt(c.harvest_seconds, '{:.1f}')} s, T = {c.fit_seconds_per_sae:.1f} s per SAE; "
-        f"A + G·T = {c.grouped_total_seconds:.1f} s against A + L·T = {c.per_layer_total_seconds:.1f} s "
-        f"({c.per_layer_source}): {c.speedup:.2f}x. Storage {c.bytes_per_token or 0:,.0f} B/token against "
+        f"A + G·T = {fmt(c.grouped_total_seconds, '{:.1f}')} s against A + L·T = "
+        f"{fmt(c.per_layer_total_seconds, '{:.1f}')} s ({c.per_layer_source}): {fmt(c.speedup, '{:.2f}x')}. Storage {c.bytes_per_token or 0:,.0f} B/token against "
         f"{c.per_layer_bytes_per_token:,} for every layer.",
         "",
     ]

@@ -123,28 +123,33 @@ class ComputeAccount:
     derivation_seconds: float | None = None  # a derived run: gathering its rows from the all-layers run
 
     @property
-    def grouped_total_seconds(self) -> float:
-        return (self.harvest_seconds or 0.0) + self.groups * self.fit_seconds_per_sae
+    def grouped_total_seconds(self) -> float | None:
+        if self.harvest_seconds is None:
+            return None  # not measured: unknown, not zero
+        return self.harvest_seconds + self.groups * self.fit_seconds_per_sae
 
     @property
-    def per_layer_total_seconds(self) -> float:
-        return (self.per_layer_harvest_seconds or 0.0) + self.layers * self.per_layer_fit_seconds_per_sae
+    def per_layer_total_seconds(self) -> float | None:
+        if self.per_layer_harvest_seconds is None:
+            return None
+        return self.per_layer_harvest_seconds + self.layers * self.per_layer_fit_seconds_per_sae
 
     @property
-    def speedup(self) -> float:
-        return self.per_layer_total_seconds / max(self.grouped_total_seconds, 1e-9)
+    def speedup(self) -> float | None:
+        a, b = self.grouped_total_seconds, self.per_layer_total_seconds
+        return b / max(a, 1e-9) if a is not None and b is not None else None
 
 
 def harvest_cost(run: Run) -> tuple[float | None, float | None]:
     """(A, derivation seconds): the measured model pass behind a run's store. A derived run ran no
     model: its A is the harvest of every layer it was derived from (a direct harvest of the grouping
-    runs the same forward pass), and the derivation's own seconds are given beside it."""
+    runs the same forward pass), and its own plan and shard seconds are the derivation's. A is None
+    when the source is gone (the page then says unknown, never 0)."""
     if not run.layout.derived_from.is_file():
         return run.harvest_seconds(), None
-    derived = load_record(DerivedFrom, run.layout.derived_from)
-    source = Path(derived.source)
+    source = load_record(DerivedFrom, run.layout.derived_from).source_path(run.root)
     A = Run.open(source).harvest_seconds() if RunLayout(source).plan.is_file() else None
-    return A, derived.seconds
+    return A, run.harvest_seconds()
 
 
 def compute_account(side: ReportSide, base: ReportSide | None) -> ComputeAccount:
@@ -317,6 +322,7 @@ class ReportData:
     circuits: CircuitReport | None = None
     dashboards: dict[tuple[str, int], list[LatentView]] = field(default_factory=dict)
     ratings: list[Score] | None = None
+    own_baseline: bool = False  # the baseline is this run's own all-layers harvest (RUN/per-layer)
 
     @property
     def plan(self):
@@ -409,6 +415,7 @@ def gather(
         circuits=circuits,
         dashboards=report_views(lm, contexts, special, targets, result.examples, rc),
         ratings=load_scores(run.layout),
+        own_baseline=spot_checks,
     )
 
 

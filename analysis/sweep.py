@@ -8,6 +8,9 @@ same held-out tokens (so differences are paired), with each grouping's measured 
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,11 +21,21 @@ from ghsae.analysis.evals import EvalResult, EvalTarget, evaluate
 from ghsae.atomic import write_bytes_atomic, write_parquet_atomic, write_text_atomic
 from ghsae.config import PipelineConfig, ReportConfig
 from ghsae.errors import StoreError
-from ghsae.layout import SWEEP_METRICS, SWEEP_PAGE, SWEEP_SUMMARY, SweepLayout, sae_training_metrics
+from ghsae.layout import (
+    PER_LAYER_DIR,
+    SWEEP_METRICS,
+    SWEEP_PAGE,
+    SWEEP_SUMMARY,
+    SweepLayout,
+    sae_training_metrics,
+    sae_weights,
+)
 from ghsae.lm import LoadedModel
 from ghsae.run import Run
 
-PER_LAYER = "per-layer"
+log = logging.getLogger(__name__)
+
+PER_LAYER = PER_LAYER_DIR  # the per-layer grouping is the sweep's all-layers run
 TRANSFER_SUFFIX = "-transfer"
 # The paper's Pythia-160M figures (Ghilardi et al. 2025; mean over layers 0..L-2), far longer training.
 PAPER = {"model": "Pythia-160M", "per-layer": (0.097, 5.33), "G": 6, "grouped": (0.108, 6.01)}
@@ -39,6 +52,7 @@ class Grouping:
     tokens_per_sae: int
     store_bytes: int  # its activation store on disk (measured)
     bytes_per_token: float | None
+    own_harvest_seconds: float | None  # its own store's harvest (a derived run's: the derivation)
     auto: bool = False  # the G the AMAD rule picks
 
     @property
@@ -59,7 +73,7 @@ class SweepData:
     groupings: list[Grouping]
     result: EvalResult
     layers: list[int]
-    harvest_seconds: float | None  # A: the one model pass (the all-layers harvest), measured
+    harvest_seconds: float | None  # A: the one model pass (the all-layers harvest), None when each grouping had its own
     settings: ReportConfig
     curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     """grouping -> SAE name -> (training tokens, batch FVU): the transfer comparison's curves."""
@@ -76,9 +90,19 @@ class SweepData:
         serving = {layer: t.name for t in g.targets for layer in t.sae.cfg.layers}
         return [(serving[x], x) for x in layers if x in serving]
 
-    def total_seconds(self, g: Grouping) -> float:
-        """A + G·T with the measured A (the one harvest) and this grouping's measured T."""
-        return (self.harvest_seconds or 0.0) + g.n_groups * g.fit_seconds
+    @property
+    def one_harvest(self) -> bool:
+        """Every grouping's store came from the one all-layers harvest (else each had its own)."""
+        return self.harvest_seconds is not None
+
+    def harvest_of(self, g: Grouping) -> float | None:
+        """A for grouping g: the one harvest's, or its own when the sweep harvested each directly."""
+        return self.harvest_seconds if self.one_harvest else g.own_harvest_seconds
+
+    def total_seconds(self, g: Grouping) -> float | None:
+        """A + G·T with the measured A and this grouping's measured T (None when A is not recorded)."""
+        A = self.harvest_of(g)
+        return A + g.n_groups * g.fit_seconds if A is not None else None
 
 
 def load_grouping(name: str, run: Run, auto: bool) -> Grouping:
@@ -93,7 +117,17 @@ def load_grouping(name: str, run: Run, auto: bool) -> Grouping:
         seconds.append(record.seconds if record.seconds is not None else float("nan"))
         tokens.append(record.tokens)
     info = run.info()
-    return Grouping(name, run, targets, float(np.mean(seconds)), int(np.mean(tokens)), info.bytes_on_disk, info.bytes_per_token, auto)
+    return Grouping(
+        name,
+        run,
+        targets,
+        float(np.mean(seconds)),
+        int(np.mean(tokens)),
+        info.bytes_on_disk,
+        info.bytes_per_token,
+        run.harvest_seconds(),
+        auto,
+    )
 
 
 def gather_sweep(
@@ -103,9 +137,14 @@ def gather_sweep(
     *,
     auto: str | None,
     source: Path | None,
+    cache: Path | None = None,
     progress: bool = True,
 ) -> SweepData:
-    """Evaluate every grouping's SAEs in one pass over the held-out tokens of the sweep's token stream."""
+    """Evaluate every grouping's SAEs in one pass over the held-out tokens of the sweep's token stream
+    (read back from `cache` when it holds the evaluation of exactly these SAEs and settings).
+
+    source: the all-layers run every store was derived from (its harvest is A), or None when each
+    grouping was harvested directly (each has its own A)."""
     groupings = [load_grouping(name, Run.open(path), name == auto) for name, path in runs.items()]
     # G ascending, each transfer variant after its grouping, per-layer (the reference) last
     groupings.sort(key=lambda g: (g.name == PER_LAYER, g.n_groups, g.transfer))
@@ -116,26 +155,94 @@ def gather_sweep(
     lm.check_matches(first.plan.model)
     contexts = first.eval_contexts()
     rc = cfg.report
-    result = evaluate(
-        lm,
-        contexts,
-        [t for g in groupings for t in g.targets],
-        list(first.plan.tokenizer.special_ids),
-        ce_contexts=-(-rc.ce_tokens // contexts.shape[1]),
-        batch_contexts=rc.batch_contexts,
-        latents_sampled=1,  # the sweep shows no latents; the report of each run does
-        examples_per_latent=1,
-        seed=cfg.fit.seed,
-        progress=progress,
-        zero_ablation=False,  # the sweep shows no CE-loss score: a pass per layer saved
-    )
-    A = Run.open(source).harvest_seconds() if source is not None else first.harvest_seconds()
+    targets = [t for g in groupings for t in g.targets]
+    ce_contexts = -(-rc.ce_tokens // contexts.shape[1])
+    key = _evaluation_key(groupings, first, ce_contexts, rc.batch_contexts, cfg.fit.seed)
+    result = _read_cache(cache, key)
+    if result is None:
+        result = evaluate(
+            lm,
+            contexts,
+            targets,
+            list(first.plan.tokenizer.special_ids),
+            ce_contexts=ce_contexts,
+            batch_contexts=rc.batch_contexts,
+            latents_sampled=1,  # the sweep shows no latents; the report of each run does
+            examples_per_latent=1,
+            seed=cfg.fit.seed,
+            progress=progress,
+            zero_ablation=False,  # the sweep shows no CE-loss score: a pass per layer saved
+        )
+        if cache is not None:
+            _write_cache(cache, key, result)
+    A = Run.open(source).harvest_seconds() if source is not None else None
     curves = {
         g.name: {t.name: _curve(g.run, t.name.split("/")[-1]) for t in g.targets}
         for g in groupings
         if g.transfer or any(h.name == g.name + TRANSFER_SUFFIX for h in groupings)
     }
     return SweepData(groupings, result, list(first.plan.layers), A, rc, curves)
+
+
+def _evaluation_key(groupings: list[Grouping], first: Run, ce_contexts: int, batch: int, seed: int) -> str:
+    """What an evaluation depends on: every SAE's weights file (name, size, time written), the token
+    stream and its eval split, and the eval settings."""
+    saes = []
+    for g in groupings:
+        for t in g.targets:
+            path = sae_weights(g.run.layout.sae_dir(t.name.split("/")[-1]))
+            st = path.stat()
+            saes.append([t.name, t.spliced, st.st_size, st.st_mtime_ns])
+    return json.dumps(
+        {
+            "saes": saes,
+            "tokens": first.plan.dataset.fingerprint,
+            "eval": list(first.plan.eval_contexts),
+            "ce_contexts": ce_contexts,
+            "batch": batch,
+            "seed": seed,
+        },
+        sort_keys=True,
+    )
+
+
+def _write_cache(path: Path, key: str, result: EvalResult) -> None:
+    """The evaluation's rows, per-context influences and totals, for a re-render without evaluating."""
+    arrays = {f"influence/{name}/{layer}/{metric}": v for (name, layer), by in result.influence.items() for metric, v in by.items()}
+    arrays.update({f"density/{name}": d for name, d in result.densities.items()})
+    meta = {
+        "key": key,
+        "rows": result.rows,
+        "totals": [result.clean_ce, result.ce_tokens, result.eval_tokens, result.ce_contexts, result.eval_contexts],
+    }
+    buffer = io.BytesIO()
+    np.savez(buffer, meta=np.array(json.dumps(meta)), **arrays)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, buffer.getbuffer())
+
+
+def _read_cache(path: Path | None, key: str) -> EvalResult | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta["key"] != key:
+                return None
+            influence: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+            densities = {}
+            for name in z.files:
+                parts = name.split("/")
+                if parts[0] == "influence":
+                    influence.setdefault(("/".join(parts[1:-2]), int(parts[-2])), {})[parts[-1]] = z[name]
+                elif parts[0] == "density":
+                    densities["/".join(parts[1:])] = z[name]
+    except (OSError, ValueError, KeyError) as e:  # a damaged cache is evaluated again, not trusted
+        log.warning("%s cannot be read (%s); evaluating again", path, e)
+        return None
+    clean_ce, ce_tokens, eval_tokens, ce_ctx, eval_ctx = meta["totals"]
+    log.info("evaluation read back from %s", path)
+    return EvalResult(meta["rows"], densities, {}, clean_ce, ce_tokens, eval_tokens, ce_ctx, eval_ctx, influence)
 
 
 def _curve(run: Run, group: str) -> tuple[np.ndarray, np.ndarray]:

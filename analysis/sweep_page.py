@@ -19,7 +19,7 @@ METRICS = [("fvu", "FVU", "{:.3f}"), ("delta_ce_pct", "ΔCE %", "{:.2f}"), ("kl"
 
 
 def _span_layers(data: SweepData) -> list[int]:
-    """Layers 0..L-2, as the paper averages (the last layer's ΔCE is the unembedding's own)."""
+    """Every harvested layer but the last, as the paper averages over layers 0..L-2."""
     return data.layers[:-1] or data.layers
 
 
@@ -28,8 +28,7 @@ def summary_rows(data: SweepData) -> list[dict]:
     from the per-layer SAEs, cost and storage."""
     layers = _span_layers(data)
     base = data.per_layer
-    L = len(data.layers)
-    per_layer_total = (data.harvest_seconds or 0.0) + L * base.fit_seconds if base else None
+    per_layer_total = data.total_seconds(base) if base else None
     rows = []
     for g in data.groupings:
         keys = data.keys(g, layers)
@@ -88,12 +87,16 @@ def metric_figure(data: SweepData, key: str, label: str) -> bytes:
     return plots.sweep_metric(
         label,
         [r["grouping"].n_groups for r in grouped],
-        [r["total"] for r in grouped],
+        [_or_nan(r["total"]) for r in grouped],
         [r[key][0] for r in grouped],
         [r[key][1] for r in grouped],
         auto=[r["grouping"].auto for r in grouped],
-        reference=(base[key][0], base[key][1], base["total"], len(data.layers)) if base else None,
+        reference=(base[key][0], base[key][1], _or_nan(base["total"]), len(data.layers)) if base else None,
     )
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def figures_section(data: SweepData) -> str:
@@ -166,13 +169,20 @@ def render_sweep_page(data: SweepData) -> str:
         f"<p>Model <b>{html.escape(first.plan.model.source)}</b>, {len(data.layers)} layers. Every grouping's SAEs "
         f"trained on <b>{', '.join(f'{t:,}' for t in sorted(tokens))}</b> tokens per SAE"
         + (" (equal across groupings, from the SAEs' records)" if len(tokens) == 1 else " (<b>not equal</b>)")
-        + "; each layer of a group sees about T/|g| of them. All evaluated together on the same "
+        + "; each layer of a group sees about 1/|g| of them. All evaluated together on the same "
         f"{res.eval_tokens:,} held-out tokens ({res.eval_contexts} contexts; spliced CE and KL on {res.ce_tokens:,} "
         f"predictions in {res.ce_contexts} contexts), so the differences from the per-layer SAEs are paired. Means over "
-        f"layers {data.layers[0]}..{_span_layers(data)[-1]} (as the paper reports), ± one standard error over eval "
-        f"contexts. A = {fmt(data.harvest_seconds, '{:,.0f}')} s is the one measured model pass (every layer harvested "
-        "once, every grouping's store derived from it); T the measured training seconds per SAE of each grouping; "
-        "speed-up = (A + L·T<sub>per-layer</sub>) / (A + G·T); storage measured on disk.</p>"
+        f"layers {data.layers[0]}..{_span_layers(data)[-1]} (every harvested layer but the last, as the paper reports "
+        "over 0..L-2), ± one standard error over eval "
+        + (
+            f"contexts. A = {fmt(data.harvest_seconds, '{:,.0f}')} s is the one measured model pass (every layer "
+            "harvested once, every grouping's store derived from it);"
+            if data.one_harvest
+            else "contexts. A is each grouping's own measured harvest (the stores of every layer would not fit, so "
+            "each grouping was harvested directly);"
+        )
+        + " T is the measured training seconds per SAE of each grouping; speed-up = (A + L·T<sub>per-layer</sub>) / "
+        "(A + G·T); storage measured on disk.</p>"
     )
     paper = (
         f"<p>The paper's {PAPER['model']} figures, from far longer training (hundreds of millions of tokens): per-layer "
@@ -201,7 +211,11 @@ def render_sweep_summary(data: SweepData) -> str:
         f"# ghsae sweep: {data.groupings[0].run.plan.model.source}",
         "",
         f"Means over layers {data.layers[0]}..{_span_layers(data)[-1]}, ± one standard error over eval contexts; "
-        f"A = {fmt(data.harvest_seconds, '{:,.0f}')} s (one model pass).",
+        + (
+            f"A = {fmt(data.harvest_seconds, '{:,.0f}')} s (one model pass)."
+            if data.one_harvest
+            else "A: each grouping's own harvest."
+        ),
         "",
         "| grouping | G | tokens/SAE | FVU | Δ FVU vs per-layer | ΔCE % | Δ ΔCE % | KL | T/SAE (s) | A + G·T (s) | speed-up | B/token |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -212,7 +226,7 @@ def render_sweep_summary(data: SweepData) -> str:
         lines.append(
             f"| {_name(g)} | {g.n_groups} | {g.tokens_per_sae:,} | {pm(*r['fvu'], '{:.3f}')} | {diff['fvu']} | "
             f"{pm(*r['delta_ce_pct'], '{:.2f}')} | {diff['delta_ce_pct']} | {pm(*r['kl'], '{:.3f}')} | "
-            f"{g.fit_seconds:.1f} | {r['total']:,.0f} | {fmt(r['speedup'], '{:.2f}×')} | {fmt(g.bytes_per_token, '{:,.0f}')} |"
+            f"{g.fit_seconds:.1f} | {fmt(r['total'], '{:,.0f}')} | {fmt(r['speedup'], '{:.2f}×')} | {fmt(g.bytes_per_token, '{:,.0f}')} |"
         )
     lines += [
         "",

@@ -314,7 +314,7 @@ def run_pipeline(
 @click.option(
     "--groups",
     "groupings",
-    default="2,3,4,6,8,auto,per-layer",
+    default="2,3,4,6,8,auto,per-layer",  # ghsae.sweep.DEFAULT_GROUPINGS (tested)
     show_default=True,
     help="Groupings to compare: numbers of groups, auto (the AMAD rule's G) and per-layer.",
 )

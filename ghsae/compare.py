@@ -13,12 +13,16 @@ import dataclasses
 import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ghsae.cache.store import ROW_METADATA_BYTES
-from ghsae.config import PipelineConfig
+from ghsae.config import GroupsSpec, PipelineConfig
 from ghsae.errors import ConfigError
 from ghsae.executors import Executor
+from ghsae.harvest import canonical_distance, distance_matrix, solve
 from ghsae.harvest.derive import derive_run
 from ghsae.harvest.rundir import claim_run_dir, prepare_run_dir
 from ghsae.harvest.steps import summary_line
@@ -49,6 +53,56 @@ def spot_layers(plan: Plan, cfg: PipelineConfig) -> list[int]:
     return [g[len(g) // 2] for g in plan.groups]
 
 
+@dataclass(frozen=True)
+class SourceSize:
+    """Whether an all-layers store (and the stores to derive from it) fits where it would be written."""
+
+    needed: int  # bytes: the all-layers store plus every derived store, uncompressed capacity
+    limit: int  # compare.max_source_bytes, or the free disk
+    limited_by: str
+
+    @property
+    def fits(self) -> bool:
+        return self.needed <= self.limit
+
+    def refusal(self) -> str:
+        return (
+            f"an all-layers store for these tokens (with the stores derived from it) would take {human(self.needed)} "
+            f"({self.needed:,} bytes), over {self.limited_by} ({human(self.limit)})"
+        )
+
+
+def n_groups(source: Run, cfg: PipelineConfig, spec: GroupsSpec) -> int:
+    """How many groups grouping `spec` makes of the all-layers run's layers (auto: on its probe)."""
+    if spec == "per-layer":
+        return len(source.plan.layers)
+    if isinstance(spec, int):
+        return spec
+    if isinstance(spec, list):
+        return len(spec)
+    with np.load(source.layout.similarity) as sim:
+        dist = distance_matrix(sim, canonical_distance(cfg.grouping.distance))
+    return solve(dist, cfg.grouping.method, cfg.grouping.objective).auto_groups(cfg.grouping.amad_threshold)
+
+
+def plan_all_layers(
+    cfg: PipelineConfig, source_dir: Path, executor: Executor, *, derived: list[GroupsSpec], progress: bool
+) -> SourceSize:
+    """Plan the all-layers run (the model's probe, no shards yet) and size what it and the stores
+    of the `derived` groupings would take on disk."""
+    from ghsae import pipeline
+
+    pipeline.harvest(per_layer_config(cfg), source_dir, executor, plan_only=True, progress=progress)
+    source = Run.open(source_dir)
+    plan = source.plan
+    groups = sum(n_groups(source, cfg, spec) for spec in derived)
+    needed = all_layers_bytes(plan) * (len(plan.layers) + groups) // len(plan.layers)
+    if cfg.compare.max_source_bytes:
+        return SourceSize(needed, cfg.compare.max_source_bytes, "compare.max_source_bytes")
+    done = Run.open(source_dir).info().bytes_on_disk  # a resumed harvest already holds part of it
+    return SourceSize(needed, free_bytes(source_dir) + done, "the free disk")
+
+
 def harvest_once(
     cfg: PipelineConfig,
     run_dir: str | Path,
@@ -65,29 +119,23 @@ def harvest_once(
 
     layout = RunLayout(Path(run_dir))
     prepare_run_dir(layout, cfg, overwrite)
-    source_cfg = per_layer_config(cfg)
-    if layout.plan.is_file() and not layout.derived_from.is_file():
-        # harvested directly before (an older run, or one made with compare.per_layer = "none"): keep
-        # it, and harvest every layer for the comparison in a second model pass
-        say(summary_line(pipeline.harvest(cfg, run_dir, executor, overwrite=overwrite, progress=progress)))
-        say(f"{run_dir} was harvested directly; harvesting every layer once more for the per-layer comparison")
-        say(summary_line(pipeline.harvest(source_cfg, layout.per_layer, executor, progress=progress)))
-        return Run.open(layout.per_layer)
     with claim_run_dir(layout, cfg, overwrite):
-        pass  # the marker first, so that RUN/per-layer may live inside the run folder
-    pipeline.harvest(source_cfg, layout.per_layer, executor, plan_only=True, progress=progress)
-    needed = all_layers_bytes(Run.open(layout.per_layer).plan)
-    limit = cfg.compare.max_source_bytes or free_bytes(layout.root)
-    if needed > limit:
-        say(
-            f"no per-layer comparison: an all-layers store for these tokens would take {human(needed)}, over "
-            f"{'compare.max_source_bytes' if cfg.compare.max_source_bytes else 'the free disk'} ({human(limit)}); "
-            "harvesting the grouped run alone"
-        )
+        pass  # the marker first (and --overwrite's clean-up), so that RUN/per-layer may live inside
+    # harvested directly before (an older run, or one made with compare.per_layer = "none"): kept,
+    # and its comparison takes a second model pass
+    direct = layout.plan.is_file() and not layout.derived_from.is_file()
+    derived = [] if direct else [cfg.grouping.groups]
+    size = plan_all_layers(cfg, layout.per_layer, executor, derived=derived, progress=progress)
+    if not size.fits:
+        say(f"no per-layer comparison: {size.refusal()}; harvesting the grouped run alone")
         shutil.rmtree(layout.per_layer)
         say(summary_line(pipeline.harvest(cfg, run_dir, executor, progress=progress)))
         return None
-    say(summary_line(pipeline.harvest(source_cfg, layout.per_layer, executor, progress=progress)))
+    say(summary_line(pipeline.harvest(per_layer_config(cfg), layout.per_layer, executor, progress=progress)))
+    if direct:
+        say(f"{run_dir} was harvested directly before: kept (the per-layer run above is a second model pass)")
+        say(summary_line(pipeline.harvest(cfg, run_dir, executor, progress=progress)))
+        return Run.open(layout.per_layer)
     derived = derive_run(layout.per_layer, cfg, layout.root, progress=progress)
     groups = ", ".join(span(g) for g in derived.plan.groups)
     say(f"derived {run_dir} ({len(derived.plan.groups)} groups: {groups}) from {layout.per_layer}, without the model")

@@ -206,6 +206,7 @@ SWEEP_MARKER = "ghsae-sweep.json"
 SWEEP_PAGE = "sweep.html"
 SWEEP_METRICS = "metrics.parquet"  # one row per (grouping, SAE, layer)
 SWEEP_SUMMARY = "summary.md"
+SWEEP_EVAL_CACHE = "evaluation.npz"
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,11 @@ class SweepLayout:
     def figure(self, metric: str) -> Path:
         """A metric's figure against G and compute, as a PNG beside the page (for docs to quote)."""
         return self.report / f"{metric}.png"
+
+    @property
+    def eval_cache(self) -> Path:
+        """The evaluation of every grouping's SAEs, kept so a re-run re-renders without evaluating."""
+        return self.report / SWEEP_EVAL_CACHE
 
 
 def saelens_folder(out: Path, layer: int, width: int) -> Path:

@@ -110,15 +110,8 @@ def harvest(
     seconds = time.perf_counter() - t0
     written = [s for r in results for s in r.shards]
     after = Run.open(layout.root)  # the tasks wrote records this Run has not read
-    finish_harvest(after, wrote=bool(written))
+    after.finish(wrote=bool(written))
     return HarvestSummary(str(layout.root), len(written), sum(r.tokens for r in results), seconds, after.info())
-
-
-def finish_harvest(run: Run, wrote: bool) -> None:
-    """The one ending of a harvest: once every shard of the run is done, the per-layer statistics
-    (again whenever this job wrote a shard, since a rewritten shard changes them)."""
-    if run.complete() and (wrote or not run.layout.stats.is_file()):
-        run.write_stats()
 
 
 def plan_task(cfg_dict: dict, run_dir: str, overwrite: bool, progress: bool, lm: LoadedModel | None = None) -> int:

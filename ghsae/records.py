@@ -536,20 +536,23 @@ class ReportSettings:
 
 @dataclass(frozen=True)
 class DerivedFrom:
-    """derived.json: the all-layers run a grouped run's rows were gathered from (harvest/derive.py),
-    and the seconds the derivation took (no model ran: the source's harvest is the model pass)."""
+    """derived.json: the all-layers run a grouped run's rows were gathered from (harvest/derive.py).
+    No model ran for the derived run: the source's harvest is its model pass, and its own shard
+    records' seconds are the derivation's."""
 
-    source: str
+    source: str  # relative to the derived run where it can be (the pair moves together)
     source_config_hash: str
-    seconds: float
 
     @classmethod
     def from_json(cls, obj: Any) -> DerivedFrom:
         obj = _check_version(obj, "derived.json")
-        return cls(str(obj["source"]), str(obj["source_config_hash"]), float(obj["seconds"]))
+        return cls(str(obj["source"]), str(obj["source_config_hash"]))
 
     def to_json(self) -> dict:
-        return {"source": self.source, "source_config_hash": self.source_config_hash, "seconds": self.seconds}
+        return {"source": self.source, "source_config_hash": self.source_config_hash}
+
+    def source_path(self, run_root: Path) -> Path:
+        return (run_root / self.source).resolve()
 
 
 @dataclass(frozen=True)
@@ -558,15 +561,21 @@ class SweepRecord:
 
     format: str
     version: int
-    groupings: tuple[str, ...]  # as given to --groups: numbers, auto, per-layer
+    groupings: tuple[str, ...]  # as last given to --groups: numbers, auto, per-layer
     config_hash: str  # the harvest identity of the sweep's config
     created: float
+    fit_hash: str = ""  # the fit settings every grouping trains with ("": not recorded)
 
     @classmethod
     def from_json(cls, obj: Any) -> SweepRecord:
         obj = _check_version(obj, "ghsae-sweep.json")
         return cls(
-            str(obj["format"]), int(obj["version"]), tuple(obj["groupings"]), str(obj["config_hash"]), float(obj["created"])
+            str(obj["format"]),
+            int(obj["version"]),
+            tuple(obj["groupings"]),
+            str(obj["config_hash"]),
+            float(obj["created"]),
+            str(obj.get("fit_hash", "")),
         )
 
     def to_json(self) -> dict:
@@ -576,6 +585,7 @@ class SweepRecord:
             "groupings": list(self.groupings),
             "config_hash": self.config_hash,
             "created": self.created,
+            "fit_hash": self.fit_hash,
         }
 
 

@@ -214,6 +214,12 @@ class Run:
         records = [self.shard_record(s) for s in shards]
         return add_up(self.plan.layers, records, [self.layout.shard_sums(s) for s in shards])
 
+    def finish(self, wrote: bool) -> None:
+        """The one ending of a harvest or derivation: once every shard is done, the per-layer
+        statistics (again whenever this job wrote a shard, since a rewritten shard changes them)."""
+        if self.complete() and (wrote or not self.layout.stats.is_file()):
+            self.write_stats()
+
     def write_stats(self) -> NormStats:
         """manifest/stats.json (+ .npz with the means and scales), over every shard."""
         from ghsae.atomic import save_npz_atomic

@@ -9,12 +9,13 @@ group. The plan is built from the source's token stream and probe (plan.write_pl
 function a direct harvest calls), and the per-layer sums are added up over the same rows in the
 same order as a direct harvest adds them. So a derived run equals a direct harvest of that
 partition in every byte (tested), except the wall-clock fields; RUN/derived.json says where it
-came from.
+came from (written before anything else, so an interrupted derivation resumes as one).
 
-One model pass then serves a whole sweep over G (ghsae.pipeline.sweep), and the per-layer SAEs
-of a comparison train on the source itself. Equality with a direct harvest holds where the
-direct harvest would compute the same activations: the same model, device type and batch size
-(the derived config takes the source's batch size).
+One model pass then serves a whole sweep over G (ghsae/sweep.py), and the per-layer SAEs of a
+comparison train on the source itself. Equality with a direct harvest holds where the direct
+harvest would compute the same activations and sums: the same model and batch size (the derived
+config takes the source's batch size), on a CPU. A harvest on CUDA adds its sums up on the GPU,
+so a run derived from a CUDA harvest has the same rows but sums that can differ in the last bits.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 from ghsae.config import PipelineConfig
 from ghsae.errors import ConfigError
 from ghsae.harvest.plan import PlanInputs, write_plan
-from ghsae.harvest.rundir import prepare_run_dir
+from ghsae.harvest.rundir import claim_run_dir, prepare_run_dir
 from ghsae.harvest.shards import (
     LayerSumsAccumulator,
     ShardSums,
@@ -46,7 +47,7 @@ from ghsae.harvest.similarity import LayerStats, SimilarityResult
 from ghsae.harvest.steps import claim_and_plan, claim_shards, recheck_done_shards
 from ghsae.layout import TOKENS_FILE, RunLayout
 from ghsae.locks import FileLock, hold_run
-from ghsae.records import STATS_FROM_STORED, DerivedFrom, load_record, save_record
+from ghsae.records import STATS_FROM_STORED, DerivedFrom, save_record
 from ghsae.run import Run
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ GROUPING_KEYS = ("groups", "amad_threshold", "method", "objective", "distance")
 def derived_config(source: Run, cfg: PipelineConfig) -> PipelineConfig:
     """`cfg` with the source's harvest batch size (a runtime setting, but one that decides the
     activations' last bits), so the derived run equals what a direct harvest with it would store."""
-    batch = int(source.config.resolved["harvest"]["batch_size"])
+    batch = source.settings().harvest.batch_size
     return dataclasses.replace(cfg, harvest=dataclasses.replace(cfg.harvest, batch_size=batch))
 
 
@@ -96,20 +97,32 @@ def derive_run(
         raise ConfigError(f"cannot derive {run_dir} from {source.root}: {'; '.join(problems)}")
     layout = RunLayout(Path(run_dir))
     prepare_run_dir(layout, cfg, overwrite)
+    with claim_run_dir(layout, cfg, overwrite):
+        if layout.plan.is_file() and not layout.derived_from.is_file():
+            raise ConfigError(
+                f"{layout.root} holds a direct harvest; a derived run cannot be written into it. Derive into a new "
+                "folder, or keep the direct harvest"
+            )
+        # the mark of a derived run goes first, so an interrupted derivation is never taken for a direct harvest
+        save_record(layout.derived_from, DerivedFrom(_relative(source.root, layout.root), source.plan.config_hash))
     run = claim_and_plan(cfg, layout, lambda staging: _derived_plan(source, cfg, staging), source.plan.model, overwrite)
     recheck_done_shards(run, list(range(run.plan.n_shards)))
     todo = run.missing_shards()
-    t0 = time.perf_counter()
     if todo:
-        with hold_run(layout):
+        # the source is read throughout: hold its run lock too, so no --overwrite removes it meanwhile
+        with hold_run(layout), hold_run(source.layout):
             _derive_shards(source, run, cfg, todo, progress)
     done = Run.open(layout.root)
-    if done.complete() and (todo or not layout.stats.is_file()):
-        done.write_stats()
-    before = load_record(DerivedFrom, layout.derived_from).seconds if layout.derived_from.is_file() else 0.0
-    seconds = round(before + time.perf_counter() - t0, 3)  # summed over resumed sessions
-    save_record(layout.derived_from, DerivedFrom(str(source.root.resolve()), source.plan.config_hash, seconds))
+    done.finish(wrote=bool(todo))
     return done
+
+
+def _relative(source: Path, run: Path) -> str:
+    """The source as a path relative to the derived run (it moves with a copied folder), else absolute."""
+    try:
+        return os.path.relpath(source.resolve(), run.resolve())
+    except ValueError:  # another drive (Windows)
+        return str(source.resolve())
 
 
 def _derived_plan(source: Run, cfg: PipelineConfig, staging: Path) -> None:

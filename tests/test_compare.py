@@ -76,3 +76,14 @@ def test_spot_checks_equal_a_full_per_layer_baseline_at_those_layers(compared, t
     for group in own.trained_groups():
         a = (own.layout.sae_dir(group) / "sae.safetensors").read_bytes()
         assert a == (theirs.layout.sae_dir(group) / "sae.safetensors").read_bytes(), group
+
+
+def test_a_run_and_its_all_layers_harvest_moved_together_keep_their_compute_account(compared, tmp_path):
+    from ghsae.analysis.report import harvest_cost
+
+    _, run_dir, _ = compared
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(run_dir, moved)
+    A, derive_s = harvest_cost(Run.open(moved))
+    assert A == Run.open(moved / "per-layer").harvest_seconds() and A is not None
+    assert derive_s is not None  # the derivation's own seconds (its plan and shard records), shown beside A

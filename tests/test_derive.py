@@ -58,3 +58,40 @@ def test_a_source_that_cannot_give_the_rows_is_refused_with_the_reason(source, t
     derive_run(source, tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 2}), grouped, progress=False)
     with pytest.raises(ConfigError, match=r"is not an all-layers run \(harvest it with --groups per-layer\)"):
         derive_run(grouped, tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 3}), tmp_path / "b", progress=False)
+
+
+def test_a_derivation_into_a_folder_holding_a_direct_harvest_is_refused(source, tiny_llama, text_dataset, tiny_lm, tmp_path):
+    cfg = tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 2})
+    harvest(cfg, tmp_path / "direct", progress=False, lm=tiny_lm)
+    with pytest.raises(ConfigError, match="holds a direct harvest; a derived run cannot be written into it"):
+        derive_run(source, cfg, tmp_path / "direct", progress=False)
+
+
+def test_an_interrupted_derivation_is_marked_derived_from_its_start(source, tiny_llama, text_dataset, tmp_path):
+    """derived.json is written before the plan: a run killed mid-derivation is never taken for a
+    direct harvest (which would finish it with the model and misstate its cost)."""
+    from ghsae.records import DerivedFrom, load_record
+
+    cfg = tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 2})
+    run = derive_run(source, cfg, tmp_path / "derived", progress=False)
+    record = load_record(DerivedFrom, run.layout.derived_from)
+    assert record.source_path(run.root) == source.resolve()
+    assert not record.source.startswith("/")  # relative: the pair can move together
+    assert (run.layout.derived_from.stat().st_mtime_ns <= run.layout.plan.stat().st_mtime_ns)
+
+
+def test_a_rebuilt_plan_of_a_run_from_before_issue_13_keeps_its_statistics_rule(
+    tiny_llama, text_dataset, tiny_lm, tmp_path, monkeypatch
+):
+    from ghsae.harvest import plan as plan_module
+    from ghsae.records import STATS_FROM_MODEL
+
+    cfg = tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 2})
+    with monkeypatch.context() as m:
+        m.setattr(plan_module, "STATS_FROM", STATS_FROM_MODEL)
+        harvest(cfg, tmp_path / "old", progress=False, lm=tiny_lm)
+    before = run_digests(tmp_path / "old")
+    (tmp_path / "old" / "plan" / "tokens.npy").unlink()  # a lost plan file: the next harvest rebuilds the plan
+    harvest(cfg, tmp_path / "old", progress=False, lm=tiny_lm)
+    assert Run.open(tmp_path / "old").plan.stats_from == STATS_FROM_MODEL
+    assert run_digests(tmp_path / "old") == before

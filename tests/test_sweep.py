@@ -96,3 +96,43 @@ def test_a_transfer_variant_starts_each_group_from_the_previous_one(swept):
     a = (sweep_dir / "G2" / "acts.zarr" / "zarr.json").stat()
     b = (sweep_dir / "G2-transfer" / "acts.zarr" / "zarr.json").stat()
     assert a.st_ino == b.st_ino
+
+
+def test_the_cli_default_groupings_are_the_sweeps():
+    from ghsae.cli import sweep as sweep_command
+    from ghsae.sweep import DEFAULT_GROUPINGS
+
+    default = next(p.default for p in sweep_command.params if p.name == "groupings")
+    assert default == DEFAULT_GROUPINGS
+
+
+def test_a_sweep_refuses_bad_groupings_before_harvesting_any_shard(tmp_path, tiny_llama, text_dataset):
+    cfg = small_config(tiny_llama, text_dataset, **FIT, **REPORT)
+    args = ["sweep", "--config", write_config(tmp_path, cfg), "--run-dir", tmp_path / "s", "--no-progress"]
+    r = cli([*args, "--groups", "2,40"])
+    assert r.exit_code == 2 and "40 groups, but only 6 layers are harvested" in r.output
+    assert not list((tmp_path / "s" / "per-layer" / "manifest").glob("shard-*.json"))
+    r = cli([*args, "--groups", "2,3", "--transfer", "G4"])
+    assert r.exit_code == 2 and "--transfer names 'G4', which is not in this sweep; it has G2, G3" in r.output
+    r = cli([*args, "--groups", "2,seven"])
+    assert r.exit_code == 2 and "--groups names 'seven'" in r.output
+
+
+def test_a_finished_sweep_re_renders_from_its_evaluation_and_refuses_other_fit_settings(
+    swept, tiny_llama, text_dataset, monkeypatch, tmp_path
+):
+    sweep_dir, _ = swept
+    cfg = small_config(tiny_llama, text_dataset, **FIT, **REPORT)
+    from ghsae.analysis import sweep as gathering
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("a finished sweep must read its evaluation back, not evaluate again")
+
+    monkeypatch.setattr(gathering, "evaluate", no_evaluation)
+    args = ["sweep", "--config", write_config(sweep_dir.parent, cfg), "--run-dir", sweep_dir, "--no-progress"]
+    r = cli([*args, "--groups", "2,3,per-layer", "--transfer", "G2"])
+    assert r.exit_code == 0, r.output
+    other = small_config(tiny_llama, text_dataset, **{**FIT, "fit.lr": 0.01}, **REPORT)
+    config = write_config(tmp_path, other)
+    r = cli(["sweep", "--config", config, "--run-dir", sweep_dir, "--no-progress", "--groups", "2,3,per-layer"])
+    assert r.exit_code == 2 and "train with other fit settings; pass --overwrite" in r.output
