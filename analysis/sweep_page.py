@@ -16,6 +16,7 @@ from ghsae.analysis.sweep import PAPER, Grouping, SweepData
 from ghsae.layers import spans
 
 METRICS = [("fvu", "FVU", "{:.3f}"), ("delta_ce_pct", "ΔCE %", "{:.2f}"), ("kl", "KL (nats)", "{:.3f}")]
+DIFF_FORMAT = {"fvu": "{:.4f}", "delta_ce_pct": "{:.2f}", "kl": "{:.4f}"}  # paired differences are tighter
 
 
 def _span_layers(data: SweepData) -> list[int]:
@@ -63,8 +64,8 @@ def table_section(data: SweepData) -> str:
             if f"{k}_diff" in r:
                 d, se = r[f"{k}_diff"]
                 ref = r[k][0] - d
-                rel = f" ({100 * d / ref:+.0f} %)" if ref else ""
-                cells.append(pm(d, se, spec) + rel)
+                rel = f" ({100 * d / ref:+.0f} %)" if np.isfinite(d) and ref else ""
+                cells.append(pm(d, se, DIFF_FORMAT[k]) + rel)
             else:
                 cells.append("reference" if g is base else "–")
         cells += [
@@ -222,7 +223,7 @@ def render_sweep_summary(data: SweepData) -> str:
     ]
     for r in summary_rows(data):
         g = r["grouping"]
-        diff = {k: pm(*r[f"{k}_diff"], spec) if f"{k}_diff" in r else "–" for k, _, spec in METRICS}
+        diff = {k: pm(*r[f"{k}_diff"], DIFF_FORMAT[k]) if f"{k}_diff" in r else "–" for k, _, _ in METRICS}
         lines.append(
             f"| {_name(g)} | {g.n_groups} | {g.tokens_per_sae:,} | {pm(*r['fvu'], '{:.3f}')} | {diff['fvu']} | "
             f"{pm(*r['delta_ce_pct'], '{:.2f}')} | {diff['delta_ce_pct']} | {pm(*r['kl'], '{:.3f}')} | "
