@@ -128,9 +128,13 @@ executor_options = _compose(
     click.option("--workers", type=int, help="Run the tasks on a local dask cluster of N worker processes."),
     click.option("--scheduler", help="Run the tasks on the dask cluster at this address (e.g. tcp://host:8786)."),
 )
-data_options = _compose(
+every_stage_device_option = click.option("--device", help="auto | cpu | cuda | cuda:N (every stage).")
+source_options = _compose(
     click.option("--model", help="Model folder, .gguf file, hub id or builtin:smollm2-135m."),
     click.option("--dataset", help="Dataset file, folder or glob (.txt/.jsonl/.parquet) or builtin:python-docs."),
+)
+data_options = _compose(
+    source_options,
     click.option("--tokens", type=int, help="Token positions to harvest."),
     click.option("--groups", help="auto | per-layer | G | ranges like 0-3,4-9."),
 )
@@ -154,6 +158,11 @@ def _data_overrides(model, dataset, tokens, groups, device) -> dict:
         "harvest.tokens": tokens,
         "grouping.groups": _parse_groups(groups),
     }
+
+
+def _every_stage_overrides(model, dataset, tokens, groups, device) -> dict:
+    """_data_overrides with --device for fit and report too (the commands that run every stage)."""
+    return {**_data_overrides(model, dataset, tokens, groups, device), "fit.device": device, "report.device": device}
 
 
 @click.group()
@@ -282,7 +291,7 @@ def report(config_path, run_dir, baseline, allow_partial, allow_unmatched, devic
     "--run-dir", default="runs/default", show_default=True, type=click.Path(file_okay=False), help="Run folder."
 )
 @data_options
-@click.option("--device", help="auto | cpu | cuda | cuda:N (every stage).")
+@every_stage_device_option
 @baseline_option
 @click.option("--overwrite", is_flag=True, help="Replace a run in --run-dir made with other settings.")
 @executor_options
@@ -297,8 +306,7 @@ def run_pipeline(
     from ghsae import pipeline
 
     _quiet_libraries(no_progress)
-    overrides = _data_overrides(model, dataset, tokens, groups, device)
-    overrides.update({"fit.device": device, "report.device": device})
+    overrides = _every_stage_overrides(model, dataset, tokens, groups, device)
     cfg = pipeline.settings_for(run_dir, config_path, overrides)
     t0 = time.perf_counter()
     with _executor(workers, scheduler, no_progress) as ex:
@@ -318,12 +326,11 @@ def run_pipeline(
     show_default=True,
     help="Groupings to compare: numbers of groups, auto (the AMAD rule's G) and per-layer.",
 )
-@click.option("--model", help="Model folder, .gguf file, hub id or builtin:smollm2-135m.")
-@click.option("--dataset", help="Dataset file, folder or glob (.txt/.jsonl/.parquet) or builtin:python-docs.")
+@source_options
 @click.option("--tokens", type=int, help="Token positions to harvest (once, every layer).")
 @click.option("--fit-tokens", type=int, help="Training tokens per SAE, the same for every grouping (0: one pass).")
 @click.option("--transfer", default="", help="Groupings also trained with transfer from the previous group, e.g. G4,G8.")
-@click.option("--device", help="auto | cpu | cuda | cuda:N (every stage).")
+@every_stage_device_option
 @click.option("--overwrite", is_flag=True, help="Replace a sweep in --run-dir of other groupings or settings.")
 @executor_options
 @progress_option
@@ -340,8 +347,7 @@ def sweep(
     from ghsae import sweep as sweeps
 
     _quiet_libraries(no_progress)
-    overrides = _data_overrides(model, dataset, tokens, None, device)
-    overrides.update({"fit.device": device, "report.device": device, "fit.tokens": fit_tokens})
+    overrides = {**_every_stage_overrides(model, dataset, tokens, None, device), "fit.tokens": fit_tokens}
     cfg = pipeline.settings_for(None, config_path, overrides)
     names = sweeps.parse_groupings(groupings)
     transfers = [t.strip() for t in transfer.split(",") if t.strip()]
