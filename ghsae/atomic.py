@@ -120,6 +120,16 @@ def move_into_place(staging: Path, target: Path) -> bool:
         return False
 
 
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """A hard link to `src` at `dst` (no bytes copied), or a copy where links are not possible
+    (another filesystem, a filesystem without them). Stored files are never rewritten in place,
+    so a link is as safe as a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def read_json(path: Path, fix: str = "re-run `ghsae harvest` with the same config to rewrite it") -> Any:
     """Parse a JSON file of the run; a damaged one (empty, truncated, not JSON) is a DamagedFileError naming it."""
     try:

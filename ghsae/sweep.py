@@ -20,14 +20,13 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from ghsae import pipeline
-from ghsae.atomic import staged_folder
+from ghsae.atomic import link_or_copy, staged_folder
 from ghsae.compare import n_groups, per_layer_config, plan_all_layers
 from ghsae.config import GroupsSpec, PipelineConfig
 from ghsae.errors import ConfigError, RunDirError
@@ -207,12 +206,5 @@ def link_run(source: Path, target: Path) -> None:
         return
     ignore = shutil.ignore_patterns(SAES_DIR, REPORT_DIR, LOCKS_DIR)
     with staged_folder(target) as staging:
-        shutil.copytree(source, staging, copy_function=_link_or_copy, ignore=ignore, dirs_exist_ok=True)
+        shutil.copytree(source, staging, copy_function=link_or_copy, ignore=ignore, dirs_exist_ok=True)
     RunLayout(target).locks.mkdir(exist_ok=True)
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)

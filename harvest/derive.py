@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -31,6 +30,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ghsae.atomic import link_or_copy
+from ghsae.cache.store import to_float32
 from ghsae.config import PipelineConfig
 from ghsae.errors import ConfigError
 from ghsae.harvest.plan import PlanInputs, write_plan
@@ -129,11 +130,7 @@ def _derived_plan(source: Run, cfg: PipelineConfig, staging: Path) -> None:
     """tokens.npy (a hard link to the source's where the disk allows), similarity.npz and plan.json,
     from the source's token stream and probe."""
     t0 = time.perf_counter()
-    target = staging / TOKENS_FILE
-    try:
-        os.link(source.layout.tokens, target)
-    except OSError:  # another filesystem, or links not allowed
-        shutil.copyfile(source.layout.tokens, target)
+    link_or_copy(source.layout.tokens, staging / TOKENS_FILE)
     plan = source.plan
     with np.load(source.layout.similarity) as z:
         layers = z["layers"].tolist()
@@ -182,18 +179,12 @@ def derive_shard(source: Run, run: Run, cfg: PipelineConfig, shard: int):
             verify(src_group, shard)
             src = source.store.read_shard(src_group, shard, source.shard_record(shard).groups[src_group].rows).acts
             ks = np.flatnonzero(mine.layers[gi] == layer)  # kept tokens drawn to this layer, in position order
-            out[mine_row[ks]] = src[their_row[ks]]
+            drawn = src[their_row[ks]]
+            out[mine_row[ks]] = drawn
+            drawn_float32 = torch.from_numpy(to_float32(drawn, run.store.geometry.dtype))  # what a direct harvest sums
             for k0, k1 in bounds:  # batch by batch, as a direct harvest adds them up
-                sel = ks[(ks >= k0) & (ks < k1)]
-                acc.add(plan.layers.index(layer), _as_float32(src[their_row[sel]], run.store.geometry.dtype))
+                first, stop = np.searchsorted(ks, [k0, k1])  # ks ascends: a batch's tokens are one slice
+                acc.add(plan.layers.index(layer), drawn_float32[first:stop])
         acts.append(out)
     sums: ShardSums = acc.sums(plan.layers)
     return assemble_rows(plan, mine, tokens_CT, start, acts), sums
-
-
-def _as_float32(stored: np.ndarray, dtype: str) -> torch.Tensor:
-    """Stored rows as the float32 tensor a direct harvest sums (its stored tensor, widened)."""
-    t = torch.from_numpy(np.ascontiguousarray(stored))
-    if dtype == "bfloat16":
-        t = t.view(torch.bfloat16)
-    return t.float()

@@ -40,6 +40,17 @@ def test_a_derived_run_equals_a_direct_harvest_of_the_same_grouping(
     assert any(k.endswith("/acts") for k in want)
 
 
+def test_a_derived_bfloat16_store_equals_a_direct_harvest(tiny_llama, text_dataset, tiny_lm, tmp_path):
+    # bfloat16 rows are stored as uint16 bits: the derivation widens them for the sums as a harvest does
+    bf16 = {"storage.dtype": "bfloat16"}
+    source_cfg = tiny_config(tiny_llama, text_dataset, **bf16, **{"grouping.groups": "per-layer"})
+    harvest(source_cfg, tmp_path / "per-layer", progress=False, lm=tiny_lm)
+    cfg = tiny_config(tiny_llama, text_dataset, **bf16, **{"grouping.groups": 3})
+    derived = derive_run(tmp_path / "per-layer", cfg, tmp_path / "derived", progress=False)
+    harvest(cfg, tmp_path / "direct", progress=False, lm=tiny_lm)
+    assert without_derivation_record(run_digests(derived.root)) == run_digests(tmp_path / "direct")
+
+
 def test_a_derivation_resumes_to_the_same_bytes(source, tiny_llama, text_dataset, tmp_path):
     cfg = tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 2})
     run = derive_run(source, cfg, tmp_path / "derived", progress=False)
