@@ -26,6 +26,7 @@ from ghsae.layout import (
     SWEEP_METRICS,
     SWEEP_PAGE,
     SWEEP_SUMMARY,
+    TRANSFER_SUFFIX,
     SweepLayout,
     sae_training_metrics,
     sae_weights,
@@ -36,7 +37,6 @@ from ghsae.run import Run
 log = logging.getLogger(__name__)
 
 PER_LAYER = PER_LAYER_DIR  # the per-layer grouping is the sweep's all-layers run
-TRANSFER_SUFFIX = "-transfer"
 # The paper's Pythia-160M figures (Ghilardi et al. 2025; mean over layers 0..L-2), far longer training.
 PAPER = {"model": "Pythia-160M", "per-layer": (0.097, 5.33), "G": 6, "grouped": (0.108, 6.01)}
 
@@ -275,13 +275,14 @@ def metric_rows(data: SweepData) -> list[dict]:
 
 def write_sweep(data: SweepData, layout: SweepLayout) -> Path:
     """report/: the page, its table as Markdown, every row as parquet, and each metric's figure as a PNG."""
-    from ghsae.analysis.sweep_page import METRICS, metric_figure, render_sweep_page, render_sweep_summary
+    from ghsae.analysis.sweep_page import metric_figures, render_sweep_page, render_sweep_summary
 
     out = layout.report
     out.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(out / SWEEP_METRICS, metric_rows(data))
-    write_text_atomic(out / SWEEP_PAGE, render_sweep_page(data))
+    figures = metric_figures(data)
+    write_text_atomic(out / SWEEP_PAGE, render_sweep_page(data, figures))
     write_text_atomic(out / SWEEP_SUMMARY, render_sweep_summary(data))
-    for key, label, _ in METRICS:
-        write_bytes_atomic(layout.figure(key), metric_figure(data, key, label))
+    for key, png in figures.items():
+        write_bytes_atomic(layout.figure(key), png)
     return out

@@ -14,6 +14,7 @@ from ghsae.analysis import plots
 from ghsae.analysis.html import CSS, fmt, img, pm, table
 from ghsae.analysis.sweep import PAPER, Grouping, SweepData
 from ghsae.layers import spans
+from ghsae.layout import TRANSFER_SUFFIX
 
 METRICS = [("fvu", "FVU", "{:.3f}"), ("delta_ce_pct", "ΔCE %", "{:.2f}"), ("kl", "KL (nats)", "{:.3f}")]
 DIFF_FORMAT = {"fvu": "{:.4f}", "delta_ce_pct": "{:.2f}", "kl": "{:.4f}"}  # paired differences are tighter
@@ -96,12 +97,17 @@ def metric_figure(data: SweepData, key: str, label: str) -> bytes:
     )
 
 
+def metric_figures(data: SweepData) -> dict[str, bytes]:
+    """Every metric's figure (PNG bytes), rendered once for the page and the PNG files beside it."""
+    return {key: metric_figure(data, key, label) for key, label, _ in METRICS}
+
+
 def _or_nan(value: float | None) -> float:
     return float("nan") if value is None else value
 
 
-def figures_section(data: SweepData) -> str:
-    parts = [img(metric_figure(data, k, label), f"{label} against G and compute") for k, label, _ in METRICS]
+def figures_section(data: SweepData, figures: dict[str, bytes]) -> str:
+    parts = [img(figures[k], f"{label} against G and compute") for k, label, _ in METRICS]
     for k, label, _ in METRICS:
         lines = {}
         for g in data.groupings:
@@ -114,7 +120,7 @@ def figures_section(data: SweepData) -> str:
 
 
 def transfer_section(data: SweepData) -> str:
-    pairs = [(g, data.by_name(g.name.removesuffix("-transfer"))) for g in data.groupings if g.transfer]
+    pairs = [(g, data.by_name(g.name.removesuffix(TRANSFER_SUFFIX))) for g in data.groupings if g.transfer]
     if not pairs:
         return (
             "<p>No transfer variant in this sweep (<code>ghsae sweep --transfer G5,...</code> trains each named "
@@ -161,7 +167,7 @@ def transfer_section(data: SweepData) -> str:
     return "".join(parts)
 
 
-def render_sweep_page(data: SweepData) -> str:
+def render_sweep_page(data: SweepData, figures: dict[str, bytes]) -> str:
     base = data.per_layer
     tokens = {g.tokens_per_sae for g in data.groupings}
     first = data.groupings[0].run
@@ -195,7 +201,7 @@ def render_sweep_page(data: SweepData) -> str:
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     sections = [
         ("table", "Quality, compute and storage at each G", intro + paper + table_section(data)),
-        ("figures", "Against G and against compute; per layer", figures_section(data)),
+        ("figures", "Against G and against compute; per layer", figures_section(data, figures)),
         ("transfer", "Transfer between neighbouring groups", transfer_section(data)),
     ]
     body = "".join(f'<section id="{sid}"><h2>{html.escape(t)}</h2>{content}</section>' for sid, t, content in sections)

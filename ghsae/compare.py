@@ -99,7 +99,7 @@ def plan_all_layers(
     needed = all_layers_bytes(plan) * (len(plan.layers) + groups) // len(plan.layers)
     if cfg.compare.max_source_bytes:
         return SourceSize(needed, cfg.compare.max_source_bytes, "compare.max_source_bytes")
-    done = Run.open(source_dir).info().bytes_on_disk  # a resumed harvest already holds part of it
+    done = source.info().bytes_on_disk  # a resumed harvest already holds part of it
     return SourceSize(needed, free_bytes(source_dir) + done, "the free disk")
 
 

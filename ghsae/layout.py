@@ -207,6 +207,7 @@ SWEEP_PAGE = "sweep.html"
 SWEEP_METRICS = "metrics.parquet"  # one row per (grouping, SAE, layer)
 SWEEP_SUMMARY = "summary.md"
 SWEEP_EVAL_CACHE = "evaluation.npz"
+TRANSFER_SUFFIX = "-transfer"  # SWEEP/G<n>-transfer: grouping G<n> trained again with fit.transfer
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from ghsae.errors import ConfigError, RunDirError
 from ghsae.executors import Executor, InProcess
 from ghsae.harvest.derive import derive_run
 from ghsae.harvest.steps import summary_line
-from ghsae.layout import LOCKS_DIR, PER_LAYER_DIR, REPORT_DIR, SAES_DIR, RunLayout, SweepLayout
+from ghsae.layout import LOCKS_DIR, PER_LAYER_DIR, REPORT_DIR, SAES_DIR, TRANSFER_SUFFIX, RunLayout, SweepLayout
 from ghsae.records import SweepRecord, load_record, save_record
 from ghsae.run import Run
 from ghsae.train.fit import summary_lines
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 SWEEP_FORMAT = "ghsae-sweep"
 SWEEP_FORMAT_VERSION = 1
 PER_LAYER = PER_LAYER_DIR  # the per-layer grouping is the all-layers run itself
-TRANSFER = "-transfer"
 DEFAULT_GROUPINGS = "2,3,4,6,8,auto,per-layer"
 
 
@@ -158,12 +157,12 @@ def sweep(
         for line in summary_lines(pipeline.fit(g_cfg, path, executor, overwrite=refit, progress=progress)):
             say(f"{name} {line}")
         if name in wanted:
-            linked = layout.grouping(name + TRANSFER)
+            linked = layout.grouping(name + TRANSFER_SUFFIX)
             link_run(path, linked)
             t_cfg = transfer_config(g_cfg)
             for line in summary_lines(pipeline.fit(t_cfg, linked, executor, overwrite=refit, progress=progress)):
-                say(f"{name}{TRANSFER} {line}")
-            runs[name + TRANSFER] = linked
+                say(f"{name}{TRANSFER_SUFFIX} {line}")
+            runs[name + TRANSFER_SUFFIX] = linked
     from ghsae.analysis.sweep import gather_sweep, write_sweep
 
     lm = Run.open(next(iter(runs.values()))).model(cfg.report.device, cfg.model.dtype)
