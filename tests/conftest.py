@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# The harvested and fitted run fixtures of runs.py (small_cfg, harvested_run, fitted_run, ...),
+# available to every test without importing them.
+pytest_plugins = ("runs",)
+
 
 def needs_module(module: str, install: str):
     """Skip a test whose optional dependency is absent, except where GHSAE_REQUIRE_OPTIONAL is set.

@@ -1,7 +1,6 @@
 """The public Python API: the README's example runs as written (on a tiny fitted run), and an SAE's
 public methods speak raw units."""
 
-# ruff: noqa: F811  (pytest fixtures imported from runs.py are redefined as test arguments)
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import fitted_run, fitted_template, harvested_template, small_cfg  # noqa: F401  (fixtures)
 
 import ghsae
 

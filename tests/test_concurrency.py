@@ -2,7 +2,6 @@
 process's, and --overwrite under a live harvest is refused. A process pauses itself at a named point
 (ghsae/faults.py) so the overlap happens on every run, whatever the machine's speed."""
 
-# ruff: noqa: F811  (pytest fixtures imported from runs.py are redefined as test arguments)
 from __future__ import annotations
 
 import os
@@ -13,16 +12,7 @@ import sys
 import time
 
 import torch
-from runs import (  # noqa: F401  (fixtures)
-    assert_one_line_error,
-    fitted_template,
-    ghsae,
-    harvested_run,
-    harvested_template,
-    small_cfg,
-    store_bytes,
-    write_config,
-)
+from runs import assert_one_line_error, ghsae, store_bytes, write_config
 from safetensors.torch import load_file
 
 from ghsae.faults import FAULT_ENV

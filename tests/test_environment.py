@@ -1,25 +1,13 @@
 """Environment failures end with one clear line, exit 2 (130/143 for signals), and the run resumes to
 the same result: a full disk, a read-only folder, damaged run files, an unreachable scheduler."""
 
-# ruff: noqa: F811  (pytest fixtures imported from runs.py are redefined as test arguments)
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-from runs import (  # noqa: F401  (fixtures)
-    assert_one_line_error,
-    cli,
-    fitted_run,
-    fitted_template,
-    ghsae,
-    harvested_run,
-    harvested_template,
-    small_cfg,
-    store_bytes,
-    write_config,
-)
+from runs import assert_one_line_error, cli, ghsae, store_bytes, write_config
 from safetensors.torch import load_file
 
 from ghsae import faults

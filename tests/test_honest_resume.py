@@ -1,23 +1,12 @@
 """A re-fit continues only what was begun with the same settings on the same store; anything else is
 refused with the differing keys, or started over with --overwrite. Checkpoints load weights-only."""
 
-# ruff: noqa: F811  (pytest fixtures imported from runs.py are redefined as test arguments)
 from __future__ import annotations
 
 import shutil
 
 import torch
-from runs import (  # noqa: F401  (fixtures)
-    assert_one_line_error,
-    cli,
-    fitted_run,
-    fitted_template,
-    harvested_run,
-    harvested_template,
-    small_cfg,
-    small_config,
-    write_config,
-)
+from runs import assert_one_line_error, cli, small_config, write_config
 from safetensors.torch import load_file
 
 from ghsae.harvest.steps import ShardSlice

@@ -1,7 +1,6 @@
 """Inputs that used to pass silently or fail late: a model that is not a causal LM, a binary .txt, a
 tokenizer without BOS/EOS, a document on one huge line, negative ids, bad seeds and group counts."""
 
-# ruff: noqa: F811  (pytest fixtures imported from runs.py are redefined as test arguments)
 from __future__ import annotations
 
 import shutil
@@ -10,14 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from runs import (  # noqa: F401  (fixtures)
-    assert_one_line_error,
-    cli,
-    harvested_run,
-    harvested_template,
-    small_cfg,
-    write_config,
-)
+from runs import assert_one_line_error, cli, write_config
 
 from conftest import WORDS, build_tokenizer, tiny_config
 from ghsae.harvest import text as text_mod

@@ -1,19 +1,10 @@
 """--overwrite removes only what ghsae wrote, and never touches a folder that is not a ghsae run."""
 
-# ruff: noqa: F811  (pytest fixtures imported from runs.py are redefined as test arguments)
 from __future__ import annotations
 
 import json
 
-from runs import (  # noqa: F401  (fixtures)
-    assert_one_line_error,
-    cli,
-    files,
-    harvested_run,
-    harvested_template,
-    small_cfg,
-    write_config,
-)
+from runs import assert_one_line_error, cli, files, write_config
 
 
 def test_overwrite_on_a_model_folder_leaves_it_untouched(tmp_path, tiny_models, small_cfg):

@@ -1,22 +1,12 @@
 """The run folder is the one source of a run's settings: later commands start from them, record what
 they used, and refuse other fit settings unless asked to overwrite (issue 11)."""
 
-# ruff: noqa: F811  (pytest fixtures imported from runs.py are redefined as test arguments)
 from __future__ import annotations
 
 import json
 import tomllib
 
-from runs import (  # noqa: F401  (fixtures)
-    assert_one_line_error,
-    cli,
-    fitted_run,
-    fitted_template,
-    harvested_run,
-    harvested_template,
-    small_cfg,
-    write_config,
-)
+from runs import assert_one_line_error, cli
 
 from ghsae.run import Run
 

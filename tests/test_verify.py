@@ -1,24 +1,13 @@
 """Shards are verified on use: a flipped byte, a changed layer id or a truncated file is refused by
 fit, report and verify (naming the shard), and a harvest re-run rewrites it to the clean bytes."""
 
-# ruff: noqa: F811  (pytest fixtures imported from runs.py are redefined as test arguments)
 from __future__ import annotations
 
 import time
 
 import numpy as np
 import pytest
-from runs import (  # noqa: F401  (fixtures)
-    assert_one_line_error,
-    cli,
-    fitted_run,
-    fitted_template,
-    harvested_run,
-    harvested_template,
-    small_cfg,
-    store_bytes,
-    write_config,
-)
+from runs import assert_one_line_error, cli, store_bytes, write_config
 
 from ghsae.cache.store import ActivationStore
 from ghsae.run import Run
