@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ghsae.cache.stats import NormStats
 from ghsae.config import PipelineConfig, config_from_dict, load_config
 from ghsae.device import pick_device
 from ghsae.errors import DamagedFileError, StoreError
@@ -26,6 +27,7 @@ from ghsae.harvest.steps import HarvestSummary, ShardSlice, Written, plan_step, 
 from ghsae.harvest.text import resolve_files
 from ghsae.layout import RunLayout
 from ghsae.lm import LoadedModel, cached_model
+from ghsae.locks import hold_run
 from ghsae.run import Run
 from ghsae.train.fit import FitResult, check_fit_settings, fit_group, selected_groups, shards_to_fit
 
@@ -147,29 +149,41 @@ def fit(
     with the differing keys unless `overwrite`, which also starts over the SAEs trained otherwise."""
     executor = executor or InProcess()
     run = Run.open(run_dir)
-    shards_to_fit(run, allow_partial)  # an incomplete store is refused before any work
+    shards = shards_to_fit(run, allow_partial)  # an incomplete store is refused before any work
     names = selected_groups(run, groups)
     if executor.in_process:  # a cluster's workers may have devices this client lacks; each task checks its own
         pick_device(cfg.fit.device, option="fit.device (--device)")  # a bad device fails before any work
     if check_fit_settings(run, cfg, overwrite) or run.fit_settings() is None:
         run.save_fit_settings(cfg)  # checked against the run's SAEs first, so never a refused fit's settings
-    args = (cfg.to_dict(), str(run_dir), allow_partial, overwrite, executor.task_progress(progress))
-    if cfg.fit.transfer != "none":  # each group starts from the previous one's SAE: one after another
-        return [r for name in names for r in executor.map(fit_task, [name], *args, desc="fit", unit="SAE")]
-    return executor.map(fit_task, names, *args, desc="fit", unit="SAE")
+    with hold_run(run.layout):  # no --overwrite between the statistics and the fits that use them
+        # In one process every group's SAE takes its layers' rows of the same statistics: add them up
+        # once (over every shard's record and sums), not once per group. A cluster's tasks add up their own.
+        shared = (shards, run.norm_stats(shards)) if executor.in_process else None
+        args = (cfg.to_dict(), str(run_dir), allow_partial, overwrite, executor.task_progress(progress), shared)
+        if cfg.fit.transfer != "none":  # each group starts from the previous one's SAE: one after another
+            return [r for name in names for r in executor.map(fit_task, [name], *args, desc="fit", unit="SAE")]
+        return executor.map(fit_task, names, *args, desc="fit", unit="SAE")
 
 
 def fit_task(
-    group: str, cfg_dict: dict, run_dir: str, allow_partial: bool, restart: bool, progress: bool
+    group: str,
+    cfg_dict: dict,
+    run_dir: str,
+    allow_partial: bool,
+    restart: bool,
+    progress: bool,
+    shared: tuple[list[int], NormStats] | None = None,
 ) -> FitResult:
-    """Train one group's SAE (resuming from its checkpoint); on a host with several GPUs, one per worker."""
+    """Train one group's SAE (resuming from its checkpoint); on a host with several GPUs, one per worker.
+    shared: the shards to fit and their statistics, when the caller added them up for every group."""
     import torch
 
     cfg = config_from_dict(cfg_dict)
     if cfg.fit.device == "auto" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
         cfg.fit.device = f"cuda:{worker_index() % torch.cuda.device_count()}"
     run = Run.open(run_dir)
-    return fit_group(run, cfg, group, shards_to_fit(run, allow_partial), progress=progress, restart=restart)
+    shards, stats = shared if shared is not None else (shards_to_fit(run, allow_partial), None)
+    return fit_group(run, cfg, group, shards, stats=stats, progress=progress, restart=restart)
 
 
 # --- report -----------------------------------------------------------------------------------

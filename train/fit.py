@@ -26,9 +26,9 @@ from ghsae.config import FitConfig, PipelineConfig
 from ghsae.device import pick_device
 from ghsae.errors import ConfigError, StoreError
 from ghsae.layers import layer_lookup_table, span
-from ghsae.layout import SAE_FILES, sae_config
+from ghsae.layout import SAE_FILES
 from ghsae.locks import hold_run, wait_lock
-from ghsae.records import Provenance, SAERecord, load_record
+from ghsae.records import Provenance, SAERecord
 from ghsae.run import Run
 from ghsae.sae import SAEConfig, SparseAutoencoder, build_sae, dead_window, load_sae, save_sae
 from ghsae.train.provenance import (
@@ -104,11 +104,19 @@ def check_fit_settings(run: Run, cfg: PipelineConfig, overwrite: bool) -> list[s
 
 
 def fit_group(
-    run: Run, cfg: PipelineConfig, group: str, shards: list[int], *, progress: bool = True, restart: bool = False
+    run: Run,
+    cfg: PipelineConfig,
+    group: str,
+    shards: list[int],
+    *,
+    stats: NormStats | None = None,
+    progress: bool = True,
+    restart: bool = False,
 ) -> FitResult:
     """One group's SAE, under its lock: a second process fitting the same group waits, then finds it done.
 
     Trains (or resumes, or skips when already trained with these settings on this store) the SAE.
+    stats: the run's statistics over `shards`, when the caller added them up once for every group.
     restart (--overwrite): an SAE trained or begun with other settings or another store is started
     over instead of refused.
     """
@@ -118,7 +126,7 @@ def fit_group(
         done = _already_trained(run, group, record, restart)
         if done is not None:
             return done
-        return _train_group(run, cfg, group, shards, run.norm_stats(shards), progress, record, restart)
+        return _train_group(run, cfg, group, shards, stats or run.norm_stats(shards), progress, record, restart)
 
 
 def _already_trained(run: Run, group: str, record: Provenance, restart: bool) -> FitResult | None:
@@ -127,7 +135,7 @@ def _already_trained(run: Run, group: str, record: Provenance, restart: bool) ->
     folder = run.layout.sae_dir(group)
     if not run.sae_trained(group):
         return None
-    meta = load_record(SAERecord, sae_config(folder), fix=f"delete {folder} to train this SAE again")
+    meta = run.sae_record(group)
     saved = meta.provenance
     if saved is None and meta.fit:  # cfg.json of an older ghsae: its fit settings, no store state
         saved = Provenance({k: v for k, v in meta.fit.items() if k in record.fit}, record.store)
