@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ghsae.cache.store import ROW_FIELDS, ActivationStore
+from ghsae.cache.store import ARRAYS, ActivationStore
 from ghsae.errors import StoreError
 from ghsae.layers import span
 from ghsae.records import Plan, ShardRecord
@@ -40,7 +40,7 @@ def verify_shard(store: ActivationStore, plan: Plan, group: str, shard: int, rec
     if entry is None:
         raise StoreError(f"{where}: its record lists no such group; {repair}")
     sizes = entry.files  # empty in records written before sizes were recorded
-    for name in ("acts", *ROW_FIELDS):
+    for name in ARRAYS:
         path = store.shard_file(group, name, shard)
         size = path.stat().st_size if path.is_file() else None
         if size is None and entry.rows > 0:

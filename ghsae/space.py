@@ -29,7 +29,7 @@ def free_bytes(path: Path) -> int:
 
 def require_free(path: Path, needed: int, what: str) -> None:
     """Refuse to start writing `needed` bytes under `path` when its file system has less free."""
-    free = shutil.disk_usage(_existing(path)).free
+    free = free_bytes(path)
     if needed > free:
         raise DiskError(
             f"{what} need up to {human(needed)} ({needed:,} bytes) but {_existing(path)} has {human(free)} "
