@@ -36,6 +36,15 @@ from ghsae.lm import LoadedModel
 from ghsae.sae import SparseAutoencoder
 
 
+def outlier_thresholds(run, factor: float) -> dict[int, float]:
+    """Per layer of `run` (a ghsae.run.Run), the norm above which a token is an outlier: factor x the
+    layer's median norm over the harvested rows; empty for a run harvested before norms were counted."""
+    norms = run.norm_distribution()
+    if norms is None:
+        return {}
+    return {layer: float(t) for layer, t in zip(norms.layers, norms.threshold(factor))}
+
+
 @dataclass
 class EvalTarget:
     """One SAE to evaluate on each layer it serves. kind: "group" (this run) or "baseline"."""
@@ -86,8 +95,20 @@ class TopExamples:
             self.where[s] = all_where[s, kept]
 
 
-WITH_SE = ("fvu", "delta_ce", "delta_ce_pct", "ce_score", "kl")
-"""The metrics reported with a standard error (column `<metric>_se`)."""
+WITH_SE = (
+    "fvu",
+    "delta_ce",
+    "delta_ce_pct",
+    "ce_score",
+    "kl",
+    "fvu_typical",
+    "delta_ce_typical",
+    "delta_ce_pct_typical",
+    "kl_typical",
+)
+"""The metrics reported with a standard error (column `<metric>_se`). `_typical` is the same figure
+with each layer's outliers (norm above outlier_factor x its median: the massive activations) left
+out of FVU and kept clean, as BOS is, when the reconstruction is spliced in."""
 
 
 @dataclass
@@ -105,17 +126,38 @@ class _PerContext:
         self.sq_err = np.zeros(c)  # sum ||x - r||^2
         self.ce = np.zeros(c)  # sum of CE over the context's predictions (spliced, zeroed or clean)
         self.kl = np.zeros(c)
+        self.outliers = np.zeros(c)  # rows above the outlier threshold
+        # the same sums over typical rows only: errors left out at outliers, outliers spliced clean
+        self.x_sq_typ = np.zeros(c)
+        self.x_sum_typ = np.zeros((c, self.d_model))
+        self.rows_typ = np.zeros(c)
+        self.sq_err_typ = np.zeros(c)
+        self.ce_typ = np.zeros(c)
+        self.kl_typ = np.zeros(c)
 
-    def add_rows(self, ctx: np.ndarray, x: torch.Tensor) -> None:
+    def add_rows(self, ctx: np.ndarray, x: torch.Tensor, outlier: np.ndarray) -> None:
         xd = x.double().cpu().numpy()
+        sq = (xd**2).sum(1)
         np.add.at(self.rows, ctx, 1.0)
-        np.add.at(self.x_sq, ctx, (xd**2).sum(1))
+        np.add.at(self.x_sq, ctx, sq)
         np.add.at(self.x_sum, ctx, xd)
+        np.add.at(self.outliers, ctx, outlier.astype(np.float64))
+        typ = ~outlier
+        np.add.at(self.rows_typ, ctx[typ], 1.0)
+        np.add.at(self.x_sq_typ, ctx[typ], sq[typ])
+        np.add.at(self.x_sum_typ, ctx[typ], xd[typ])
 
-    def total_var(self) -> np.ndarray:
-        """Per context, sum ||x - m||^2 with m the mean over every context (m taken as known)."""
-        m = self.x_sum.sum(0) / max(self.rows.sum(), 1.0)
-        return self.x_sq - 2.0 * self.x_sum @ m + self.rows * float(m @ m)
+    def add_errors(self, ctx: np.ndarray, x: torch.Tensor, recon: torch.Tensor, outlier: np.ndarray) -> None:
+        err = (x.double() - recon.double()).pow(2).sum(1).cpu().numpy()
+        np.add.at(self.sq_err, ctx, err)
+        np.add.at(self.sq_err_typ, ctx[~outlier], err[~outlier])
+
+    def total_var(self, typical: bool = False) -> np.ndarray:
+        """Per context, sum ||x - m||^2 with m the mean over every context (m taken as known);
+        `typical`: over typical rows only, about their own mean."""
+        x_sq, x_sum, rows = (self.x_sq_typ, self.x_sum_typ, self.rows_typ) if typical else (self.x_sq, self.x_sum, self.rows)
+        m = x_sum.sum(0) / max(rows.sum(), 1.0)
+        return x_sq - 2.0 * x_sum @ m + rows * float(m @ m)
 
 
 class _CleanBatch:
@@ -194,9 +236,13 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     zero_ablation: bool = True,
+    outlier_threshold: dict[int, float] | None = None,
 ) -> EvalResult:
     """zero_ablation: also splice zeros in at each layer, the CE-loss score's floor (one more pass of
-    the later blocks per layer; the sweep, which reports no CE score, leaves it out)."""
+    the later blocks per layer; the sweep, which reports no CE score, leaves it out).
+    outlier_threshold: per layer, the norm (raw units) above which a token is an outlier there; the
+    `_typical` figures leave those tokens out (none without it)."""
+    thresholds = outlier_threshold or {}
     device = lm.device
     special = torch.tensor(sorted(special_ids), dtype=torch.long, device=device)
     layers = sorted({layer for t in targets for layer in t.sae.cfg.layers})
@@ -242,7 +288,10 @@ def evaluate(
                 clean.rows[batch_ctx] = ce.n_predictions // n_ce
             for layer in layers:
                 x = resid[layer][keep].float()
-                per_layer[layer].add_rows(row_ctx, x)
+                outlier_t = x.norm(dim=1) > thresholds.get(layer, float("inf"))
+                outlier = outlier_t.cpu().numpy()
+                ce_outliers = bool(outlier[:ce_rows].any())
+                per_layer[layer].add_rows(row_ctx, x, outlier)
                 if ce is not None and zero_ablation:
                     per_layer[layer].ce[batch_ctx] = ce.spliced(layer, torch.zeros_like(x[:ce_rows]))[0]
                 for t in targets:
@@ -251,16 +300,16 @@ def evaluate(
                     z = t.sae.encode(x, layer)
                     recon = t.sae.decode(z, layer)
                     sums[(t.name, layer)].add(x, recon, z)
-                    np.add.at(
-                        per_sae[(t.name, layer)].sq_err,
-                        row_ctx,
-                        (x.double() - recon.double()).pow(2).sum(1).cpu().numpy(),
-                    )
+                    ps = per_sae[(t.name, layer)]
+                    ps.add_errors(row_ctx, x, recon, outlier)
                     examples[t.name].add(z, coords_global, layer)
                     if ce is not None and t.spliced:
-                        ce_ctx, kl_ctx = ce.spliced(layer, recon[:ce_rows])
-                        per_sae[(t.name, layer)].ce[batch_ctx] = ce_ctx
-                        per_sae[(t.name, layer)].kl[batch_ctx] = kl_ctx
+                        ps.ce[batch_ctx], ps.kl[batch_ctx] = ce.spliced(layer, recon[:ce_rows])
+                        if ce_outliers:  # outliers kept clean, as BOS is: one more pass
+                            clean_out = torch.where(outlier_t[:ce_rows, None], x[:ce_rows], recon[:ce_rows])
+                            ps.ce_typ[batch_ctx], ps.kl_typ[batch_ctx] = ce.spliced(layer, clean_out)
+                        else:
+                            ps.ce_typ[batch_ctx], ps.kl_typ[batch_ctx] = ps.ce[batch_ctx], ps.kl[batch_ctx]
         bar.update(ids.shape[0])
     bar.close()
 
@@ -277,17 +326,36 @@ def evaluate(
             total_rows += s.rows
             row = {"sae": t.name, "kind": t.kind, "group_layers": span(t.sae.cfg.layers), "layer": layer, **m}
             ps, pl = per_sae[(t.name, layer)], per_layer[layer]
-            infl = {"fvu": ratio_influence(ps.sq_err, pl.total_var())}
-            row.update(eval_contexts=n_ctx)
+            typ_var = pl.total_var(typical=True)
+            infl = {
+                "fvu": ratio_influence(ps.sq_err, pl.total_var()),
+                "fvu_typical": ratio_influence(ps.sq_err_typ, typ_var),
+            }
+            row.update(
+                eval_contexts=n_ctx,
+                fvu_typical=float(ps.sq_err_typ.sum()) / max(float(typ_var.sum()), 1e-30),
+                outliers=int(pl.outliers.sum()),
+                outlier_threshold=float(thresholds.get(layer, float("inf"))),
+            )
             if ce_tokens and t.spliced:
                 sae_ce = float(ps.ce.sum()) / ce_tokens
                 z_ce = float(pl.ce.sum()) / ce_tokens
                 c = slice(0, n_ce_ctx)
                 delta = ps.ce[c] - clean.ce[c]
+                delta_typ = ps.ce_typ[c] - clean.ce[c]
                 infl.update(
                     delta_ce=ratio_influence(delta, clean.rows[c]),
                     delta_ce_pct=ratio_influence(100.0 * delta, clean.ce[c]),
                     kl=ratio_influence(ps.kl[c], clean.rows[c]),
+                    delta_ce_typical=ratio_influence(delta_typ, clean.rows[c]),
+                    delta_ce_pct_typical=ratio_influence(100.0 * delta_typ, clean.ce[c]),
+                    kl_typical=ratio_influence(ps.kl_typ[c], clean.rows[c]),
+                )
+                typ_ce = float(ps.ce_typ.sum()) / ce_tokens
+                row.update(
+                    delta_ce_typical=typ_ce - clean_ce,
+                    delta_ce_pct_typical=100.0 * (typ_ce - clean_ce) / clean_ce,
+                    kl_typical=float(ps.kl_typ.sum()) / ce_tokens,
                 )
                 row.update(
                     ce_clean=clean_ce,

@@ -24,23 +24,27 @@ METRICS = [
     ("l0", "L0", "{:.1f}"),
     ("mse", "MSE", "{:.4g}"),
     ("fvu", "FVU", "{:.3f}"),
+    ("fvu_typical", "FVU typical", "{:.3f}"),
     ("explained_variance", "expl. var.", "{:.3f}"),
     ("cosine", "cosine", "{:.3f}"),
     ("delta_ce", "ΔCE (nats)", "{:.4f}"),
     ("delta_ce_pct", "ΔCE %", "{:.2f}"),
+    ("delta_ce_pct_typical", "ΔCE % typical", "{:.2f}"),
     ("ce_score", "CE score", "{:.3f}"),
     ("kl", "KL (nats)", "{:.4f}"),
     ("dead_pct", "dead % (this layer)", "{:.1f}"),
+    ("outliers", "outliers", "{:.0f}"),
 ]
 HEADING = {key: heading for key, heading, _ in METRICS}
 FORMAT = {key: spec for key, _, spec in METRICS}
-PLOTTED = ["fvu", "delta_ce_pct", "kl", "ce_score", "l0", "explained_variance", "cosine", "dead_pct"]
+PLOTTED = ["fvu", "fvu_typical", "delta_ce_pct", "delta_ce_pct_typical", "kl", "ce_score", "l0", "explained_variance", "cosine", "dead_pct"]
 SECTIONS = [
     ("summary", "Summary"),
     ("evals", "Evals per layer"),
     ("baseline", "Against per-layer SAEs"),
     ("circuits", "Circuits: faithfulness and completeness"),
     ("ratings", "Blind interpretability ratings"),
+    ("outliers", "Massive activations"),
     ("latents-density", "Latent density and dead latents"),
     ("clustering", "Layer clustering"),
     ("compute", "Compute and storage"),
@@ -143,13 +147,14 @@ def gap_paragraph(data: ReportData) -> str:
     b = [(theirs[x]["sae"], x) for x in layers]
     parts = []
     for k, label, spec in (("fvu", "FVU", "{:.3f}"), ("delta_ce_pct", "ΔCE %", "{:.2f}"), ("kl", "KL", "{:.3f}")):
-        g, g_se = result.mean_with_se(a, k)
-        p, p_se = result.mean_with_se(b, k)
-        d, d_se = result.difference_with_se(a, b, k)
-        rel = f", {100 * d / p:+.0f} % relative" if p else ""
-        parts.append(
-            f"{label} {pm(g, g_se, spec)} against {pm(p, p_se, spec)} (difference {pm(d, d_se, spec)}{rel})"
-        )
+        views = []
+        for key, view in ((f"{k}_typical", "typical tokens"), (k, "all tokens")):
+            g, g_se = result.mean_with_se(a, key)
+            p, p_se = result.mean_with_se(b, key)
+            d, d_se = result.difference_with_se(a, b, key)
+            rel = f", {100 * d / p:+.0f} % relative" if p else ""
+            views.append(f"{pm(g, g_se, spec)} against {pm(p, p_se, spec)} (difference {pm(d, d_se, spec)}{rel}) over {view}")
+        parts.append(f"{label} <b>{views[0]}</b>; {views[1]}")
     same = []
     if data.fairness is not None and data.fairness.matched:
         same.append("the same tokens per SAE")
@@ -279,6 +284,59 @@ def ratings_page_section(data: ReportData) -> str:
     return ratings_section(data.ratings)
 
 
+def outliers_section(data: ReportData) -> str:
+    """Which tokens the typical view leaves out, per layer, in the harvest and in the held-out rows."""
+    stats = data.side.run.run_stats()
+    factor = data.settings.outlier_factor
+    first = {r["layer"]: r for r in data.result.rows}  # every SAE of a layer sees the same held-out rows
+    parts = [
+        f"<p>A token is an <b>outlier</b> at a layer when its residual norm exceeds {factor:g}× the layer's median "
+        "norm (<code>report.outlier_factor</code>): the massive activations of Sun et al. (2024), attention sinks such "
+        "as the first token after BOS, whose norms reach tens of times the median. A squared error summed over "
+        "tokens is dominated by them, so every FVU, ΔCE and KL is shown twice: <b>typical</b> leaves outliers out of "
+        "FVU and keeps them clean, as BOS is, when a reconstruction is spliced in; <b>all tokens</b> includes them. "
+        "SAELens leaves out special tokens only; dictionary_learning can mask high-norm tokens out of its buffer.</p>"
+    ]
+    if stats is None or not any(ls.norms for ls in stats.layers.values()):
+        parts.append(
+            '<p class="warn">This run was harvested before norm distributions were recorded: no outliers are '
+            "marked, and the typical figures equal the all-token ones. Re-harvest to measure them.</p>"
+        )
+        return "".join(parts)
+    rows = []
+    for layer, ls in sorted(stats.layers.items()):
+        n = ls.norms
+        if n is None:
+            continue
+        ev = first.get(layer, {})
+        rows.append(
+            [
+                str(layer),
+                fmt(n.median_norm, "{:.4g}"),
+                fmt(n.q999_norm, "{:.4g}"),
+                fmt(n.max_norm, "{:.4g}"),
+                f"{n.max_norm / n.median_norm:.0f}×" if n.median_norm else "–",
+                f"{int(n.outliers):,} of {ls.count:,}",
+                f"{ev['outliers']:,} of {ev['rows']:,}" if "outliers" in ev else "–",
+            ]
+        )
+    parts.append(
+        table(
+            [
+                "layer",
+                "median norm",
+                "99.9 % quantile",
+                "largest",
+                "largest / median",
+                f"outliers in the harvest (at {stats.outlier_factor:g}×)",
+                f"outliers in the held-out rows (at {factor:g}×)",
+            ],
+            rows,
+        )
+    )
+    return "".join(parts)
+
+
 def density_section(data: ReportData) -> str:
     dens = data.result.densities
     parts = []
@@ -385,6 +443,7 @@ SECTION_RENDERERS = {
     "baseline": baseline_section,
     "circuits": circuits_section,
     "ratings": ratings_page_section,
+    "outliers": outliers_section,
     "latents-density": density_section,
     "clustering": clustering_section,
     "compute": compute_section,

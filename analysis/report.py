@@ -25,7 +25,7 @@ from ghsae.analysis.circuit_report import CircuitReport, make_tasks
 from ghsae.analysis.circuit_report import measure as measure_circuits
 from ghsae.analysis.circuits import CircuitTarget
 from ghsae.analysis.dashboards import LatentView, report_views
-from ghsae.analysis.evals import EvalResult, EvalTarget, evaluate
+from ghsae.analysis.evals import EvalResult, EvalTarget, evaluate, outlier_thresholds
 from ghsae.analysis.metrics import mmcs
 from ghsae.analysis.rate import Score, load_scores
 from ghsae.atomic import write_parquet_atomic, write_text_atomic
@@ -392,6 +392,7 @@ def gather(
         examples_per_latent=rc.examples_per_latent,
         seed=seed,
         progress=progress,
+        outlier_threshold=outlier_thresholds(run, rc.outlier_factor),
     )
     run.layout.report.mkdir(exist_ok=True)
     circuits = None

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from ghsae.analysis.evals import EvalResult, EvalTarget, evaluate
+from ghsae.analysis.evals import EvalResult, EvalTarget, evaluate, outlier_thresholds
 from ghsae.atomic import write_bytes_atomic, write_parquet_atomic, write_text_atomic
 from ghsae.config import PipelineConfig, ReportConfig
 from ghsae.errors import StoreError
@@ -172,6 +172,8 @@ def gather_sweep(
             seed=cfg.fit.seed,
             progress=progress,
             zero_ablation=False,  # the sweep shows no CE-loss score: a pass per layer saved
+            # one threshold per layer for every grouping: the all-layers source's, which saw every token
+            outlier_threshold=outlier_thresholds(Run.open(source) if source is not None else first, rc.outlier_factor),
         )
         if cache is not None:
             _write_cache(cache, key, result)

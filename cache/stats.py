@@ -14,8 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ghsae.cache.norms import NormDistribution
+from ghsae.cache.norms import add_up as add_up_norms
 from ghsae.errors import StoreError
-from ghsae.records import LayerStats, RunStats, ShardRecord
+from ghsae.records import LayerStats, NormSummary, RunStats, ShardRecord
+
+OUTLIER_FACTOR = 10.0
+"""stats.json counts each layer's outliers at this multiple of its median norm (the report and fit
+use their own `outlier_factor` settings, read off the same histograms)."""
 
 
 @dataclass
@@ -27,6 +33,8 @@ class NormStats:
     mean_norm: np.ndarray  # [L] E||x||
     mean_sq_norm: np.ndarray  # [L] E||x||^2
     mean: np.ndarray  # [L, d]
+    norms: NormDistribution | None = None
+    """Each layer's token-norm distribution; None for shards written before it was recorded."""
 
     def scale(self, d_model: int) -> np.ndarray:
         """Per-layer factor that makes E||x|| = sqrt(d) (the Group-SAE per-layer normalisation)."""
@@ -38,18 +46,24 @@ class NormStats:
         return self.scale(d_model)[pos], self.mean[pos]
 
     def record(self, config_hash: str, d_model: int) -> RunStats:
-        """What manifest/stats.json holds."""
+        """What manifest/stats.json holds (with the norm distribution's summary where it was counted)."""
         scale = self.scale(d_model)
+        summary = self.norms.summary(OUTLIER_FACTOR) if self.norms is not None else None
         return RunStats(
             config_hash=config_hash,
             d_model=d_model,
             target_norm=float(np.sqrt(d_model)),
             layers={
                 layer: LayerStats(
-                    int(self.count[i]), float(self.mean_norm[i]), float(self.mean_sq_norm[i]), float(scale[i])
+                    int(self.count[i]),
+                    float(self.mean_norm[i]),
+                    float(self.mean_sq_norm[i]),
+                    float(scale[i]),
+                    norms=None if summary is None else NormSummary(**{k: float(v[i]) for k, v in summary.items()}),
                 )
                 for i, layer in enumerate(self.layers)
             },
+            outlier_factor=None if summary is None else OUTLIER_FACTOR,
         )
 
 
@@ -58,6 +72,7 @@ def add_up(layers: Sequence[int], records: Sequence[ShardRecord], sums_files: Se
     L = len(layers)
     count, sum_norm, sum_sq = np.zeros(L), np.zeros(L), np.zeros(L)
     sum_x = None
+    norm_parts: list[tuple[np.ndarray, np.ndarray]] | None = []
     for record, sums in zip(records, sums_files, strict=True):
         for i, layer in enumerate(layers):
             st = record.layer_stats[layer]
@@ -71,6 +86,11 @@ def add_up(layers: Sequence[int], records: Sequence[ShardRecord], sums_files: Se
             )
         with np.load(sums) as z:
             sum_x = z["sum_x"] if sum_x is None else sum_x + z["sum_x"]
+            if norm_parts is not None and "norm_hist" in z.files:
+                norm_parts.append((z["norm_hist"], z["max_norm"]))
+            else:
+                norm_parts = None  # a shard from before norms were counted: no distribution
     denom = np.maximum(count, 1)
     mean = sum_x / denom[:, None] if sum_x is not None else np.zeros((L, 0))
-    return NormStats(list(layers), count, sum_norm / denom, sum_sq / denom, mean)
+    norms = add_up_norms(list(layers), norm_parts) if norm_parts else None
+    return NormStats(list(layers), count, sum_norm / denom, sum_sq / denom, mean, norms)

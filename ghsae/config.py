@@ -283,6 +283,10 @@ class ReportConfig:
     prompts right than this; 0 measures every task."""
     task_batch: int = runtime(16)
     """Prompts per forward pass of the circuit evals (the edits of one layer are stacked on top)."""
+    outlier_factor: float = 10.0
+    """A held-out token whose norm at a layer exceeds this multiple of the layer's median norm (from the
+    harvest's norm histograms) is an outlier there (a massive activation). Every FVU, delta CE and KL is
+    reported twice: over all tokens, and `_typical`, outliers left out of FVU and kept clean when spliced."""
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -298,6 +302,8 @@ class ReportConfig:
         for name in ("latents_shown", "examples_per_latent", "window", "batch_contexts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"report.{name} is {getattr(self, name)}; expected a positive integer")
+        if not self.outlier_factor > 1.0:  # also refuses nan
+            raise ConfigError(f"report.outlier_factor is {self.outlier_factor}; expected a number above 1 (10 is usual)")
         if self.ce_tokens < 0:
             raise ConfigError(f"report.ce_tokens is {self.ce_tokens}; expected 0 (no CE evals) or more")
 

@@ -373,18 +373,48 @@ class ShardRecord:
 
 
 @dataclass(frozen=True)
+class NormSummary:
+    """A layer's token-norm distribution as stats.json records it (cache/norms.py): quantiles read
+    off log-spaced bins 4.4 % wide, the largest norm exactly, and the outliers at the run's factor."""
+
+    median_norm: float
+    q99_norm: float
+    q999_norm: float
+    max_norm: float
+    outliers: float  # tokens above outlier_factor x median_norm (a whole number, from the bins)
+
+    @classmethod
+    def from_json(cls, obj: Mapping) -> NormSummary:
+        return cls(obj["median_norm"], obj["q99_norm"], obj["q999_norm"], obj["max_norm"], obj["outliers"])
+
+    def to_json(self) -> dict:
+        return {
+            "median_norm": self.median_norm,
+            "q99_norm": self.q99_norm,
+            "q999_norm": self.q999_norm,
+            "max_norm": self.max_norm,
+            "outliers": self.outliers,
+        }
+
+
+@dataclass(frozen=True)
 class LayerStats:
     count: int
     mean_norm: float
     mean_sq_norm: float
     scale: float  # sqrt(d) / E||x||, the per-layer normalisation factor
+    norms: NormSummary | None = None  # absent in runs harvested before norms were counted
 
     @classmethod
     def from_json(cls, obj: Mapping) -> LayerStats:
-        return cls(int(obj["count"]), obj["mean_norm"], obj["mean_sq_norm"], obj["scale"])
+        norms = NormSummary.from_json(obj["norms"]) if "norms" in obj else None
+        return cls(int(obj["count"]), obj["mean_norm"], obj["mean_sq_norm"], obj["scale"], norms)
 
     def to_json(self) -> dict:
-        return {"count": self.count, "mean_norm": self.mean_norm, "mean_sq_norm": self.mean_sq_norm, "scale": self.scale}
+        out: dict[str, Any] = {"count": self.count, "mean_norm": self.mean_norm, "mean_sq_norm": self.mean_sq_norm, "scale": self.scale}
+        if self.norms is not None:
+            out["norms"] = self.norms.to_json()
+        return out
 
 
 @dataclass(frozen=True)
@@ -395,6 +425,7 @@ class RunStats:
     d_model: int
     target_norm: float
     layers: Mapping[int, LayerStats]
+    outlier_factor: float | None = None  # the factor the layers' outlier counts use
 
     @classmethod
     def from_json(cls, obj: Any) -> RunStats:
@@ -404,15 +435,19 @@ class RunStats:
             int(obj["d_model"]),
             obj["target_norm"],
             {int(k): LayerStats.from_json(v) for k, v in obj["layers"].items()},
+            obj.get("outlier_factor"),
         )
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "config_hash": self.config_hash,
             "d_model": self.d_model,
             "target_norm": self.target_norm,
             "layers": {str(k): v.to_json() for k, v in self.layers.items()},
         }
+        if self.outlier_factor is not None:
+            out["outlier_factor"] = self.outlier_factor
+        return out
 
 
 # --- SAEs -----------------------------------------------------------------------------------------

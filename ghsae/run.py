@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ghsae.cache.norms import NormDistribution
 from ghsae.cache.stats import NormStats, add_up
 from ghsae.cache.store import ARRAYS, ROW_METADATA_BYTES, ActivationStore
 from ghsae.config import PipelineConfig, config_from_dict
@@ -226,9 +227,22 @@ class Run:
 
         stats = self.norm_stats(list(range(self.plan.n_shards)))
         d = self.plan.d_model
-        save_npz_atomic(self.layout.stats_arrays, layers=np.array(stats.layers), mean=stats.mean, scale=stats.scale(d))
+        norms = {} if stats.norms is None else {"norm_hist": stats.norms.hist, "max_norm": stats.norms.max_norm}
+        save_npz_atomic(
+            self.layout.stats_arrays, layers=np.array(stats.layers), mean=stats.mean, scale=stats.scale(d), **norms
+        )
         save_record(self.layout.stats, stats.record(self.plan.config_hash, d))
         return stats
+
+    def norm_distribution(self) -> NormDistribution | None:
+        """Each layer's token-norm distribution from manifest/stats.npz (None for a run harvested
+        before norms were counted, or before its statistics were written)."""
+        if not self.layout.stats_arrays.is_file():
+            return None
+        with np.load(self.layout.stats_arrays) as z:
+            if "norm_hist" not in z.files:
+                return None
+            return NormDistribution([int(x) for x in z["layers"]], z["norm_hist"], z["max_norm"])
 
     def run_stats(self) -> RunStats | None:
         return load_record(RunStats, self.layout.stats) if self.layout.stats.is_file() else None

@@ -18,6 +18,7 @@ import torch
 
 from ghsae import faults
 from ghsae.atomic import save_npz_atomic
+from ghsae.cache.norms import NormCounter
 from ghsae.cache.store import ActivationStore, ShardRows, to_storage
 from ghsae.errors import HarvestError
 from ghsae.hooks import capture_layers
@@ -51,6 +52,8 @@ class ShardSums:
 
     sum_x: np.ndarray  # [L, d] float64
     layers: dict[int, LayerSums]
+    norm_hist: np.ndarray  # [L, norms.N_BINS] int64: each layer's token norms, binned (cache/norms.py)
+    max_norm: np.ndarray  # [L] float64
 
 
 class LayerSumsAccumulator:
@@ -69,6 +72,7 @@ class LayerSumsAccumulator:
         self.sum_norm = torch.zeros(n_layers, dtype=f64, device=device)
         self.sum_sq = torch.zeros(n_layers, dtype=f64, device=device)
         self.count = torch.zeros(n_layers, dtype=torch.int64, device=device)
+        self.norms = NormCounter(n_layers, device)
         self.max_abs = torch.zeros((), dtype=torch.float32, device=device)  # read once per batch
 
     def add(self, i: int, rows: torch.Tensor) -> None:
@@ -80,13 +84,17 @@ class LayerSumsAccumulator:
         self.sum_norm[i] += norms.sum()
         self.sum_sq[i] += (norms * norms).sum()
         self.count[i] += rows.shape[0]
+        self.norms.add(i, norms)
 
     def track_peak(self, rows: torch.Tensor) -> None:
         if rows.shape[0]:
             torch.maximum(self.max_abs, rows.abs().amax(), out=self.max_abs)
 
     def sums(self, layers: tuple[int, ...]) -> ShardSums:
+        norm_hist, max_norm = self.norms.arrays()
         return ShardSums(
+            norm_hist=norm_hist,
+            max_norm=max_norm,
             sum_x=self.sum_x.cpu().numpy(),
             layers={
                 layer: LayerSums(int(self.count[i]), float(self.sum_norm[i]), float(self.sum_sq[i]))
@@ -204,7 +212,7 @@ def commit_shard(
     for name, group_rows in rows.items():
         store.write_shard(name, shard, group_rows)
         faults.point(f"{tag}/after-{name}", layout.acts / name)
-    save_npz_atomic(layout.shard_sums(shard), sum_x=sums.sum_x)
+    save_npz_atomic(layout.shard_sums(shard), sum_x=sums.sum_x, norm_hist=sums.norm_hist, max_norm=sums.max_norm)
     faults.point(f"{tag}/before-record", layout.shard_record(shard))
     record = ShardRecord(
         shard=shard,

@@ -57,6 +57,38 @@ def build_tokenizer():
 
 
 def build_model(arch: str, n_layers: int = 6, d_model: int = 32, max_positions: int = 128, seed: int = 0):
+    torch.manual_seed(seed)
+    model = _build_with_torch_init(arch, d_model, n_layers, max_positions)
+    return portable_init(model, seed)
+
+
+def portable_init(model, seed: int):
+    """Redraw the random weights from numpy's generator, which gives the same bits on every CPU.
+
+    torch's own initialisers take other vector kernels on other CPUs (AVX2, AVX-512), so a model
+    built from a seed there differs between machines in its last bits. Weights torch set to a
+    constant (norm scales, biases) stay as they are, and so do rows it zeroed (the pad embedding).
+    The spread is transformers' initializer_range, 0.02.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            values = param.detach()
+            if bool((values == values.reshape(-1)[0]).all()):
+                continue
+            drawn = torch.from_numpy(rng.standard_normal(tuple(values.shape), dtype=np.float32) * np.float32(0.02))
+            zero_rows = (
+                (values == 0).all(dim=-1, keepdim=True)
+                if values.dim() > 1
+                else torch.zeros_like(values, dtype=torch.bool)
+            )
+            param.copy_(torch.where(zero_rows, torch.zeros_like(drawn), drawn).to(param.dtype))
+    return model
+
+
+def _build_with_torch_init(arch: str, d_model: int, n_layers: int, max_positions: int):
     from transformers import (
         GPT2Config,
         GPT2LMHeadModel,
@@ -66,7 +98,6 @@ def build_model(arch: str, n_layers: int = 6, d_model: int = 32, max_positions: 
         LlamaForCausalLM,
     )
 
-    torch.manual_seed(seed)
     vocab = len(SPECIALS) + len(WORDS)
     common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     if arch == "llama":

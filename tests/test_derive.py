@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_stored_bytes import run_digests
+from stored_run import run_digests
 
 from conftest import tiny_config
 from ghsae.errors import ConfigError
@@ -68,10 +68,14 @@ def test_a_source_that_cannot_give_the_rows_is_refused_with_the_reason(source, t
     grouped = tmp_path / "grouped"
     derive_run(source, tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 2}), grouped, progress=False)
     with pytest.raises(ConfigError, match=r"is not an all-layers run \(harvest it with --groups per-layer\)"):
-        derive_run(grouped, tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 3}), tmp_path / "b", progress=False)
+        derive_run(
+            grouped, tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 3}), tmp_path / "b", progress=False
+        )
 
 
-def test_a_derivation_into_a_folder_holding_a_direct_harvest_is_refused(source, tiny_llama, text_dataset, tiny_lm, tmp_path):
+def test_a_derivation_into_a_folder_holding_a_direct_harvest_is_refused(
+    source, tiny_llama, text_dataset, tiny_lm, tmp_path
+):
     cfg = tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 2})
     harvest(cfg, tmp_path / "direct", progress=False, lm=tiny_lm)
     with pytest.raises(ConfigError, match="holds a direct harvest; a derived run cannot be written into it"):
@@ -88,7 +92,7 @@ def test_an_interrupted_derivation_is_marked_derived_from_its_start(source, tiny
     record = load_record(DerivedFrom, run.layout.derived_from)
     assert record.source_path(run.root) == source.resolve()
     assert not record.source.startswith("/")  # relative: the pair can move together
-    assert (run.layout.derived_from.stat().st_mtime_ns <= run.layout.plan.stat().st_mtime_ns)
+    assert run.layout.derived_from.stat().st_mtime_ns <= run.layout.plan.stat().st_mtime_ns
 
 
 def test_a_rebuilt_plan_of_a_run_from_before_issue_13_keeps_its_statistics_rule(
