@@ -8,7 +8,8 @@
     derived.json              DerivedFrom      the all-layers run a derived run was gathered from
     SWEEP/ghsae-sweep.json    SweepRecord      a sweep folder and its groupings
     saes/fit.json             FitSettings      the [fit] settings the run's SAEs are trained with
-    saes/<group>/cfg.json     SAERecord        one SAE: its config, the fit settings and store it came from
+    saes/<group>/cfg.json     SAERecord        one SAE: its config, the fit settings and store it came from,
+                                               its weights file's size and SHA-256 (WeightsDigest)
     report/settings.json      ReportSettings   what the last report was made with
     report/rating-key.json    RatingKey        the blind rating page's key (ids -> SAE, layer, latent)
     report/ratings.json       RatingScores     scored ratings
@@ -25,6 +26,7 @@ this module). A record holding a "version" newer than this ghsae reads is refuse
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -491,6 +493,25 @@ class Provenance:
 
 
 @dataclass(frozen=True)
+class WeightsDigest:
+    """The SAE's weights file as fit wrote it: its size and SHA-256, so a damaged file is refused."""
+
+    size: int  # bytes
+    sha256: str
+
+    @classmethod
+    def of(cls, data: bytes) -> WeightsDigest:
+        return cls(len(data), hashlib.sha256(data).hexdigest())
+
+    @classmethod
+    def from_json(cls, obj: Mapping) -> WeightsDigest:
+        return cls(int(obj["bytes"]), str(obj["sha256"]))
+
+    def to_json(self) -> dict:
+        return {"bytes": self.size, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
 class SAERecord:
     """saes/<group>/cfg.json: the SAE's config (SAEConfig's fields), and how it was trained."""
 
@@ -500,11 +521,12 @@ class SAERecord:
     tokens: int = 0  # training tokens seen
     steps: int = 0
     seconds: float | None = None  # training wall time, summed over resumed sessions (the report's T)
+    weights: WeightsDigest | None = None  # None: written before checksums existed (loads unchecked)
 
     @classmethod
     def from_json(cls, obj: Any) -> SAERecord:
         obj = _check_version(obj, "the SAE's cfg.json")
-        prov = obj.get("provenance")
+        prov, weights = obj.get("provenance"), obj.get("weights")
         return cls(
             sae=obj["sae"],
             fit=obj.get("fit", {}),
@@ -512,6 +534,7 @@ class SAERecord:
             tokens=int(obj.get("tokens", 0)),
             steps=int(obj.get("steps", 0)),
             seconds=obj.get("seconds"),
+            weights=WeightsDigest.from_json(weights) if weights is not None else None,
         )
 
     def to_json(self) -> dict:
@@ -523,6 +546,8 @@ class SAERecord:
         out.update(tokens=self.tokens, steps=self.steps)
         if self.seconds is not None:
             out["seconds"] = self.seconds
+        if self.weights is not None:
+            out["weights"] = self.weights.to_json()
         return out
 
     @property

@@ -13,6 +13,7 @@ writes except where a method says so (the statistics, forgetting a shard, the fi
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +28,8 @@ from ghsae.config import PipelineConfig, config_from_dict
 from ghsae.errors import ConfigError, DamagedFileError, StoreError
 from ghsae.layout import RunLayout, sae_config
 from ghsae.records import FitSettings, Plan, RunConfig, RunStats, SAERecord, ShardRecord, load_record, save_record
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -292,7 +295,9 @@ class Run:
         return problems, len(done)
 
     def verify_saes(self) -> tuple[list[str], int]:
-        """Load every trained SAE folder (cfg.json against the weights); returns (problems, folders)."""
+        """Load every trained SAE folder (cfg.json against the weights, and the weights against the
+        checksum cfg.json records); returns (problems, folders). An SAE fitted before checksums were
+        recorded loads unchecked, with a warning that says so."""
         from ghsae.errors import GhsaeError
         from ghsae.sae import load_sae
 
@@ -304,10 +309,10 @@ class Run:
                 continue
             try:
                 load_sae(folder)
+                if load_record(SAERecord, sae_config(folder)).weights is None:
+                    log.warning("%s records no checksum of its weights (fitted by an older ghsae): unchecked", folder)
             except GhsaeError as e:
                 problems.append(str(e))
-            except Exception as e:  # a damaged safetensors file
-                problems.append(f"{folder}: cannot load ({type(e).__name__}: {e}); re-run `ghsae fit` for it")
         return problems, len(folders)
 
     # --- the model ----------------------------------------------------------------------------

@@ -84,8 +84,9 @@ def test_a_fit_with_nothing_to_do_writes_nothing(tmp_path, fitted_run, small_cfg
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in fitted_run.rglob("*")} == before
 
 
-def test_a_checkpoint_is_loaded_weights_only(tmp_path, fitted_run, small_cfg):
-    """A checkpoint that would run code when unpickled is refused as damaged, and the code never runs."""
+def test_a_checkpoint_is_loaded_weights_only(tmp_path, fitted_run, small_cfg, caplog):
+    """A checkpoint that would run code when unpickled is treated as damaged (the SAE trains from the
+    start, with a warning), and the code never runs."""
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -95,6 +96,7 @@ def test_a_checkpoint_is_loaded_weights_only(tmp_path, fitted_run, small_cfg):
     (fitted_run / "saes" / GROUP / "sae.safetensors").unlink()
     torch.save({"sae": Payload()}, fitted_run / "saes" / GROUP / "checkpoint.pt")
     r = cli(["fit", "--config", write_config(tmp_path, small_cfg), "--run-dir", fitted_run, "--group", GROUP])
-    assert r.exit_code == 2
-    assert_one_line_error(r.output, "checkpoint.pt is damaged or not a ghsae checkpoint")
+    assert r.exit_code == 0, r.output
+    assert "checkpoint.pt is damaged (not a readable ghsae checkpoint" in caplog.text
+    assert "training this SAE from the start" in caplog.text
     assert not marker.exists()

@@ -91,14 +91,28 @@ def write_saelens_folder(sae: SparseAutoencoder, layer: int, folder: Path, metad
         write_bytes_atomic(tmp / SAELENS_CONFIG, json_bytes(cfg))
 
 
+def check_destination(run: Run, out: Path) -> None:
+    """Refuse an export into the run folder: its layer folders would sit among the run's own files
+    (in saes/ they would count as SAE folders)."""
+    root, target = run.root.resolve(), out.resolve()
+    if target == root or root in target.parents:
+        raise ConfigError(
+            f"the export destination {out} is inside the run folder {run.root}; "
+            f"export next to it instead, e.g. `ghsae export {run.root} {root.parent / (root.name + '-saelens')}`"
+        )
+
+
 def export_run(run: Run, out: Path, fmt: str = "saelens", overwrite: bool = False) -> list[Path]:
     """Export every group SAE of a fitted run: one folder per layer, named `layer_XX`."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not supported; expected one of {', '.join(FORMATS)}")
+    check_destination(run, out)
     plan = run.plan
     missing = [g for g in plan.group_names if not run.sae_trained(g)]
     if missing:
         raise StoreError(f"{run.root} has no trained SAE for {', '.join(missing)}; run `ghsae fit --run-dir {run.root}`")
+    for name in plan.group_names:  # a damaged SAE is refused before any folder is written
+        run.sae(name)
     width = len(str(max(plan.layers)))
     targets = {layer: saelens_folder(out, layer, width) for layer in plan.layers}
     clashes = [str(p) for p in targets.values() if p.exists()]

@@ -24,13 +24,23 @@ from ghsae.cache.loader import ActivationLoader, GroupReader
 from ghsae.cache.stats import NormStats
 from ghsae.config import FitConfig, PipelineConfig
 from ghsae.device import pick_device
-from ghsae.errors import ConfigError, StoreError
+from ghsae.errors import ConfigError, DamagedFileError, StoreError
 from ghsae.layers import layer_lookup_table, span
-from ghsae.layout import SAE_FILES
+from ghsae.layout import SAE_CONFIG, SAE_FILES, SAE_WEIGHTS
 from ghsae.locks import hold_run, wait_lock
 from ghsae.records import Provenance, SAERecord
 from ghsae.run import Run
-from ghsae.sae import SAEConfig, SparseAutoencoder, build_sae, dead_window, load_sae, save_sae
+from ghsae.sae import (
+    K_ARCHITECTURES,
+    SAEConfig,
+    SAELoadError,
+    SparseAutoencoder,
+    build_sae,
+    dead_window,
+    load_sae,
+    read_sae,
+    save_sae,
+)
 from ghsae.train.provenance import (
     fit_settings,
     provenance,
@@ -79,9 +89,10 @@ def selected_groups(run: Run, groups: list[str] | None) -> list[str]:
 
 
 def check_fit_settings(run: Run, cfg: PipelineConfig, overwrite: bool) -> list[str]:
-    """Refuse fit settings other than the ones the run's SAEs are trained with (saes/fit.json, or the
-    trained SAEs' own records in a run from before that file), listing the differing keys, unless
-    `overwrite`; returns those differences. Nothing is written here."""
+    """Refuse a k the SAEs cannot have (check_k), and fit settings other than the ones the run's SAEs
+    are trained with (saes/fit.json, or the trained SAEs' own records in a run from before that file),
+    listing the differing keys, unless `overwrite`; returns those differences. Nothing is written here."""
+    check_k(cfg.fit, run.plan.d_model)
     recorded = recorded_run_fit(run)
     if recorded is None:
         return []
@@ -121,6 +132,7 @@ def fit_group(
     over instead of refused.
     """
     pick_device(cfg.fit.device, option=FIT_DEVICE_OPTION)  # a bad device fails before any work
+    check_k(cfg.fit, run.plan.d_model)
     with hold_run(run.layout), wait_lock(run.layout.lock(f"sae-{group}"), f"the SAE of {group}"):
         record = provenance(cfg, run, group, shards)
         done = _already_trained(run, group, record, restart)
@@ -131,9 +143,10 @@ def fit_group(
 
 def _already_trained(run: Run, group: str, record: Provenance, restart: bool) -> FitResult | None:
     """The FitResult of an SAE already trained with these settings on this store (nothing is written);
-    None when it must be trained. One trained otherwise is refused, or with restart removed."""
+    None when it must be trained. One trained otherwise is refused, or with restart removed; a damaged
+    one is removed (see _damaged)."""
     folder = run.layout.sae_dir(group)
-    if not run.sae_trained(group):
+    if not run.sae_trained(group) or _damaged(folder):
         return None
     meta = run.sae_record(group)
     saved = meta.provenance
@@ -152,6 +165,31 @@ def _already_trained(run: Run, group: str, record: Provenance, restart: bool) ->
     for name in SAE_FILES:  # ghsae's files only
         (folder / name).unlink(missing_ok=True)
     return None
+
+
+def _damaged(folder: Path) -> bool:
+    """A trained SAE whose files fail their check (cfg.json, the weights' checksum, their shapes) is
+    not trained: its record and weights are removed, with a warning, so that it is fitted again (from
+    its checkpoint when that holds the finished training, which gives the same weights)."""
+    try:
+        read_sae(folder, fix="fit trains it again")
+    except (SAELoadError, DamagedFileError) as e:
+        log.warning("%s", e)
+        for name in (SAE_WEIGHTS, SAE_CONFIG):
+            (folder / name).unlink(missing_ok=True)
+        return True
+    return False
+
+
+def check_k(fc: FitConfig, d_model: int) -> None:
+    """Refuse a TopK-family k above the dictionary size before any work: an SAE cannot keep more
+    latents a token than it has, and a k it does not use must not be recorded as its setting."""
+    m = fc.expansion * d_model
+    if fc.architecture in K_ARCHITECTURES and fc.k > m:
+        raise ConfigError(
+            f"fit.k is {fc.k} but this run's SAEs have {m} latents (fit.expansion {fc.expansion} x d_model {d_model}); "
+            f"expected fit.k from 1 to {m}: lower [fit] k or raise [fit] expansion in the --config file"
+        )
 
 
 @dataclass
@@ -215,7 +253,7 @@ def _train_group(
             d_model=d,
             n_latents=fc.expansion * d,
             layers=layers,
-            k=min(fc.k, fc.expansion * d),
+            k=fc.k,
             aux_coef=fc.aux_coef,
             auxk_normalisation=fc.auxk_normalisation,
             sparsity_coef=fc.sparsity_coef,

@@ -1,19 +1,22 @@
 """The training loop for one SAE: step(), log(), checkpoint(), resumable at any checkpoint.
 
 A checkpoint holds the SAE, the optimiser, the loader position (epoch, batches consumed) and the
-RNG state, written to a temporary name and renamed. The loader's order is a pure function of
+RNG state, with a digest of all of them, written to a temporary name and renamed. One that fails
+its digest (or cannot be read) is removed with a warning and the SAE trains from the start. The loader's order is a pure function of
 (seed, epoch), so a run killed and resumed sees the same batches and, on CPU, ends with the same
 weights as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -22,7 +25,7 @@ from ghsae import faults
 from ghsae.atomic import save_torch_atomic, write_parquet_atomic
 from ghsae.cache.loader import ActivationLoader, LoaderBatch
 from ghsae.config import FitConfig
-from ghsae.errors import DamagedFileError, GhsaeError, StoreError
+from ghsae.errors import GhsaeError, StoreError
 from ghsae.layout import sae_checkpoint, sae_training_metrics
 from ghsae.records import Provenance
 from ghsae.sae import SparseAutoencoder
@@ -38,6 +41,10 @@ class TrainingDiverged(GhsaeError):
 
 class ResumeRefused(GhsaeError):
     """A checkpoint or trained SAE was made with other fit settings or another store."""
+
+
+class CheckpointDamaged(Exception):
+    """A checkpoint that cannot be read or fails its digest (never shown as such: fit starts over)."""
 
 
 @dataclass
@@ -219,7 +226,7 @@ class Trainer:
         now = time.perf_counter()
         self.state.seconds += now - self._clock
         self._clock = now
-        payload = {
+        payload: dict[str, Any] = {
             "provenance": self.provenance.to_json() if self.provenance is not None else None,
             "sae_cfg": self.sae.cfg.to_json(),
             "sae": self.sae.state_dict(),
@@ -228,6 +235,7 @@ class Trainer:
             "metrics": self.state.metrics,
             "rng": torch.get_rng_state(),
         }
+        payload[DIGEST_KEY] = payload_digest(payload)
         save_torch_atomic(self.checkpoint_path, payload, fault="fit/checkpoint")
         if self.state.metrics:
             write_parquet_atomic(sae_training_metrics(self.out_dir), self.state.metrics)
@@ -237,6 +245,8 @@ class Trainer:
         if not self.checkpoint_path.is_file():
             return False
         payload = self._load_checkpoint()
+        if payload is None:
+            return False
         saved, now = payload["sae_cfg"], self.sae.cfg.to_json()
         diffs = [
             f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
@@ -262,7 +272,17 @@ class Trainer:
         self._last_checkpoint_tokens = self.state.tokens
         return True
 
-    def _load_checkpoint(self) -> dict:
+    def _load_checkpoint(self) -> dict | None:
+        """The checkpoint, once it matches its digest; None when it is damaged: it is removed with a
+        warning and the SAE trains from the start (a damaged resume would train on wrong weights)."""
+        try:
+            return self._read_checkpoint()
+        except CheckpointDamaged as e:
+            log.warning("%s: %s is damaged (%s); training this SAE from the start", self.name, self.checkpoint_path, e)
+            self.checkpoint_path.unlink(missing_ok=True)
+            return None
+
+    def _read_checkpoint(self) -> dict:
         # weights_only: a checkpoint is data (tensors, numbers, strings); a run folder received from
         # someone else must not be able to run code on resume (issue 9, item 12)
         try:
@@ -270,10 +290,48 @@ class Trainer:
         except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
             if isinstance(e, OSError) and e.errno is not None:
                 raise
-            raise DamagedFileError(
-                f"{self.checkpoint_path} is damaged or not a ghsae checkpoint ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:120]}); delete it to train this SAE from the start"
+            raise CheckpointDamaged(
+                f"not a readable ghsae checkpoint: {type(e).__name__}: {str(e).split('.')[0][:100]}"
             ) from None
         if not isinstance(payload, dict) or "sae" not in payload:
-            raise DamagedFileError(f"{self.checkpoint_path} is not a ghsae checkpoint; delete it to start over")
+            raise CheckpointDamaged("not a ghsae checkpoint")
+        recorded = payload.pop(DIGEST_KEY, None)
+        if recorded is None and set(payload) != UNDIGESTED_KEYS:
+            raise CheckpointDamaged("its digest is missing")
+        if recorded is None:  # written before checkpoints carried a digest
+            log.warning(
+                "%s: %s carries no digest (an older ghsae wrote it); resumed unchecked", self.name, self.checkpoint_path
+            )
+        elif recorded != payload_digest(payload):
+            raise CheckpointDamaged("its contents differ from the digest written with them")
         return payload
+
+
+DIGEST_KEY = "digest"  # a checkpoint's SHA-256 of everything else it holds (payload_digest)
+UNDIGESTED_KEYS = {"provenance", "sae_cfg", "sae", "optimizer", "state", "metrics", "rng"}  # before the digest
+
+
+def payload_digest(payload: dict) -> str:
+    """SHA-256 over a checkpoint's contents as loaded (keys, numbers, strings, each tensor's dtype,
+    shape and bytes), so it holds whatever device the tensors were saved from or loaded to. torch's
+    zip format keeps no checksum that its loader checks: a flipped byte inside a tensor loads."""
+    h = hashlib.sha256()
+    _feed(payload, h)
+    return h.hexdigest()
+
+
+def _feed(obj: Any, h: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        h.update(f"tensor:{obj.dtype}:{list(obj.shape)}".encode())
+        h.update(obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"dict:{len(obj)}".encode())
+        for key in sorted(obj, key=repr):
+            h.update(f"key:{key!r}".encode())
+            _feed(obj[key], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__}:{len(obj)}".encode())
+        for item in obj:
+            _feed(item, h)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r}".encode())

@@ -7,6 +7,7 @@ public API load it, so it sits beside the other ground services rather than insi
 from ghsae.sae.architectures import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE, build_sae
 from ghsae.sae.base import (
     AUXK_NORMALISATIONS,
+    K_ARCHITECTURES,
     REGISTRY,
     SAEConfig,
     SAEOutput,
@@ -15,10 +16,11 @@ from ghsae.sae.base import (
     fvu,
     register,
 )
-from ghsae.sae.io import SAELoadError, load_sae, save_sae
+from ghsae.sae.io import SAELoadError, load_sae, read_sae, save_sae
 
 __all__ = [
     "AUXK_NORMALISATIONS",
+    "K_ARCHITECTURES",
     "REGISTRY",
     "BatchTopKSAE",
     "JumpReLUSAE",
@@ -32,6 +34,7 @@ __all__ = [
     "dead_window",
     "fvu",
     "load_sae",
+    "read_sae",
     "register",
     "save_sae",
 ]

@@ -28,6 +28,7 @@ from ghsae.layers import layer_lookup_table
 from ghsae.sae.sparse import SparseCodes
 
 AUXK_NORMALISATIONS = ("total-variance", "error-variance")
+K_ARCHITECTURES = ("topk", "batchtopk")  # the architectures that keep k latents a token
 DEAD_TOKENS_CAP = 10_000_000  # the reference's dead window (sparsify's dead_feature_threshold)
 DEAD_FRACTION = 0.1  # auto window: this share of the SAE's training tokens, capped at the reference's
 
@@ -96,7 +97,7 @@ class SAEConfig:
     def __post_init__(self) -> None:
         if self.architecture not in REGISTRY:
             raise ValueError(f"unknown SAE architecture {self.architecture!r}; expected one of {', '.join(REGISTRY)}")
-        if self.k < 1 or (self.architecture in ("topk", "batchtopk") and self.k > self.n_latents):
+        if self.k < 1 or (self.architecture in K_ARCHITECTURES and self.k > self.n_latents):
             raise ValueError(f"k is {self.k}; expected 1..n_latents ({self.n_latents})")
         if not self.layers:
             raise ValueError("an SAE must serve at least one layer")
