@@ -135,14 +135,21 @@ def start_over(layout: SweepLayout) -> None:
     ours = {*runs, layout.report, layout.marker, root / LOCKS_DIR}
     kept = [c for c in sorted(root.iterdir()) if c not in ours]
     for run in runs:
-        kept += [p for p in remove_owned(run, _GROUPING_TREE) if p != RunLayout(run).marker]
-        if all(p.name in (MARKER_FILE, LOCKS_DIR) for p in run.iterdir()):
-            shutil.rmtree(run)
+        kept += clear_run(run)
     if layout.report.is_dir() and not layout.report.is_symlink():
         kept += remove_owned(layout.report, SWEEP_REPORT_TREE)
         if not any(layout.report.iterdir()):
             layout.report.rmdir()
     warn_kept(root, kept)
+
+
+def clear_run(run: Path) -> list[Path]:
+    """Remove what ghsae wrote in a run of the sweep; the folder goes too unless the user's files are
+    left in it (then it keeps its marker). Returns the user's entries kept."""
+    kept = [p for p in remove_owned(run, _GROUPING_TREE) if p != RunLayout(run).marker]
+    if not kept:
+        shutil.rmtree(run)
+    return kept
 
 
 def sweep(
@@ -186,7 +193,7 @@ def sweep(
                 "tokens, or free space"
             )
         say(f"{size.refusal()}: harvesting each grouping directly instead (one model pass per G)")
-        shutil.rmtree(layout.per_layer)
+        warn_kept(layout.root, clear_run(layout.per_layer), f"removing {layout.per_layer}")
         for name, g in resolved.items():
             runs[name] = layout.grouping(name)
             say(summary_line(pipeline.harvest(grouping_config(cfg, g), runs[name], executor, progress=progress)))

@@ -211,8 +211,9 @@ def _under_rebuilt(relative: Path) -> bool:
     return parts[0] in REBUILT_WHOLE
 
 
-def warn_kept(root: Path, kept: list[Path]) -> None:
+def warn_kept(root: Path, kept: list[Path], what: str = "--overwrite") -> None:
+    """Name the user's entries a removal kept, by their path relative to `root`."""
     names = [str(p.relative_to(root)) for p in kept]
     if names:
         more = f" and {len(names) - 10} more" if len(names) > 10 else ""
-        log.warning("--overwrite kept %d entries ghsae did not write: %s%s", len(names), ", ".join(names[:10]), more)
+        log.warning("%s kept %d entries ghsae did not write: %s%s", what, len(names), ", ".join(names[:10]), more)

@@ -276,3 +276,21 @@ def test_a_kit_id_that_is_not_one_never_reaches_a_path(rated, tmp_path):
     r = cli(["rate", run, "--score", path])
     assert r.exit_code == 2
     assert_one_line_error(r.output, "is not a rating kit id")
+
+
+def test_a_sweep_that_no_longer_fits_the_disk_keeps_the_users_files_in_its_per_layer_run(
+    tmp_path, tiny_llama, text_dataset, caplog
+):
+    sweep_dir = tmp_path / "sweep"
+    cfg = small_config(tiny_llama, text_dataset, **SWEEP_FIT, **{"report.ce_tokens": 128})
+    args = ["sweep", "--run-dir", sweep_dir, "--no-progress", "--groups", "2"]
+    assert cli([*args, "--config", write_config(tmp_path, cfg)]).exit_code == 0
+    (sweep_dir / "per-layer" / "notes.txt").write_text("layer 3 is odd")
+    small = small_config(tiny_llama, text_dataset, **SWEEP_FIT, **{"report.ce_tokens": 128, "compare.max_source_bytes": 1})
+    (tmp_path / "small").mkdir()
+    with caplog.at_level(logging.WARNING):
+        r = cli([*args, "--config", write_config(tmp_path / "small", small)])
+    assert r.exit_code == 0 and "harvesting each grouping directly instead" in r.output, r.output
+    assert (sweep_dir / "per-layer" / "notes.txt").read_text() == "layer 3 is odd"
+    assert not (sweep_dir / "per-layer" / "acts.zarr").exists()
+    assert "per-layer/notes.txt" in caplog.text
