@@ -1,6 +1,6 @@
 """`ghsae rate`: the Group-SAE paper's human interpretability study as a kit anyone can run.
 
-    ghsae rate RUN [--baseline BASE] --latents 96   -> one HTML page + RUN/report/rating-key.json
+    ghsae rate RUN [--baseline BASE] --latents 96   -> one HTML page + RUN/report/rating-key-<kit>.json
     ghsae rate RUN --score ratings.csv              -> per SAE and layer: share rated interpretable
 
 For every SAE and every layer it serves (a group SAE is rated at each of its layers, as the paper
@@ -8,7 +8,10 @@ rates 96 latents per layer), `latents` latents are drawn at random among those t
 run's held-out tokens at that layer (a latent that never fires has no dashboard to judge). The
 group SAEs' and the baseline's items are shuffled together under opaque ids; the page shows each
 with its dashboard (top contexts, activation histogram, promoted and suppressed tokens) and no
-name, kind or layer. The key from ids to (SAE, layer, latent) is written to the run folder only.
+name, kind or layer. The key from ids to (SAE, layer, latent) is written to the run folder only,
+one key per page under the page's kit id (which the page and its CSV carry), so a second page never
+replaces the key of the first; `--score` picks the key by the CSV's kit. Runs rated before that
+hold one rating-key.json, still read.
 
 The score is interpretable / (interpretable + not); "unsure" is counted and shown but left out of
 the proportion. The interval is Wilson's 95% score interval for a binomial proportion, which stays
@@ -20,8 +23,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import html
+import io
 import json
+import logging
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +35,12 @@ import numpy as np
 from ghsae.analysis.rate_page import RATINGS, render
 from ghsae.atomic import write_text_atomic
 from ghsae.errors import ConfigError, GhsaeError
-from ghsae.layout import RATING_KEY, RATING_PAGE, RATING_SCORES, RunLayout
+from ghsae.layout import RATING_KEY, RATING_KEY_PREFIX, RATING_PAGE, RATING_SCORES, RunLayout
 from ghsae.records import RatingItem, RatingKey, RatingScores, Score, load_record, save_record
+
+log = logging.getLogger(__name__)
+COLUMNS = ("kit", "item", "rating", "rated_at")  # the page's download, in this order
+_KIT_ID = re.compile(r"[0-9a-f]{1,64}")  # a kit id names a key file: nothing else may reach the path
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -52,7 +62,7 @@ class RatingError(GhsaeError):
 
 def build_kit(cfg, run, lm, baseline=None, n_latents: int = 96, out: Path | None = None) -> tuple[Path, RatingKey]:
     """The blind rating page of `run`'s SAEs (a ghsae.run.Run), mixed with `baseline`'s when given,
-    using the loaded model `lm`; the key goes to RUN/report/rating-key.json."""
+    using the loaded model `lm`; the key goes to RUN/report/rating-key-<kit>.json."""
     from ghsae.analysis.baseline import check_baseline_data
     from ghsae.analysis.dashboards import collect, contexts_html, histogram_svg, tokens_html
     from ghsae.analysis.report import SAEKind, load_side, token_strings
@@ -103,19 +113,21 @@ def build_kit(cfg, run, lm, baseline=None, n_latents: int = 96, out: Path | None
         name, kind, layer, latent, body = entries[j]
         items.append(RatingItem(f"{i + 1:05d}", name, kind, layer, latent))
         bodies.append((f"{i + 1:05d}", body))
-    kit = hashlib.sha256(json.dumps([x.to_json() for x in items]).encode() + str(run_dir).encode()).hexdigest()[:12]
     base_path = str(Path(baseline_dir).resolve()) if baseline_dir is not None else None
+    # the page's id: its items, run and baseline (the browser keeps ratings per kit, the key is found by it)
+    kit_source = json.dumps([[x.to_json() for x in items], str(run_dir), base_path]).encode()
+    kit = hashlib.sha256(kit_source).hexdigest()[:12]
     key = RatingKey(kit, str(Path(run_dir).resolve()), base_path, seed, tuple(items))
     intro = (
         f"{len(items)} latents, shuffled, from SAEs this page does not name. For each: would you call it "
         "<b>interpretable</b> (one concept explains most of the contexts where it fires), <b>not</b>, or "
         "<b>unsure</b>? Keys 1 / 2 / 3 rate, arrows move. Ratings stay in this browser until you download them; "
-        f"then run <code>ghsae rate {html.escape(str(run_dir))} --score ratings.csv</code>."
+        f"then run <code>ghsae rate {html.escape(str(run_dir))} --score ratings-{kit}.csv</code>."
     )
     out = Path(out) if out else run.layout.report_file(RATING_PAGE)
     out.parent.mkdir(parents=True, exist_ok=True)
     run.layout.report.mkdir(exist_ok=True)
-    save_record(run.layout.report_file(RATING_KEY), key)
+    save_record(run.layout.rating_key(kit), key)
     write_text_atomic(out, render(kit, bodies, intro))
     return out, key
 
@@ -123,39 +135,101 @@ def build_kit(cfg, run, lm, baseline=None, n_latents: int = 96, out: Path | None
 # --- scoring ------------------------------------------------------------------------------------
 
 
-def read_ratings(path: Path, key: RatingKey) -> dict[str, str]:
-    """item id -> rating from a downloaded CSV, checked against the kit's key."""
+def read_rows(path: Path) -> list[tuple[int, dict[str, str]]]:
+    """The CSV's rows with their row numbers as a spreadsheet shows them (the header is row 1).
+    UTF-8, with or without the byte-order mark spreadsheets write; at least one rating."""
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
+        text = path.read_bytes().decode("utf-8-sig")
     except OSError as e:
         raise RatingError(f"cannot read the ratings file {path}: {e}") from e
-    if rows and not {"kit", "item", "rating"} <= set(rows[0]):
-        raise RatingError(f"{path} has columns {list(rows[0])}; expected kit,item,rating,rated_at (the page's download)")
+    except UnicodeDecodeError as e:
+        raise RatingError(
+            f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); expected the CSV the "
+            "rating page downloads: score that file, or save it again as 'CSV UTF-8' from the spreadsheet"
+        ) from None
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = [(reader.line_num, row) for row in reader]
+    except csv.Error as e:
+        raise RatingError(f"{path} is not a readable CSV ({e}); expected the CSV the rating page downloads") from None
+    if not rows:
+        raise RatingError(
+            f"{path} holds no ratings ({'empty' if not text.strip() else 'a header line only'}); rate items on the "
+            "page, press 'download ratings (CSV)' and score that file. Earlier scores are left as they were"
+        )
+    if not set(COLUMNS[:3]) <= set(reader.fieldnames or ()):
+        raise RatingError(f"{path} has columns {reader.fieldnames}; expected {','.join(COLUMNS)} (the page's download)")
+    return rows
+
+
+def kit_of(path: Path, rows: list[tuple[int, dict[str, str]]]) -> str:
+    """The one rating kit (page) the CSV's rows are from."""
+    kits: dict[str, int] = {}
+    for n, row in rows:
+        kits.setdefault(row["kit"], n)
+    if len(kits) > 1:
+        where = ", ".join(f"{k!r} from row {n}" for k, n in kits.items())
+        raise RatingError(f"{path} mixes rows of {len(kits)} rating pages ({where}); score each page's CSV on its own")
+    kit = next(iter(kits))
+    if not isinstance(kit, str) or not _KIT_ID.fullmatch(kit):
+        raise RatingError(f"{path} row {rows[0][0]}: kit {kit!r} is not a rating kit id; expected the page's download")
+    return kit
+
+
+def find_key(layout: RunLayout, kit: str, path: Path) -> RatingKey:
+    """The key of the page with this kit id: its own file, or the single key of a run rated before
+    pages had their own."""
+    fix = f"write a new rating page with `ghsae rate {layout.root}`"
+    if layout.rating_key(kit).is_file():
+        return load_record(RatingKey, layout.rating_key(kit), fix=fix)
+    legacy = layout.report_file(RATING_KEY)
+    if legacy.is_file():
+        key = load_record(RatingKey, legacy, fix=fix)
+        if key.kit == kit:
+            return key
+    files = layout.report.glob(f"{RATING_KEY_PREFIX}*.json")
+    kits = sorted(p.name[len(RATING_KEY_PREFIX) : -len(".json")] for p in files)
+    kits += [load_record(RatingKey, legacy, fix=fix).kit] if legacy.is_file() else []
+    held = f"its keys are of kits {', '.join(kits)}" if kits else f"it has no rating key; {fix}"
+    raise RatingError(
+        f"{path} is from rating kit {kit}, but {layout.root} holds no key for it ({held}); score it against the run "
+        "whose `ghsae rate` wrote that page"
+    )
+
+
+def read_ratings(path: Path, rows: list[tuple[int, dict[str, str]]], key: RatingKey) -> dict[str, str]:
+    """item id -> rating, checked against the kit's key. An item rated twice differently is refused,
+    naming both rows; rated twice the same, it counts once (with a warning)."""
     known = {i.item for i in key.items}
-    out = {}
-    for n, row in enumerate(rows, 2):
-        if row["kit"] != key.kit:
+    out: dict[str, tuple[int, str]] = {}
+    repeated = []
+    for n, row in rows:
+        item, rating = row["item"], row["rating"]
+        if item not in known:
+            raise RatingError(f"{path} row {n}: item {item} is not on kit {key.kit}")
+        if rating not in RATINGS:
+            raise RatingError(f"{path} row {n}: rating {rating!r}; expected one of {', '.join(RATINGS)}")
+        if item in out and out[item][1] != rating:
+            first, said = out[item]
             raise RatingError(
-                f"{path} line {n} is from rating kit {row['kit']}, but this run's key is kit {key.kit}; "
-                "score it against the run whose `ghsae rate` wrote that page"
+                f"{path} rates item {item} twice, differently: row {first} says {said!r}, row {n} says {rating!r} "
+                "(rows numbered as a spreadsheet shows them); delete the wrong row and score again"
             )
-        if row["item"] not in known:
-            raise RatingError(f"{path} line {n}: item {row['item']} is not on kit {key.kit}")
-        if row["rating"] not in RATINGS:
-            raise RatingError(f"{path} line {n}: rating {row['rating']!r}; expected one of {', '.join(RATINGS)}")
-        out[row["item"]] = row["rating"]  # a later line re-rates the item
-    return out
+        if item in out:
+            repeated.append(f"{item} (rows {out[item][0]} and {n})")
+        out.setdefault(item, (n, rating))
+    if repeated:
+        log.warning("%s rates %d items twice the same way, counted once: %s", path, len(repeated), "; ".join(repeated))
+    return {item: rating for item, (_, rating) in out.items()}
 
 
 def score(run_dir: Path, ratings_csv: Path) -> list[Score]:
     """Unblind: the interpretable share per SAE and layer, with Wilson intervals; also written to RUN/report."""
     layout = RunLayout(Path(run_dir))
-    key_path = layout.report_file(RATING_KEY)
-    if not key_path.is_file():
-        raise RatingError(f"{key_path} not found; write a rating page first with `ghsae rate {run_dir}`")
-    key = load_record(RatingKey, key_path, fix=f"write a new rating page with `ghsae rate {run_dir}`")
-    ratings = read_ratings(Path(ratings_csv), key)
+    path = Path(ratings_csv)
+    rows = read_rows(path)  # before anything is written: a CSV without ratings leaves the scores as they were
+    key = find_key(layout, kit_of(path, rows), path)
+    ratings = read_ratings(path, rows, key)
     counts: dict[tuple[str, str, int], dict[str, int]] = {}
     for it in key.items:
         c = counts.setdefault((it.sae, it.kind, it.layer), dict.fromkeys(RATINGS, 0))

@@ -16,7 +16,8 @@ RUN/manifest/stats.npz        per-layer mean vectors and scales over all shards 
 RUN/saes/fit.json             the fit settings this run's SAEs are trained with (written by `ghsae fit`)
 RUN/saes/<group>/             cfg.json + sae.safetensors, checkpoint.pt, metrics.parquet
 RUN/report/                   report.html, metrics.parquet, summary.md, settings.json, circuits.parquet,
-                              rating.html, rating-key.json, ratings.json
+                              rating.html, rating-key-<kit>.json (one per rating page), ratings.json
+                              (runs made before per-page keys hold one rating-key.json)
 
 Other formats' folders are named here too: a SAELens export (`ghsae export`) writes
 OUT/layer_XX/{cfg.json, sae_weights.safetensors}.
@@ -49,7 +50,8 @@ REPORT_SUMMARY = "summary.md"
 REPORT_SETTINGS = "settings.json"  # the [report] settings (and fit seed) the report was made with
 CIRCUITS = "circuits.parquet"
 RATING_PAGE = "rating.html"
-RATING_KEY = "rating-key.json"
+RATING_KEY = "rating-key.json"  # the one key of a run rated before each page had its own
+RATING_KEY_PREFIX = "rating-key-"  # rating-key-<kit>.json: the key of the page with that kit id
 RATING_SCORES = "ratings.json"
 SAELENS_CONFIG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -159,6 +161,11 @@ class RunLayout:
         """A file of RUN/report/ (name: one of the REPORT_* / RATING_* / CIRCUITS constants)."""
         return self.report / name
 
+    def rating_key(self, kit: str) -> Path:
+        """The key of the rating page with this kit id (each page keeps its own, so a second page
+        never replaces the first one's)."""
+        return self.report / f"{RATING_KEY_PREFIX}{kit}.json"
+
     def shard_record(self, shard: int) -> Path:
         return self.manifest / f"shard-{shard:05d}.json"
 
@@ -245,3 +252,40 @@ class SweepLayout:
 def saelens_folder(out: Path, layer: int, width: int) -> Path:
     """OUT/layer_XX: one SAELens folder per layer, numbered to the width of the deepest layer."""
     return out / f"layer_{layer:0{width}d}"
+
+
+# --- what ghsae writes, as a tree (what --overwrite removes, and nothing else) --------------------
+
+OwnedTree = dict[str, "OwnedTree | None"]
+"""fnmatch patterns of the names ghsae writes in a folder, the first match deciding: a pattern maps
+to None (a file, or a folder ghsae writes whole) or to the tree of what ghsae writes inside that
+folder. Anything no pattern matches is the user's, and `--overwrite` keeps it."""
+
+_TEMPORARIES: OwnedTree = {".*.tmp": None, f"{STAGING_PREFIX}*": None}  # atomic.py's temporaries, staging folders
+SAE_TREE: OwnedTree = {**dict.fromkeys(SAE_FILES), **_TEMPORARIES}
+# a Zarr v3 store: zarr.json at each level, a group per SAE group, an array per field, its chunks in c/
+_ZARR_TREE: OwnedTree = {"zarr.json": None, "*": {"zarr.json": None, "*": {"zarr.json": None, "c": None}}}
+_REPORT_FILES = (REPORT_PAGE, REPORT_METRICS, REPORT_SUMMARY, REPORT_SETTINGS, CIRCUITS, RATING_PAGE, RATING_SCORES)
+RUN_TREE: OwnedTree = {
+    CONFIG_FILE: None,
+    MARKER_FILE: None,
+    DERIVED_FILE: None,
+    PLAN_DIR: {PLAN_FILE: None, TOKENS_FILE: None, SIMILARITY_FILE: None, **_TEMPORARIES},
+    ACTS_STORE: {**_TEMPORARIES, **_ZARR_TREE},
+    MANIFEST_DIR: {"shard-*.json": None, "shard-*.npz": None, STATS_FILE: None, STATS_ARRAYS: None, **_TEMPORARIES},
+    SAES_DIR: {FIT_SETTINGS: None, "group_*": SAE_TREE, **_TEMPORARIES},
+    REPORT_DIR: {**dict.fromkeys(_REPORT_FILES), RATING_KEY: None, f"{RATING_KEY_PREFIX}*.json": None, **_TEMPORARIES},
+    **_TEMPORARIES,
+}
+RUN_TREE[PER_LAYER_DIR] = RUN_TREE  # the all-layers run kept inside a comparison is a run folder too
+assert set(OWNED_NAMES) <= set(RUN_TREE), "every top-level name ghsae writes has its tree"
+
+REBUILT_WHOLE = (PLAN_DIR, ACTS_STORE)
+"""Folders a harvest replaces whole by renaming a finished staging folder over them: a file of the
+user's left in one would be deleted with it or would block the rename, so --overwrite refuses instead."""
+
+SWEEP_FIGURES = ("fvu.png", "delta_ce_pct.png", "kl.png")  # SweepLayout.figure of analysis/sweep_page.METRICS
+SWEEP_REPORT_TREE: OwnedTree = {
+    **dict.fromkeys((SWEEP_PAGE, SWEEP_METRICS, SWEEP_SUMMARY, SWEEP_EVAL_CACHE, *SWEEP_FIGURES)),
+    **_TEMPORARIES,
+}

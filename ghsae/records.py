@@ -11,7 +11,8 @@
     saes/<group>/cfg.json     SAERecord        one SAE: its config, the fit settings and store it came from,
                                                its weights file's size and SHA-256 (WeightsDigest)
     report/settings.json      ReportSettings   what the last report was made with
-    report/rating-key.json    RatingKey        the blind rating page's key (ids -> SAE, layer, latent)
+    report/rating-key-<kit>.json RatingKey     a blind rating page's key (ids -> SAE, layer, latent), one
+                                               per page (rating-key.json in runs rated before that)
     report/ratings.json       RatingScores     scored ratings
 
 Each record is a frozen dataclass with `from_json(obj)` and `to_json()`; code elsewhere uses
@@ -670,8 +671,9 @@ class RatingItem:
 
 @dataclass(frozen=True)
 class RatingKey:
-    """report/rating-key.json: which SAE, layer and latent each opaque item id on a rating page is
-    (the blind's key; the page itself names none of them)."""
+    """report/rating-key-<kit>.json: which SAE, layer and latent each opaque item id on the rating
+    page with this kit id is (the blind's key; the page names none of them, its CSV carries the kit).
+    Runs rated before each page had its own key hold one report/rating-key.json of the same form."""
 
     kit: str
     run: str

@@ -26,14 +26,28 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ghsae import pipeline
-from ghsae.atomic import link_or_copy, staged_folder
+from ghsae.atomic import link_or_copy
 from ghsae.compare import n_groups, per_layer_config, plan_all_layers
 from ghsae.config import GroupsSpec, PipelineConfig
 from ghsae.errors import ConfigError, RunDirError
 from ghsae.executors import Executor, InProcess
 from ghsae.harvest.derive import derive_run
+from ghsae.harvest.rundir import refuse_rebuilt_user_files, remove_owned, warn_kept
 from ghsae.harvest.steps import summary_line
-from ghsae.layout import LOCKS_DIR, PER_LAYER_DIR, REPORT_DIR, SAES_DIR, TRANSFER_SUFFIX, RunLayout, SweepLayout
+from ghsae.layout import (
+    ACTS_STORE,
+    DERIVED_FILE,
+    LOCKS_DIR,
+    MANIFEST_DIR,
+    MARKER_FILE,
+    PER_LAYER_DIR,
+    PLAN_DIR,
+    RUN_TREE,
+    SWEEP_REPORT_TREE,
+    TRANSFER_SUFFIX,
+    RunLayout,
+    SweepLayout,
+)
 from ghsae.records import SweepRecord, load_record, save_record
 from ghsae.run import Run
 from ghsae.train.fit import summary_lines
@@ -89,9 +103,7 @@ def open_sweep(layout: SweepLayout, cfg: PipelineConfig, groupings: list[str], o
                     f"{root} holds a sweep of another harvest config ({old.config_hash}, this one is {record.config_hash}); "
                     "use another --run-dir, or --overwrite to start it over"
                 )
-            for child in root.iterdir():
-                if RunLayout(child).marker.is_file() or child in (layout.report, marker):
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            start_over(layout)
         elif old.fit_hash and old.fit_hash != record.fit_hash:
             if not overwrite:
                 raise RunDirError(
@@ -105,6 +117,39 @@ def open_sweep(layout: SweepLayout, cfg: PipelineConfig, groupings: list[str], o
     root.mkdir(parents=True, exist_ok=True)
     save_record(marker, record)
     return refit
+
+
+# a grouping's run without its marker: a grouping left holding the user's files stays a run, so the
+# sweep derives into it again instead of refusing a folder that is "not a ghsae run"
+_GROUPING_TREE = {k: v for k, v in RUN_TREE.items() if k != MARKER_FILE}
+
+
+def start_over(layout: SweepLayout) -> None:
+    """--overwrite after another harvest config: remove what ghsae wrote in every grouping's run (the
+    per-layer one included) and the sweep's report, and nothing else, saying which files it kept."""
+    root = layout.root
+    runs = [c for c in sorted(root.iterdir()) if c.is_dir() and not c.is_symlink() and RunLayout(c).marker.is_file()]
+    for run in runs:  # before removing anything: a file the next harvest would delete is refused
+        refuse_rebuilt_user_files(run, _GROUPING_TREE, "sweep --overwrite")
+    log.warning("--overwrite: starting the sweep %s over (its harvest config differs)", root)
+    ours = {*runs, layout.report, layout.marker, root / LOCKS_DIR}
+    kept = [c for c in sorted(root.iterdir()) if c not in ours]
+    for run in runs:
+        kept += clear_run(run)
+    if layout.report.is_dir() and not layout.report.is_symlink():
+        kept += remove_owned(layout.report, SWEEP_REPORT_TREE)
+        if not any(layout.report.iterdir()):
+            layout.report.rmdir()
+    warn_kept(root, kept)
+
+
+def clear_run(run: Path) -> list[Path]:
+    """Remove what ghsae wrote in a run of the sweep; the folder goes too unless the user's files are
+    left in it (then it keeps its marker). Returns the user's entries kept."""
+    kept = [p for p in remove_owned(run, _GROUPING_TREE) if p != RunLayout(run).marker]
+    if not kept:
+        shutil.rmtree(run)
+    return kept
 
 
 def sweep(
@@ -148,7 +193,7 @@ def sweep(
                 "tokens, or free space"
             )
         say(f"{size.refusal()}: harvesting each grouping directly instead (one model pass per G)")
-        shutil.rmtree(layout.per_layer)
+        warn_kept(layout.root, clear_run(layout.per_layer), f"removing {layout.per_layer}")
         for name, g in resolved.items():
             runs[name] = layout.grouping(name)
             say(summary_line(pipeline.harvest(grouping_config(cfg, g), runs[name], executor, progress=progress)))
@@ -198,12 +243,26 @@ def _transfers(names: list[str], resolved: dict[str, int], groupings: list[str],
     return out
 
 
+_LINKED = (MARKER_FILE, DERIVED_FILE, PLAN_DIR, ACTS_STORE, MANIFEST_DIR)  # a run's harvest, config.json aside
+
+
 def link_run(source: Path, target: Path) -> None:
     """A copy of a run folder's plan, store and records made of hard links (no bytes copied), without
-    its SAEs or report: a second set of SAEs on the same store."""
-    if RunLayout(target).marker.is_file():
+    its SAEs or report: a second set of SAEs on the same store. config.json goes in last, so a link
+    that was interrupted is made again; files of the user's already in `target` stay."""
+    src, dst = RunLayout(source), RunLayout(target)
+    if dst.config.is_file():
         return
-    ignore = shutil.ignore_patterns(SAES_DIR, REPORT_DIR, LOCKS_DIR)
-    with staged_folder(target) as staging:
-        shutil.copytree(source, staging, copy_function=link_or_copy, ignore=ignore, dirs_exist_ok=True)
-    RunLayout(target).locks.mkdir(exist_ok=True)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in _LINKED:
+        if (source / name).is_dir():
+            shutil.copytree(source / name, target / name, copy_function=_relink, dirs_exist_ok=True)
+        elif (source / name).is_file():
+            _relink(source / name, target / name)
+    _relink(src.config, dst.config)
+    dst.locks.mkdir(exist_ok=True)
+
+
+def _relink(src: str | Path, dst: str | Path) -> None:
+    Path(dst).unlink(missing_ok=True)  # a link made before an interruption is made again
+    link_or_copy(src, dst)

@@ -6,13 +6,17 @@ model folder has a config.json too, and `--overwrite` once deleted one (issue 9)
 before the marker existed are recognised by their config.json holding ghsae's own keys next to
 plan/plan.json, and get the marker when next claimed.
 
---overwrite removes only the names ghsae writes (layout.OWNED_NAMES and staging folders) and
-keeps anything else in the folder (a NOTES.md, a notebook), saying which files it kept. It needs
-the run lock exclusively, so it is refused while another ghsae process works in the folder.
+--overwrite removes only the names ghsae writes (layout.RUN_TREE: at the top and inside each of
+its folders, saes/ and report/ included) and keeps anything else (a NOTES.md, a notebook, a note
+beside an SAE), saying which files it kept; a folder of ghsae's that still holds such a file stays.
+A file of the user's inside plan/ or acts.zarr/, which a harvest replaces whole, makes it refuse
+before removing anything. It needs the run lock exclusively, so it is refused while another ghsae
+process works in the folder.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import shutil
@@ -22,7 +26,17 @@ from pathlib import Path
 from ghsae.atomic import read_json
 from ghsae.config import PipelineConfig
 from ghsae.errors import DamagedFileError, RunDirError
-from ghsae.layout import LOCKS_DIR, OWNED_NAMES, RUN_FORMAT, RUN_FORMAT_VERSION, STAGING_PREFIX, RunLayout
+from ghsae.layout import (
+    LOCKS_DIR,
+    PER_LAYER_DIR,
+    REBUILT_WHOLE,
+    RUN_FORMAT,
+    RUN_FORMAT_VERSION,
+    RUN_TREE,
+    STAGING_PREFIX,
+    OwnedTree,
+    RunLayout,
+)
 from ghsae.locks import FileLock, hold_run, try_lock, wait_lock
 from ghsae.records import Plan, RunConfig, RunMarker, load_record, save_record
 
@@ -72,6 +86,8 @@ def prepare_run_dir(layout: RunLayout, cfg: PipelineConfig, overwrite: bool) -> 
             "your own files). ghsae never writes into it, even with --overwrite; choose an empty or new --run-dir"
         )
     diffs = run_config_diffs(layout, cfg)
+    if diffs and overwrite:
+        refuse_rebuilt_user_files(root, RUN_TREE, "--overwrite")
     if diffs and not overwrite:
         raise RunDirError(
             f"{root} holds a run with a different config ({'; '.join(diffs[:6])}{'; ...' if len(diffs) > 6 else ''}). "
@@ -135,13 +151,69 @@ def _wipe(layout: RunLayout, run_lock: FileLock, diffs: list[str]) -> None:
         )
     try:
         log.warning("--overwrite: removing run %s (its config differs: %s)", layout.root, "; ".join(diffs[:6]))
-        for p in layout.root.iterdir():
-            if p.name in OWNED_NAMES or p.name.startswith(STAGING_PREFIX):
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        kept = sorted(p.name for p in _own_entries(layout.root))
-        if kept:
-            log.warning("--overwrite kept %d entries ghsae did not write: %s", len(kept), ", ".join(kept[:10]))
+        warn_kept(layout.root, remove_owned(layout.root, RUN_TREE))
     finally:
         exclusive.release()
     again = wait_lock(layout.lock("run"), f"run folder {layout.root}", shared=True)
     run_lock.fd, again.fd = again.fd, None
+
+
+# --- what ghsae wrote, and only that -------------------------------------------------------------
+
+
+def _owned(tree: OwnedTree, name: str) -> tuple[bool, OwnedTree | None]:
+    """Whether ghsae writes `name` here, and the tree of what it writes inside (None: all of it)."""
+    for pattern, sub in tree.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return True, sub
+    return False, None
+
+
+def remove_owned(folder: Path, tree: OwnedTree, dry_run: bool = False) -> list[Path]:
+    """Remove what ghsae wrote in `folder` (by `tree`, walked into its folders) and nothing else;
+    returns the user's entries kept, as paths (a user's folder once, not each file in it). A folder
+    of ghsae's left holding a user's file stays. Never follows a symlink."""
+    kept: list[Path] = []
+    for p in sorted(folder.iterdir()):
+        ours, sub = _owned(tree, p.name)
+        if p.name == LOCKS_DIR:
+            continue  # lock files belong to whoever works here, and are no one's data
+        if not ours:
+            kept.append(p)
+        elif p.is_symlink() or sub is None:  # a symlink at one of ghsae's names goes, never what it points to
+            if not dry_run:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        elif p.is_dir():
+            kept += remove_owned(p, sub, dry_run)
+            if not dry_run and not any(p.iterdir()):
+                p.rmdir()
+        else:
+            kept.append(p)  # a file where ghsae writes a folder is the user's
+    return kept
+
+
+def refuse_rebuilt_user_files(root: Path, tree: OwnedTree, what: str) -> None:
+    """Before removing anything: a user's file inside plan/ or acts.zarr/ (which the next harvest
+    replaces whole, deleting it) is refused, naming it."""
+    inside = [p for p in remove_owned(root, tree, dry_run=True) if _under_rebuilt(p.relative_to(root))]
+    if inside:
+        names = ", ".join(str(p.relative_to(root)) for p in inside[:5])
+        raise RunDirError(
+            f"{what} refused: {root} holds files ghsae did not write inside a folder it rebuilds whole ({names}); "
+            "move them out of that folder, then re-run with --overwrite"
+        )
+
+
+def _under_rebuilt(relative: Path) -> bool:
+    parts = list(relative.parts)
+    while len(parts) > 1 and parts[0] == PER_LAYER_DIR:  # the run inside a comparison has its own
+        parts.pop(0)
+    return parts[0] in REBUILT_WHOLE
+
+
+def warn_kept(root: Path, kept: list[Path], what: str = "--overwrite") -> None:
+    """Name the user's entries a removal kept, by their path relative to `root`."""
+    names = [str(p.relative_to(root)) for p in kept]
+    if names:
+        more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+        log.warning("%s kept %d entries ghsae did not write: %s%s", what, len(names), ", ".join(names[:10]), more)

@@ -19,7 +19,7 @@ from conftest import tiny_config
 from ghsae.analysis.rate import RatingError, score, wilson
 from ghsae.cli import main
 from ghsae.config import to_toml
-from ghsae.layout import RATING_KEY
+from ghsae.layout import RunLayout
 from ghsae.lm import load_model
 from ghsae.pipeline import fit, harvest
 from ghsae.records import RatingKey, load_record
@@ -142,7 +142,8 @@ def _kit(runs, tmp_path, latents=3):
         + ["--latents", str(latents), "--out", str(out)],
     )
     assert res.exit_code == 0, res.output + str(res.exception)
-    return run, out, load_record(RatingKey, run / "report" / RATING_KEY)
+    kit = re.search(r"kit ([0-9a-f]+)", res.output).group(1)
+    return run, out, load_record(RatingKey, RunLayout(run).rating_key(kit))
 
 
 def test_rating_page_is_blind_and_samples_per_sae_and_layer(runs, tmp_path):
