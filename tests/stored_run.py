@@ -39,6 +39,7 @@ FLOAT_DIGEST_FIELDS = (
     "manifest/shard-*.json:groups.*.checksums.acts",
     "saes/*/cfg.json:provenance.store.rows_digest",
     "saes/*/checkpoint.pt:provenance.store.rows_digest",
+    "saes/*/checkpoint.pt:digest",
     "saes/*/cfg.json:weights.sha256",
 )
 
