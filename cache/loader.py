@@ -125,6 +125,10 @@ class GroupReader:
         return self._files[key]
 
 
+OUTLIER_HANDLING = ("keep", "drop", "clip")
+"""What training does with a row whose norm exceeds its layer's outlier norm (a massive activation)."""
+
+
 class ActivationLoader:
     def __init__(
         self,
@@ -136,6 +140,8 @@ class ActivationLoader:
         scale: torch.Tensor,
         mean: torch.Tensor | None = None,
         buffer_chunks: int = 16,
+        outliers: str = "keep",
+        outlier_norm: torch.Tensor | None = None,
     ):
         self.reader = reader
         self.batch_size = batch_size
@@ -148,6 +154,12 @@ class ActivationLoader:
         self.centred = mean is not None and bool(mean.any())  # subtracting zeros changes nothing: skip it
         self.buffer_chunks = buffer_chunks
         self.cuda = device.type == "cuda"
+        if outliers not in OUTLIER_HANDLING:
+            raise ValueError(f"outliers is {outliers!r}; expected one of {OUTLIER_HANDLING}")
+        if outliers != "keep" and outlier_norm is None:
+            raise ValueError(f"outliers = {outliers!r} needs each layer's outlier norm")
+        self.outliers = outliers
+        self.outlier_norm = None if outlier_norm is None else outlier_norm.float().to(device)  # [L], raw units
 
     @property
     def rows_per_epoch(self) -> int:
@@ -245,9 +257,24 @@ class ActivationLoader:
         else:
             x = raw.float()
         pos = self.layer_lookup[layer]
+        if self.outliers != "keep":
+            x, layer, pos = self._handle_outliers(x, layer, pos)
         if self.centred:
             x = x.sub_(self.mean[pos])  # in place: x is this step's own widened copy
         return LoaderBatch(x=x.mul_(self.scale[pos, None]), layer=layer)
+
+    def _handle_outliers(self, x: torch.Tensor, layer: torch.Tensor, pos: torch.Tensor):
+        """Rows whose norm (raw units) exceeds their layer's outlier norm: scaled down to it (clip) or
+        left out of the batch (drop; a batch of outliers only is clipped instead of emptied)."""
+        assert self.outlier_norm is not None
+        norms = x.norm(dim=1)
+        limit = self.outlier_norm[pos]
+        if self.outliers == "drop":
+            typical = norms <= limit
+            if bool(typical.any()):
+                return x[typical], layer[typical], pos[typical]
+        x.mul_((limit / norms.clamp_min(1e-30)).clamp_max(1.0)[:, None])
+        return x, layer, pos
 
     def _cuda_batches(self, host: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[LoaderBatch]:
         d = self.reader.geometry.d_model

@@ -62,8 +62,7 @@ def verify_shard(store: ActivationStore, plan: Plan, group: str, shard: int, rec
     stray = [int(i) for i in ids if int(i) not in allowed]
     if stray:
         raise StoreError(
-            f"{where}: array layer holds layer ids {stray[:5]} outside the group's layers {span(allowed)}; "
-            f"{repair}"
+            f"{where}: array layer holds layer ids {stray[:5]} outside the group's layers {span(allowed)}; {repair}"
         )
     if {int(i): int(c) for i, c in zip(ids, counts)} != dict(entry.layer_counts):
         raise StoreError(f"{where}: array layer's per-layer counts differ from the record's; {repair}")

@@ -90,6 +90,13 @@ def test_config_objectives_match_the_partition_module():
     assert OBJECTIVES == partition.OBJECTIVES
 
 
+def test_config_outlier_choices_match_the_loader():
+    from ghsae.cache.loader import OUTLIER_HANDLING as LOADER
+    from ghsae.config import OUTLIER_HANDLING
+
+    assert OUTLIER_HANDLING == LOADER
+
+
 def test_config_methods_and_distances_match_the_harvest_modules():
     from ghsae.config import DISTANCES, GROUPING_METHODS
     from ghsae.harvest import similarity

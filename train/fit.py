@@ -225,8 +225,31 @@ def group_loader(
         centring = ActivationLoader(reader, 4096, 0, torch.device("cpu"), layers, torch.ones(len(layers)), mean)
         scale = centred_scale(centring, layers, d)
     reader = GroupReader(run.store, group, rows, verify=verifier)
-    loader = ActivationLoader(reader, batch_size or fc.batch_size, fc.seed, device, layers, scale, mean)
+    outlier_norm = _outlier_norms(run, fc, layers) if fc.outliers != "keep" else None
+    loader = ActivationLoader(
+        reader,
+        batch_size or fc.batch_size,
+        fc.seed,
+        device,
+        layers,
+        scale,
+        mean,
+        outliers=fc.outliers,
+        outlier_norm=outlier_norm,
+    )
     return GroupLoader(layers, scale, mean, loader)
+
+
+def _outlier_norms(run: Run, fc: FitConfig, layers: list[int]) -> torch.Tensor:
+    """[len(layers)] each layer's outlier norm in raw units: fc.outlier_factor x its median norm."""
+    norms = run.norm_distribution()
+    if norms is None:
+        raise StoreError(
+            f"fit.outliers is {fc.outliers!r} but {run.root} records no token-norm distribution (harvested "
+            f'before ghsae counted norms); set fit.outliers = "keep", or harvest again into a new --run-dir'
+        )
+    threshold = norms.threshold(fc.outlier_factor)
+    return torch.tensor([threshold[norms.layers.index(layer)] for layer in layers], dtype=torch.float32)
 
 
 def _train_group(
