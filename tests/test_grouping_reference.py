@@ -153,21 +153,29 @@ def test_a_plan_from_before_reads_as_grouped_and_writes_back_unchanged():
     assert own.describe((0, 1, 2)) == "G = 2 groups of layers 0..1, plus layer 2 on its own"
 
 
-@pytest.mark.parametrize("groups", ["auto", 2])
-def test_a_harvest_leaves_the_last_layer_out_of_grouping_by_default(groups, tiny_llama, text_dataset, tiny_lm, tmp_path):
+@pytest.mark.parametrize("groups, method", [("auto", "dp"), (2, "dp"), (2, "reference")])
+def test_a_harvest_leaves_the_last_layer_out_of_grouping_by_default(
+    groups, method, tiny_llama, text_dataset, tiny_lm, tmp_path
+):
     from ghsae.pipeline import harvest
     from ghsae.run import Run
 
-    cfg = tiny_config(tiny_llama, text_dataset, **{"grouping.groups": groups})
+    cfg = tiny_config(tiny_llama, text_dataset, **{"grouping.groups": groups, "grouping.method": method})
     harvest(cfg, tmp_path / "run", plan_only=True, progress=False, lm=tiny_lm)
     plan = Run.open(tmp_path / "run").plan
     L = len(plan.layers)
     assert plan.groups[-1] == (plan.layers[-1],)
     assert all(plan.layers[-1] not in g for g in plan.groups[:-1])
     gr = plan.grouping
-    assert gr.last_layer == "own" and gr.chosen_groups == len(plan.groups) - 1 and len(gr.curve) == L - 1
+    assert gr.method == method and gr.last_layer == "own" and gr.chosen_groups == len(plan.groups) - 1 and len(gr.curve) == L - 1
     r = cli(["info", tmp_path / "run"])
     assert gr.describe(plan.layers) in r.output
+    from ghsae.analysis.report import clustering
+
+    cl = clustering(Run.open(tmp_path / "run"))  # what the report's clustering section shows
+    assert cl.g == gr.chosen_groups and cl.summary == gr.describe(plan.layers)
+    assert all(len(curve) == L - 1 for curve in cl.curves.values())
+    assert {"layer-centred", "raw"} == {a.distance for a in cl.auto if a.method.startswith("reference")}
     if groups == 2:
         assert gr.chosen_groups == 2 and len(plan.groups) == 3
         assert f"G = 2 groups of layers 0..{L - 2}, plus layer {L - 1} on its own" in r.output
