@@ -362,16 +362,17 @@ def clustering_section(data: ReportData) -> str:
     groups = cl.chosen_groups
     parts = [
         f"<p>Angular distance arccos(cos)/π between layers' residual streams on {cl.probe_tokens:,} probe tokens: "
-        "<b>raw</b> takes the residuals as they are (the reference implementation's distance), <b>layer-centred</b> "
-        "subtracts each layer's mean over the probe tokens first. This run's groups come from "
+        "<b>layer-centred</b> (the reference's distance) subtracts each layer's mean over the probe tokens first "
+        "(the reference subtracts a running mean, the same quantity estimated with a lag), <b>raw</b> takes the "
+        "residuals as they are. This run's groups come from "
         f"<b>{html.escape(cl.distance)}</b> distances by <b>{html.escape(cl.method)}</b>, "
-        f"with G the smallest whose AMAD is below {cl.threshold:g} (this run's partition: AMAD "
+        f"with G the smallest whose AMAD is below {cl.threshold:g}: {html.escape(cl.summary)} (AMAD "
         f"{cl.chosen_amad:.3f}). White squares: the groups.</p>"
     ]
     for d, matrix in cl.matrices.items():
         parts.append(img(plots.distance_heatmap(matrix, cl.layers, groups, f"{d} angular distance"), f"{d} heatmap"))
-    parts.append(img(plots.amad_curve(cl.curves, cl.threshold, len(groups)), "AMAD curves"))
-    parts.append(f"<p>Each method's partition at this run's G = {len(groups)} ({html.escape(cl.distance)} distances):</p>")
+    parts.append(img(plots.amad_curve(cl.curves, cl.threshold, cl.g), "AMAD curves"))
+    parts.append(f"<p>Each method's partition at this run's G = {cl.g} ({html.escape(cl.distance)} distances):</p>")
     parts.append(
         table(
             ["method", "groups", "AMAD"],

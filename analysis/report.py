@@ -220,10 +220,18 @@ class Clustering:
     chosen_groups: list[list[int]]
     chosen_amad: float
     probe_tokens: int
+    g: int  # this run's G: groups of the layers partitioned (0..L-2 when the last has its own SAE)
+    summary: str  # "G = 6 groups of layers 0..28, plus layer 29 on its own"
+
+
+METHOD_LABELS = {
+    "agglomerative": "agglomerative (complete linkage, adjacent)",
+    "reference": "reference (complete linkage of the matrix's rows)",
+}
 
 
 def method_label(method: str, objective: str) -> str:
-    return "agglomerative (complete linkage, adjacent)" if method == "agglomerative" else f"dp ({objective})"
+    return METHOD_LABELS.get(method, f"dp ({objective})")
 
 
 def clustering(run: Run) -> Clustering:
@@ -232,18 +240,19 @@ def clustering(run: Run) -> Clustering:
     gr = run.plan.grouping
     distance = canonical_distance(gr.distance)
     objective = gr.objective if gr.method == "dp" else "layer-mean"
-    G = len(run.plan.groups)
+    G = gr.chosen_groups
+    n = len(layers) - 1 if gr.own_last_layer else len(layers)  # the layers the partition covers
 
     def named(part: list[list[int]]) -> list[list[int]]:
         return [[layers[i] for i in g] for g in part]
 
     matrices = {d: distance_matrix(sim, d) for d in DISTANCES}
     solutions = {
-        d: {"dp": solve(matrices[d], "dp", objective), "agglomerative": solve(matrices[d], "agglomerative")}
+        d: {m: solve(matrices[d][:n, :n], m, objective) for m in ("dp", "agglomerative", "reference")}
         for d in DISTANCES
     }
     mine = solutions[distance]
-    unconstrained = complete_linkage(matrices[distance], G)
+    unconstrained = complete_linkage(matrices[distance][:n, :n], G)
     auto = []
     for d, by_method in solutions.items():
         for m, sol in by_method.items():
@@ -254,7 +263,7 @@ def clustering(run: Run) -> Clustering:
         PartitionAtG(
             "complete linkage, unconstrained (not forced contiguous)",
             named(unconstrained),
-            amad(matrices[distance], unconstrained),
+            amad(matrices[distance][:n, :n], unconstrained),
         )
     )
     return Clustering(
@@ -269,6 +278,8 @@ def clustering(run: Run) -> Clustering:
         chosen_groups=[list(g) for g in run.plan.groups],
         chosen_amad=float(gr.chosen_amad),  # recorded by the plan step, not recomputed
         probe_tokens=run.plan.probe_tokens,
+        g=G,
+        summary=gr.describe(layers),
     )
 
 

@@ -432,11 +432,12 @@ def info(run_dir, as_json):
     from ghsae.layers import span
     from ghsae.run import Run
 
-    data = Run.open(run_dir).info()
+    run = Run.open(run_dir)
+    data = run.info()
     if as_json:
         click.echo(json.dumps(data.to_json()))
         return
-    click.echo(f"run {data.run_dir} ({data.model})")
+    click.echo(f"run {data.run_dir} ({data.model}): {run.plan.grouping.describe(run.plan.layers)}")
     for name, g in zip(data.group_names, data.groups):
         click.echo(f"  {name}: layers {span(g)} ({len(g)}), {data.rows_per_group[name]:,} rows")
     click.echo(

@@ -22,7 +22,7 @@ from ghsae.cache.store import ROW_METADATA_BYTES
 from ghsae.config import GroupsSpec, PipelineConfig
 from ghsae.errors import ConfigError
 from ghsae.executors import Executor
-from ghsae.harvest import canonical_distance, distance_matrix, solve
+from ghsae.harvest import canonical_distance, distance_matrix, solve_grouping
 from ghsae.harvest.derive import derive_run
 from ghsae.harvest.rundir import claim_run_dir, prepare_run_dir
 from ghsae.harvest.steps import summary_line
@@ -82,7 +82,8 @@ def n_groups(source: Run, cfg: PipelineConfig, spec: GroupsSpec) -> int:
         return len(spec)
     with np.load(source.layout.similarity) as sim:
         dist = distance_matrix(sim, canonical_distance(cfg.grouping.distance))
-    return solve(dist, cfg.grouping.method, cfg.grouping.objective).auto_groups(cfg.grouping.amad_threshold)
+    gc = cfg.grouping
+    return solve_grouping(dist, gc.method, gc.objective, gc.last_layer).auto_groups(gc.amad_threshold)
 
 
 def plan_all_layers(

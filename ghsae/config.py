@@ -26,7 +26,8 @@ STORAGE_DTYPES = ("float16", "bfloat16")
 COMPRESSIONS = ("none", "zstd", "blosc")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DISTANCES = ("raw", "layer-centred", "centred")  # harvest.similarity's names plus its alias "centred" (tested)
-GROUPING_METHODS = ("agglomerative", "dp")  # kept in step with harvest.partition.METHODS (tested)
+GROUPING_METHODS = ("agglomerative", "dp", "reference")  # kept in step with harvest.partition.METHODS (tested)
+LAST_LAYER = ("own", "grouped")  # kept in step with harvest.partition.LAST_LAYER (tested)
 OBJECTIVES = ("layer-mean", "amad", "max")  # kept in step with harvest.partition.OBJECTIVES (tested)
 TASKS = ("ioi", "greater-than", "sva")  # kept in step with analysis.tasks.GENERATORS (tested)
 
@@ -120,14 +121,21 @@ class GroupingConfig:
     amad_threshold: float = 0.2
     """AMAD threshold for groups = auto; the paper's range is 0.14 to 0.20."""
     method: str = added_later("dp", before="dp")
-    """How each G's partition is found: dp (exact dynamic program for `objective`) or agglomerative
-    (the paper's complete-linkage clustering of the distance matrix, adjacent clusters only)."""
+    """How each G's partition is found: dp (exact dynamic program for `objective`), agglomerative
+    (complete linkage of the distance matrix, adjacent clusters only) or reference (the reference
+    code's: sklearn's complete linkage on the matrix's rows; a partition that is not contiguous is refused)."""
     objective: str = "layer-mean"
     """What the dp method minimises for each G: layer-mean (mean over layers of their group's diameter), amad (degenerate: favours singletons) or max."""
-    distance: str = "raw"
-    """Which angular distance the partition uses: raw (plain cosines, as the reference implementation)
-    or layer-centred (each layer minus its mean over tokens first). "centred" is read as layer-centred
-    (runs made before the rename); it is kept as written, so such a run's identity does not change."""
+    distance: str = "layer-centred"
+    """Which angular distance the partition uses: layer-centred (the reference's: each layer minus its
+    mean before the cosines; the reference subtracts a running mean, alpha 0.05 per batch, ghsae the
+    exact mean over the probe tokens: the same quantity without the running mean's lag) or raw (plain
+    cosines of the residuals). "centred" is read as layer-centred (runs made before the rename); it is
+    kept as written, so such a run's identity does not change."""
+    last_layer: str = added_later("own", before="grouped")
+    """own (the reference's): the last harvested layer gets an SAE of its own and G, the AMAD curve and
+    the threshold rule count layers 0..L-2 only (so a run has G + 1 SAEs); grouped: every layer is
+    partitioned. per-layer and explicit ranges are not changed by it."""
     layers: str | list[int] = "all"
     """Layers to harvest: all, or [first, last] inclusive."""
 
@@ -135,6 +143,7 @@ class GroupingConfig:
         _check_choice("grouping.distance", self.distance, DISTANCES)
         _check_choice("grouping.method", self.method, GROUPING_METHODS)
         _check_choice("grouping.objective", self.objective, OBJECTIVES)
+        _check_choice("grouping.last_layer", self.last_layer, LAST_LAYER)
         if not 0.0 < self.amad_threshold < 1.0:
             raise ConfigError(f"grouping.amad_threshold is {self.amad_threshold}; expected a value in (0, 1)")
         if isinstance(self.groups, str) and self.groups not in ("auto", "per-layer"):
@@ -469,6 +478,20 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> PipelineCon
         cls = typing.get_type_hints(PipelineConfig)[name]
         kwargs[name] = _build_section(cls, name, table, source)
     return PipelineConfig(**kwargs)
+
+
+def config_from_run(resolved: dict[str, Any], source: str = "<run>") -> PipelineConfig:
+    """A run's stored resolved config (config.json). A key it lacks was added after the run was made:
+    it takes what such runs did (`added_later`'s `before`), not today's default, so the run keeps its
+    behaviour and its identity."""
+    raw = {k: dict(v) for k, v in resolved.items()}
+    hints = typing.get_type_hints(PipelineConfig)
+    for section in dataclasses.fields(PipelineConfig):
+        table = raw.setdefault(section.name, {})
+        for f in dataclasses.fields(hints[section.name]):
+            if "before" in f.metadata and f.name not in table:
+                table[f.name] = f.metadata["before"]
+    return config_from_dict(raw, source=source)
 
 
 def _build_section(cls: type, section: str, table: dict[str, Any], source: str) -> Any:

@@ -20,8 +20,11 @@ def span(layers: Sequence[int], dash: str = "-") -> str:
     return f"{layers[0]}{dash}{layers[-1]}" if len(layers) > 1 else str(layers[0])
 
 
+def consecutive(layers: Sequence[int]) -> bool:
+    """The layers are a run of consecutive layer ids, in order (what `span` can show by its ends)."""
+    return list(layers) == list(range(layers[0], layers[0] + len(layers)))
+
+
 def spans(groups: Sequence[Sequence[int]], dash: str = "–") -> str:
     """Groups as ranges ("0–9, 10–18"); a group that is not a run of consecutive layers is listed in full."""
-    return ", ".join(
-        span(g, dash) if len(g) == 1 or list(g) == list(range(g[0], g[-1] + 1)) else str(list(g)) for g in groups
-    )
+    return ", ".join(span(g, dash) if consecutive(g) else str(list(g)) for g in groups)

@@ -148,16 +148,31 @@ class DatasetIdentity:
 
 @dataclass(frozen=True)
 class GroupingRecord:
-    """How the groups were chosen (JSON key "amad" of plan.json)."""
+    """How the groups were chosen (JSON key "amad" of plan.json).
+
+    With last_layer = own, the partition covers layers 0..L-2 of the L harvested layers and the last
+    has a group of its own: the curves run over G = 1..L-1 and chosen_groups / chosen_amad count the
+    groups of layers 0..L-2 only (the plan has chosen_groups + 1 groups)."""
 
     distance: str  # raw | layer-centred (or "centred", the older name, kept as written)
-    method: str  # dp | agglomerative
+    method: str  # dp | agglomerative | reference
     threshold: float  # AMAD threshold of groups = auto
-    objective: str  # what dp minimised
-    curve: tuple[float, ...]  # AMAD of the method's partition at G = 1..L
-    objective_curve: tuple[float, ...]  # the objective at G = 1..L
-    chosen_groups: int
-    chosen_amad: float
+    objective: str  # what dp minimised (the other methods: their linkage)
+    curve: tuple[float, ...]  # AMAD of the method's partition at G = 1..(layers partitioned)
+    objective_curve: tuple[float, ...]  # the objective at the same G
+    chosen_groups: int  # G: groups of the layers partitioned
+    chosen_amad: float  # AMAD over those groups
+    last_layer: str = "grouped"  # own | grouped (absent: plans made before, which partitioned every layer)
+
+    @property
+    def own_last_layer(self) -> bool:
+        return self.last_layer == "own"
+
+    def describe(self, layers: tuple[int, ...] | list[int]) -> str:
+        """"G = 6 groups of layers 0..28, plus layer 29 on its own" (or "G = 6 groups of layers 0..29")."""
+        partitioned = layers[:-1] if self.own_last_layer else layers
+        text = f"G = {self.chosen_groups} group{'s' if self.chosen_groups != 1 else ''} of layers {partitioned[0]}..{partitioned[-1]}"
+        return f"{text}, plus layer {layers[-1]} on its own" if self.own_last_layer else text
 
     @classmethod
     def from_json(cls, obj: Mapping) -> GroupingRecord:
@@ -170,6 +185,7 @@ class GroupingRecord:
             objective_curve=tuple(obj.get("objective_curve", ())),
             chosen_groups=int(obj["chosen_groups"]),
             chosen_amad=obj["chosen_amad"],
+            last_layer=str(obj.get("last_layer", "grouped")),
         )
 
     def to_json(self) -> dict:
@@ -182,6 +198,7 @@ class GroupingRecord:
             "objective_curve": list(self.objective_curve),
             "chosen_groups": self.chosen_groups,
             "chosen_amad": self.chosen_amad,
+            **({"last_layer": self.last_layer} if self.last_layer != "grouped" else {}),
         }
 
 
@@ -196,7 +213,7 @@ class Plan:
     n_layers_model: int
     d_model: int
     layers: tuple[int, ...]  # the harvested layers, in order
-    groups: tuple[tuple[int, ...], ...]  # contiguous runs of `layers`
+    groups: tuple[tuple[int, ...], ...]  # contiguous runs of `layers` (harvest.partition refuses others)
     group_names: tuple[str, ...]
     context_length: int
     n_contexts_harvest: int  # rows of tokens.npy that shards cover

@@ -24,7 +24,7 @@ import numpy as np
 from ghsae.cache.norms import NormDistribution
 from ghsae.cache.stats import NormStats, add_up
 from ghsae.cache.store import ARRAYS, ROW_METADATA_BYTES, ActivationStore
-from ghsae.config import PipelineConfig, config_from_dict
+from ghsae.config import PipelineConfig, config_from_run
 from ghsae.errors import ConfigError, DamagedFileError, StoreError
 from ghsae.layout import RunLayout, sae_config
 from ghsae.records import FitSettings, Plan, RunConfig, RunStats, SAERecord, ShardRecord, load_record, save_record
@@ -132,7 +132,7 @@ class Run:
         fitted = self.fit_settings()
         if fitted is not None:
             raw["fit"] = dict(fitted.fit)
-        return config_from_dict(raw, source=str(self.layout.config))
+        return config_from_run(raw, source=str(self.layout.config))
 
     # --- tokens ---------------------------------------------------------------------------------
 

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 # Settings a derived run may choose for itself: how the layers are grouped. Everything else that
 # decides what is stored must be the source's (the rows come from it).
-GROUPING_KEYS = ("groups", "amad_threshold", "method", "objective", "distance")
+GROUPING_KEYS = ("groups", "amad_threshold", "method", "objective", "distance", "last_layer")
 
 
 def derived_config(source: Run, cfg: PipelineConfig) -> PipelineConfig:

@@ -1,18 +1,22 @@
-"""Contiguous layer groups for every number of groups G: agglomerative clustering or an exact DP.
+"""Layer groups for every number of groups G: the reference's clustering, agglomerative clustering or an exact DP.
 
 AMAD(P) = mean over groups of the largest pairwise angular distance inside the group (its
 diameter; Ghilardi et al. 2025). G is the smallest G whose partition has AMAD below the
-threshold (the paper's criterion), applied to the chosen method's own partitions. Two methods
-(`grouping.method`):
+threshold (the paper's criterion), applied to the chosen method's own partitions. The reference
+leaves the last layer out (its notebook clusters dist[:-1, :-1]): with grouping.last_layer = own
+the methods see layers 0..L-2 only and layer L-1 gets an SAE of its own (`solve_grouping`,
+`choose_groups`). Three methods (`grouping.method`):
 
-- "agglomerative": the paper's method, complete-linkage agglomerative clustering of the
-  angular-distance matrix, where only adjacent clusters may merge, so every group is a run of
-  consecutive layers. Merging the pair whose largest cross distance is smallest is, for contiguous
-  clusters, merging the pair whose union has the smallest diameter, the quantity AMAD averages.
-  The reference passes the matrix's rows to sklearn's AgglomerativeClustering, which does not
-  force contiguity; `complete_linkage` below is that unconstrained clustering on the distances
-  themselves, kept for comparison (on SmolLM2-135M's probe it returns the same contiguous
-  partitions for every G, ARCHITECTURE.md).
+- "reference": what the reference code runs, sklearn's AgglomerativeClustering(linkage="complete")
+  fit on the *rows* of the distance matrix as feature vectors (Euclidean distance between rows, not
+  the angular distances themselves), with the matrix as the reference stores it: lower-triangular
+  (groups/distance.py fills dist[i, j] for j < i only). Groups need not be contiguous; ghsae trains
+  one SAE per run of consecutive layers, so a chosen partition that is not contiguous is refused.
+- "agglomerative": complete-linkage agglomerative clustering of the angular-distance matrix itself,
+  where only adjacent clusters may merge, so every group is a run of consecutive layers. Merging
+  the pair whose largest cross distance is smallest is, for contiguous clusters, merging the pair
+  whose union has the smallest diameter, the quantity AMAD averages. `complete_linkage` below is
+  the same clustering without the adjacency constraint, kept for comparison.
 - "dp" (default): a dynamic program over contiguous segmentations that is exact for a named objective:
   - "layer-mean": least mean over *layers* of their group's diameter, sum_g |g| diam(g) / L. Each
     layer is charged the spread of the group its SAE must serve; groups come out balanced.
@@ -21,8 +25,8 @@ threshold (the paper's criterion), applied to the chosen method's own partitions
   - "max": least largest diameter (minimax).
   All share best[g][j] = agg(best[g-1][i], cost(i, j-1)) over split points i: O(L^3).
 
-Which method's partitions give the better SAEs at equal G and tokens was measured on the embedded
-default (ARCHITECTURE.md, "Grouping").
+Which method's partitions give the better SAEs at equal G and tokens is measured, not assumed
+(ARCHITECTURE.md, "Grouping").
 """
 
 from __future__ import annotations
@@ -33,11 +37,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ghsae.errors import ConfigError
+from ghsae.layers import consecutive
 
-Partition = list[list[int]]  # each group a list of consecutive positions into the layer list
-METHODS = ("agglomerative", "dp")
+Partition = list[list[int]]  # each group a list of positions into the layer list, ascending
+METHODS = ("agglomerative", "dp", "reference")
 OBJECTIVES = ("layer-mean", "amad", "max")
 LINKAGE = "complete-linkage"  # the agglomerative method's criterion, named like an objective in records
+ROW_LINKAGE = "complete-linkage-rows"  # the reference method's: complete linkage of the rows, Euclidean
+LAST_LAYER = ("own", "grouped")
 
 
 @dataclass(frozen=True)
@@ -45,8 +52,8 @@ class PartitionSolution:
     """A method's partition for every G = 1..L, with each partition's AMAD."""
 
     method: str
-    objective: str  # the DP's objective, or LINKAGE for agglomerative clustering
-    value: np.ndarray  # [L] the criterion at each G: DP objective, or the last merge's height
+    objective: str  # the DP's objective, LINKAGE (agglomerative) or ROW_LINKAGE (reference)
+    value: np.ndarray  # [L] the criterion at each G: DP objective, or the height of the merge that left G groups
     amad: np.ndarray  # [L] AMAD of each partition
     partitions: list[Partition]  # partition for G = 1..L (index G-1)
 
@@ -85,6 +92,8 @@ def solve(dist: np.ndarray, method: str, objective: str = "layer-mean") -> Parti
         return agglomerative_partitions(dist)
     if method == "dp":
         return solve_partitions(dist, objective)
+    if method == "reference":
+        return reference_partitions(dist)
     raise ValueError(f"unknown grouping method {method!r}; expected one of {METHODS}")
 
 
@@ -128,6 +137,34 @@ def agglomerative_partitions(dist: np.ndarray) -> PartitionSolution:
     return PartitionSolution(
         method="agglomerative", objective=LINKAGE, value=heights, amad=amads, partitions=partitions
     )
+
+
+def reference_partitions(dist: np.ndarray) -> PartitionSolution:
+    """The reference's clustering for every G: sklearn's complete linkage on the rows of the
+    lower-triangular distance matrix (Euclidean between rows); groups sorted by their first layer.
+
+    value[G-1] is the Euclidean height of the merge that left G clusters (0 at G = L), in the
+    rows' units, not an angular distance.
+    """
+    from sklearn.cluster import AgglomerativeClustering  # imported here: only this method needs it
+
+    rows = np.tril(_check_square(dist))
+    n = rows.shape[0]
+    if n == 1:  # sklearn needs two samples; one layer is one group
+        return PartitionSolution("reference", ROW_LINKAGE, np.zeros(1), np.zeros(1), [[[0]]])
+    partitions = [_clusters(AgglomerativeClustering(n_clusters=g, linkage="complete").fit_predict(rows)) for g in range(1, n + 1)]
+    tree = AgglomerativeClustering(n_clusters=1, linkage="complete", compute_distances=True).fit(rows)
+    heights = np.append(tree.distances_[::-1], 0.0)  # merge heights from the last merge (G = 1) down
+    amads = np.array([amad(dist, p) for p in partitions])
+    return PartitionSolution("reference", ROW_LINKAGE, value=heights, amad=amads, partitions=partitions)
+
+
+def _clusters(labels: np.ndarray) -> Partition:
+    """Cluster labels as groups of positions, each ascending, ordered by first position."""
+    groups: dict[int, list[int]] = {}
+    for position, label in enumerate(labels.tolist()):
+        groups.setdefault(label, []).append(position)
+    return sorted(groups.values(), key=lambda g: g[0])
 
 
 def solve_partitions(dist: np.ndarray, objective: str = "layer-mean") -> PartitionSolution:
@@ -195,24 +232,74 @@ def complete_linkage(dist: np.ndarray, n_groups: int) -> Partition:
     return sorted(clusters, key=lambda c: c[0])
 
 
+def partition_scope(n_layers: int, last_layer: str, spec: str | int | list[list[int]] = "auto") -> int:
+    """How many of the harvested layers, from the first, the partition covers.
+
+    All but the last when it keeps an SAE of its own (last_layer = own; the reference clusters
+    dist[:-1, :-1]); every layer with last_layer = grouped, with a single harvested layer, or when
+    explicit ranges put the last layer in a group with others.
+    """
+    if last_layer != "own" or n_layers < 2:
+        return n_layers
+    if isinstance(spec, list) and spec and spec[-1][0] != spec[-1][1]:
+        return n_layers
+    return n_layers - 1
+
+
+def solve_grouping(
+    dist: np.ndarray, method: str, objective: str, last_layer: str, spec: str | int | list[list[int]] = "auto"
+) -> PartitionSolution:
+    """`solve` over the layers the partition covers (`partition_scope`): its G counts their groups."""
+    n = partition_scope(_check_square(dist).shape[0], last_layer, spec)
+    return solve(dist[:n, :n], method, objective)
+
+
 def choose_groups(
     solution: PartitionSolution, spec: str | int | list[list[int]], threshold: float, layers: list[int]
 ) -> list[list[int]]:
-    """Resolve grouping.groups against the method's partitions; returns groups of model layer indices."""
-    n = len(layers)
+    """Resolve grouping.groups against the method's partitions; returns groups of model layer indices.
+
+    The solution covers the first len(solution.partitions) layers; each layer after them (the last,
+    with last_layer = own) is a group of its own.
+    """
+    n, k = len(layers), len(solution.partitions)
     if spec == "per-layer":
         positions: Partition = [[i] for i in range(n)]
-    elif spec == "auto":
-        positions = solution.partitions[solution.auto_groups(threshold) - 1]
-    elif isinstance(spec, int):
-        if spec > n:
-            raise ConfigError(f"grouping.groups is {spec} but only {n} layers are harvested; expected at most {n}")
-        positions = solution.partitions[spec - 1]
+    elif spec == "auto" or isinstance(spec, int):
+        g = solution.auto_groups(threshold) if spec == "auto" else int(spec)
+        if g > k:
+            raise ConfigError(too_many_groups(g, n, k, layers))
+        positions = _contiguous(solution, g, layers) + [[i] for i in range(k, n)]
     elif isinstance(spec, list):
         return _explicit_groups(spec, layers)
     else:
         raise ConfigError(f"grouping.groups is {spec!r}; expected auto, per-layer, a number or [[first, last], ...]")
     return [[layers[i] for i in g] for g in positions]
+
+
+def too_many_groups(g: int, n: int, k: int, layers: list[int]) -> str:
+    """Why G = g groups cannot be made of the n harvested layers, k of which the partition covers."""
+    message = f"grouping.groups (--groups) is {g} but only {n} layers are harvested"
+    if k == n:
+        return f"{message}; expected at most {n}"
+    return (
+        f"{message} and the last, {layers[-1]}, has an SAE of its own (grouping.last_layer = own); expected at "
+        f"most {k} groups of layers {layers[0]}..{layers[k - 1]}, or set grouping.last_layer = grouped"
+    )
+
+
+def _contiguous(solution: PartitionSolution, g: int, layers: list[int]) -> Partition:
+    """The method's partition at G = g, refused where a group is not a run of consecutive layers:
+    every stage after the plan (labels, plots, ranges) takes a group for its first..last layers."""
+    part = solution.partitions[g - 1]
+    if all(consecutive(grp) for grp in part):
+        return part
+    shown = "; ".join(str([layers[i] for i in grp]) for grp in part)
+    raise ConfigError(
+        f"grouping.method = {solution.method} gives groups that are not runs of consecutive layers at G = {g} "
+        f"({shown}); ghsae trains one SAE per run of consecutive layers: use grouping.method = dp or agglomerative, "
+        "or another grouping.groups (--groups)"
+    )
 
 
 def _explicit_groups(ranges: list[list[int]], layers: list[int]) -> list[list[int]]:

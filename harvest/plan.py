@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ghsae.atomic import move_into_place
 from ghsae.config import PipelineConfig
 from ghsae.errors import ConfigError, ModelError, RunDirError
-from ghsae.harvest.partition import amad, choose_groups, solve
+from ghsae.harvest.partition import amad, choose_groups, partition_scope, solve_grouping, too_many_groups
 from ghsae.harvest.similarity import SimilarityResult, canonical_distance, distance_matrix, probe_similarity
 from ghsae.harvest.text import dataset_description, iter_documents, iter_token_documents, pack_contexts, write_contexts
 from ghsae.layers import span
@@ -67,17 +67,16 @@ def check_model_fits(cfg: PipelineConfig, lm: LoadedModel) -> list[int]:
             f"data.context_length is {ctx} but {lm.source.description} allows at most {lm.max_context} positions; "
             f"set data.context_length <= {lm.max_context}"
         )
-    _check_groups_fit(cfg.grouping.groups, layers)
+    _check_groups_fit(cfg.grouping.groups, layers, cfg.grouping.last_layer)
     return layers
 
 
-def _check_groups_fit(spec, layers: list[int]) -> None:
+def _check_groups_fit(spec, layers: list[int], last_layer: str) -> None:
     """The cheap part of choose_groups, run before tokenising and probing (which take minutes)."""
     n = len(layers)
-    if isinstance(spec, int) and not isinstance(spec, bool) and spec > n:
-        raise ConfigError(
-            f"grouping.groups (--groups) is {spec} but only {n} layers are harvested; expected at most {n}"
-        )
+    partitioned = partition_scope(n, last_layer, spec)
+    if isinstance(spec, int) and not isinstance(spec, bool) and spec > partitioned:
+        raise ConfigError(too_many_groups(spec, n, partitioned, layers))
     if isinstance(spec, list):
         flat = [layer for a, b in spec for layer in range(a, b + 1)]
         if flat != layers:
@@ -209,8 +208,10 @@ def write_plan(cfg: PipelineConfig, inputs: PlanInputs, staging: Path, t0: float
     per_shard = hv.shard_tokens // ctx
     sim, layers = inputs.similarity, inputs.layers
     dist = distance_matrix(sim, gc.distance)
-    solution = solve(dist, gc.method, gc.objective)
+    solution = solve_grouping(dist, gc.method, gc.objective, gc.last_layer, gc.groups)
     groups = choose_groups(solution, gc.groups, gc.amad_threshold, layers)
+    partitioned = len(solution.partitions)  # layers 0..partitioned-1; any after them: a group each
+    chosen = groups[: len(groups) - (len(layers) - partitioned)]
     np.savez(
         staging / SIMILARITY_FILE,
         layers=np.array(layers),
@@ -245,8 +246,9 @@ def write_plan(cfg: PipelineConfig, inputs: PlanInputs, staging: Path, t0: float
             objective=solution.objective,
             curve=tuple(solution.amad.tolist()),
             objective_curve=tuple(solution.value.tolist()),
-            chosen_groups=len(groups),
-            chosen_amad=_amad_of(dist, layers, groups),
+            chosen_groups=len(chosen),
+            chosen_amad=_amad_of(dist, layers, chosen),
+            last_layer="own" if partitioned < len(layers) else "grouped",
         ),
         probe_tokens=sim.tokens,
         seconds=time.perf_counter() - t0,  # tokenise + probe + partition: part of the report's harvest cost A
@@ -254,12 +256,11 @@ def write_plan(cfg: PipelineConfig, inputs: PlanInputs, staging: Path, t0: float
     )
     save_record(staging / PLAN_FILE, plan)
     log.info(
-        "plan: %d layers in %d groups %s (%s distance, %s)",
-        len(layers),
-        len(groups),
+        "plan: %s: %s (%s distance, %s)",
+        plan.grouping.describe(layers),
         [span(g) for g in groups],
         canonical_distance(gc.distance),
-        solution.method if solution.method == "agglomerative" else f"dp, {solution.objective}",
+        f"dp, {solution.objective}" if solution.method == "dp" else solution.method,
     )
     return plan
 

@@ -3,11 +3,13 @@
 Angular distance between layers i and j is the mean over tokens of arccos(cos(x_i, x_j)) / pi
 (Ghilardi et al. 2025). Two distances, named for what they do (`grouping.distance`):
 
-- "raw": cosines of the residuals as they are, as the reference implementation's distance module
-  (group_sae/distance.py) takes them.
-- "layer-centred": cosines after subtracting each layer's mean over the probe tokens, as a
-  reviewer of the paper asked. On SmolLM2-135M a layer's mean has 0.70-0.84 of its average norm (0.46 at layer 0),
-  so raw cosines are dominated by that shared direction and raw distances come out smaller.
+- "layer-centred" (the default, the reference's): cosines after subtracting each layer's mean.
+  The reference's distance script (groups/distance.py in ghidav/group-sae) subtracts a running
+  mean of each layer's activations (alpha = 0.05 per batch) before its cosines; here the mean is
+  the exact mean over the probe tokens, the same quantity without the running mean's lag.
+- "raw": cosines of the residuals as they are (a variant). On SmolLM2-135M a layer's mean has
+  0.70-0.84 of its average norm (0.46 at layer 0), so raw cosines are dominated by that shared
+  direction and raw distances come out smaller.
 
 Both are always measured and stored. Centring needs the means first, so the probe makes two
 passes over its tokens instead of holding every layer's activations in memory.

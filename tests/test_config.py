@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from ghsae.config import DEFAULT_CONFIG_PATH, OBJECTIVES, PipelineConfig, config_from_dict, load_config
+from ghsae.config import DEFAULT_CONFIG_PATH, OBJECTIVES, PipelineConfig, config_from_dict, config_from_run, load_config
 from ghsae.errors import ConfigError
 from ghsae.harvest import partition
 
@@ -115,10 +115,10 @@ def test_a_run_made_before_the_grouping_rename_keeps_its_identity():
         "layers": "all",
         "objective": "layer-mean",
     }
-    cfg = config_from_dict({"grouping": {"distance": "centred", "method": "dp"}})
+    cfg = config_from_run({"grouping": {"distance": "centred", "method": "dp"}})
     assert cfg.identity()["grouping"] == before
     # asking for something those runs could not do changes the identity
-    other = config_from_dict({"grouping": {"distance": "centred", "method": "agglomerative"}})
+    other = config_from_run({"grouping": {"distance": "centred", "method": "agglomerative"}})
     assert other.identity()["grouping"] == {**before, "method": "agglomerative"}
 
 

@@ -79,7 +79,7 @@ def test_layers_of_a_group_are_drawn_uniformly(tiny_llama, text_dataset, tmp_pat
 
 
 def test_info_reports_sizes_and_the_saving_against_a_per_layer_cache(tiny_llama, text_dataset, tmp_path):
-    cfg = tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 2})
+    cfg = tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 2, "grouping.last_layer": "grouped"})
     harvest(cfg, tmp_path / "run", progress=False)
     info = Run.open(tmp_path / "run").info()
     for key in (

@@ -13,6 +13,8 @@ from ghsae.run import Run
 
 FIT = {"fit.expansion": 2, "fit.k": 4, "fit.batch_size": 64, "fit.tokens": 512, "fit.checkpoint_tokens": 512}
 REPORT = {"report.ce_tokens": 128}
+# AMAD at G = 1, 2 of the tiny model's layers 0..4 (layer-centred): 0.109, 0.062; 0.08 puts the rule's G at 2
+GROUPING = {"grouping.amad_threshold": 0.08}
 
 
 class Page(HTMLParser):
@@ -46,7 +48,7 @@ class Page(HTMLParser):
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, tiny_llama, text_dataset):
     root = tmp_path_factory.mktemp("sweep")
-    cfg = small_config(tiny_llama, text_dataset, **FIT, **REPORT)
+    cfg = small_config(tiny_llama, text_dataset, **FIT, **REPORT, **GROUPING)
     args = ["sweep", "--config", write_config(root, cfg), "--run-dir", root / "sweep", "--no-progress"]
     r = cli([*args, "--groups", "2,3,per-layer", "--transfer", "G2"])
     assert r.exit_code == 0, r.output
@@ -107,7 +109,7 @@ def test_the_cli_default_groupings_are_the_sweeps():
 
 
 def test_a_sweep_refuses_bad_groupings_before_harvesting_any_shard(tmp_path, tiny_llama, text_dataset):
-    cfg = small_config(tiny_llama, text_dataset, **FIT, **REPORT)
+    cfg = small_config(tiny_llama, text_dataset, **FIT, **REPORT, **GROUPING)
     args = ["sweep", "--config", write_config(tmp_path, cfg), "--run-dir", tmp_path / "s", "--no-progress"]
     r = cli([*args, "--groups", "2,40"])
     assert r.exit_code == 2 and "40 groups, but only 6 layers are harvested" in r.output
@@ -122,7 +124,7 @@ def test_a_finished_sweep_re_renders_from_its_evaluation_and_refuses_other_fit_s
     swept, tiny_llama, text_dataset, monkeypatch, tmp_path
 ):
     sweep_dir, _ = swept
-    cfg = small_config(tiny_llama, text_dataset, **FIT, **REPORT)
+    cfg = small_config(tiny_llama, text_dataset, **FIT, **REPORT, **GROUPING)
     from ghsae.analysis import sweep as gathering
 
     def no_evaluation(*args, **kwargs):
@@ -132,7 +134,7 @@ def test_a_finished_sweep_re_renders_from_its_evaluation_and_refuses_other_fit_s
     args = ["sweep", "--config", write_config(sweep_dir.parent, cfg), "--run-dir", sweep_dir, "--no-progress"]
     r = cli([*args, "--groups", "2,3,per-layer", "--transfer", "G2"])
     assert r.exit_code == 0, r.output
-    other = small_config(tiny_llama, text_dataset, **{**FIT, "fit.lr": 0.01}, **REPORT)
+    other = small_config(tiny_llama, text_dataset, **{**FIT, "fit.lr": 0.01}, **REPORT, **GROUPING)
     config = write_config(tmp_path, other)
     r = cli(["sweep", "--config", config, "--run-dir", sweep_dir, "--no-progress", "--groups", "2,3,per-layer"])
     assert r.exit_code == 2 and "train with other fit settings; pass --overwrite" in r.output
