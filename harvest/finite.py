@@ -57,9 +57,8 @@ class ActivationGuard:
     def check(self, where: str, storage_dtype: str | None, compute_dtype: torch.dtype) -> None:
         """Raise HarvestError for the first layer whose rows are unusable; `where` names the probe
         or the shard, `storage_dtype` is None where nothing is stored (the probe checks anyway)."""
-        nonfinite = self.nonfinite.tolist()
-        peak_norm = self.peak_norm.tolist()
-        peak_abs = self.peak_abs.tolist()
+        peaks = torch.stack([self.nonfinite.double(), self.peak_norm, self.peak_abs]).tolist()  # one host sync
+        nonfinite, peak_norm, peak_abs = [int(n) for n in peaks[0]], peaks[1], peaks[2]
         for i, layer in enumerate(self.layers):
             problem = _problem(nonfinite[i], peak_norm[i], peak_abs[i], storage_dtype, compute_dtype)
             if problem is not None:
