@@ -11,6 +11,7 @@ shows the ratio.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -42,12 +43,28 @@ def check_baseline_data(run: Run, base: Run) -> None:
     """Refuse, with every reason found, a baseline of another model, layers, token stream or eval
     split, or one whose harvest covers the evaluated contexts. Needs no SAE: run it before loading."""
     where = f"--baseline {base.root}"
+    check_not_itself(run.root, base.root)
     problems = _identity_problems(run.plan, base.plan)
     if problems:
         raise ConfigError(f"{where} cannot be compared with this run: {'; '.join(problems)}")
     problems = _data_problems(run, base)
     if problems:
         raise ConfigError(f"{where} is not a fair comparison: {'; '.join(problems)}")
+
+
+def check_not_itself(run_dir: Path, baseline: Path) -> None:
+    """Refuse a baseline that is the run itself (the same folder, however named: a symlink, a
+    relative path, a bind mount): every difference would be 0.000 ± 0.000 by construction."""
+    try:
+        same = Path(baseline).samefile(run_dir)
+    except OSError:  # a path that does not exist is refused where it is opened
+        same = False
+    if same:
+        raise ConfigError(
+            f"--baseline {baseline} is this run's own folder ({Path(run_dir).resolve()}): a run compared with "
+            "itself differs by 0 everywhere; pass a per-layer run of the same model (harvest --groups per-layer), "
+            "or leave --baseline out"
+        )
 
 
 def check_baseline_tokens(

@@ -92,6 +92,8 @@ def collect(
             col.values = [[] for _ in latents]
             cols[(name, layer)] = col
     layers = sorted({layer for _, layer in cols})
+    if not layers:  # no latent fired on the eval tokens (every one dead): nothing to show, no pass to make
+        return {}
     seen = 0
     for start in range(0, contexts.shape[0], batch_contexts):
         ids = torch.from_numpy(np.array(contexts[start : start + batch_contexts])).long().to(device)

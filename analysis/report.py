@@ -32,7 +32,15 @@ from ghsae.atomic import write_parquet_atomic, write_text_atomic
 from ghsae.config import PipelineConfig, ReportConfig
 from ghsae.errors import StoreError
 from ghsae.harvest import DISTANCES, amad, canonical_distance, complete_linkage, distance_matrix, solve
-from ghsae.layout import REPORT_METRICS, REPORT_PAGE, REPORT_SETTINGS, REPORT_SUMMARY, RunLayout, sae_training_metrics
+from ghsae.layout import (
+    CIRCUITS,
+    REPORT_METRICS,
+    REPORT_PAGE,
+    REPORT_SETTINGS,
+    REPORT_SUMMARY,
+    RunLayout,
+    sae_training_metrics,
+)
 from ghsae.lm import LoadedModel
 from ghsae.records import DerivedFrom, ReportSettings, load_record, save_record
 from ghsae.run import Run
@@ -439,6 +447,8 @@ def write_report(data: ReportData, cfg: PipelineConfig) -> Path:
     out = layout.report
     out.mkdir(exist_ok=True)
     write_parquet_atomic(layout.report_file(REPORT_METRICS), data.result.rows)
+    if data.circuits is None:  # circuit results of an earlier report (other --tasks) would pass for this one's
+        layout.report_file(CIRCUITS).unlink(missing_ok=True)
     write_text_atomic(layout.report_file(REPORT_PAGE), render_page(data))
     write_text_atomic(layout.report_file(REPORT_SUMMARY), render_summary(data))
     save_record(

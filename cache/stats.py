@@ -90,6 +90,13 @@ def add_up(layers: Sequence[int], records: Sequence[ShardRecord], sums_files: Se
                 norm_parts.append((z["norm_hist"], z["max_norm"]))
             else:
                 norm_parts = None  # a shard from before norms were counted: no distribution
+    if not (np.isfinite(sum_norm).all() and np.isfinite(sum_sq).all()):
+        layer = layers[int(np.flatnonzero(~np.isfinite(sum_norm + sum_sq))[0])]
+        raise StoreError(
+            f"layer {layer}'s norm sums in the shard records are not finite (its rows' norms overflowed); no SAE "
+            f"can be normalised by them. Re-run `ghsae harvest --run-dir {sums_files[0].parent.parent}`: it "
+            "rewrites those shards and stops with the cause and its fix"
+        )
     denom = np.maximum(count, 1)
     mean = sum_x / denom[:, None] if sum_x is not None else np.zeros((L, 0))
     norms = add_up_norms(list(layers), norm_parts) if norm_parts else None

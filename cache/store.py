@@ -17,6 +17,7 @@ memory map.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 import zarr
 
+from ghsae.atomic import write_bytes_atomic
 from ghsae.errors import StoreError
 
 ROW_FIELDS = {"layer": np.int16, "token": np.int32, "seq": np.int32, "pos": np.int32}
@@ -89,12 +91,68 @@ def to_float32(acts: np.ndarray, dtype: str) -> np.ndarray:
     return (acts.astype(np.uint32) << 16).view(np.float32)
 
 
+def count_nonfinite(acts: np.ndarray, dtype: str) -> int:
+    """inf/NaN values among stored activations (physical dtype), read from their bits: an all-ones
+    exponent (float16: 0x7C00, bfloat16: 0x7F80). Integer work only, no widening."""
+    mask = np.uint16(0x7C00 if dtype == "float16" else 0x7F80)
+    return int(np.count_nonzero((acts.view(np.uint16) & mask) == mask))
+
+
 def _compressors(name: str):
     if name == "none":
         return None
     from zarr.codecs import BloscCodec, ZstdCodec
 
     return ZstdCodec(level=3) if name == "zstd" else BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+
+
+METADATA_FILE = "zarr.json"  # Zarr v3's metadata document of the root, of each group and of each array
+
+
+def metadata_files(path: Path, groups: list[str]) -> list[Path]:
+    """Every metadata document of a store of `groups`: the root's, then each group's and its arrays'."""
+    out = [Path(path) / METADATA_FILE]
+    for g in groups:
+        out += [Path(path) / g / METADATA_FILE, *(Path(path) / g / name / METADATA_FILE for name in ARRAYS)]
+    return out
+
+
+def damaged_metadata(path: Path, groups: list[str]) -> list[Path]:
+    """The metadata documents of the store that are missing or not JSON (the data cannot be read without them)."""
+    return [f for f in metadata_files(path, groups) if not _readable_json(f)]
+
+
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def restore_metadata(path: Path, reference: Path, groups: list[str]) -> list[Path]:
+    """Copy each missing or unreadable metadata document of the store at `path` from `reference`, a
+    store created empty from the same plan (its metadata is a pure function of the plan and the
+    storage settings, so the copy is the file that was lost). Shard files are not touched: the
+    shard records' checksums say whether they are intact. Returns the documents restored."""
+    lost = damaged_metadata(path, groups)
+    for f in lost:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(f, (Path(reference) / f.relative_to(path)).read_bytes())
+    return lost
+
+
+def repair_hint(path: Path) -> str:
+    """The one command that repairs a store's lost metadata (the run folder holds the store at `path`)."""
+    return (
+        f"re-run `ghsae harvest --run-dir {Path(path).parent}` (the run's own settings): it restores the store's "
+        "metadata from the plan and keeps every intact shard"
+    )
+
+
+def bytes_on_disk(path: Path) -> int:
+    """Bytes of every file under a store folder (readable without its metadata)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 class ActivationStore:
@@ -142,17 +200,14 @@ class ActivationStore:
     def open(cls, path: Path) -> ActivationStore:
         if not path.is_dir():
             raise StoreError(f"no activation store at {path}; run `ghsae harvest` for this run folder first")
-        if not (path / "zarr.json").is_file():
-            raise StoreError(
-                f"{path / 'zarr.json'} is missing: the store's metadata is gone. Re-harvest the run "
-                "(`ghsae harvest --overwrite` with the same config) or restore the file"
-            )
+        if not (path / METADATA_FILE).is_file():
+            raise StoreError(f"{path / METADATA_FILE} is missing: the store's metadata is gone; {repair_hint(path)}")
         try:
             root = zarr.open_group(str(path), mode="r+")
             attrs: dict[str, Any] = dict(root.attrs.asdict())
         except Exception as e:  # zarr raises several types for a damaged zarr.json
             raise StoreError(
-                f"{path / 'zarr.json'} cannot be read ({type(e).__name__}: {e}); restore it or re-harvest"
+                f"{path / METADATA_FILE} cannot be read ({type(e).__name__}: {e}); {repair_hint(path)}"
             ) from None
         version = attrs.get("format_version")
         if version != FORMAT_VERSION:
@@ -162,12 +217,11 @@ class ActivationStore:
     def array(self, group: str, name: str) -> zarr.Array:
         try:
             arr = self.root[f"{group}/{name}"]
-        except KeyError:
-            meta = Path(self.path) / group / name / "zarr.json"
-            raise StoreError(
-                f"{meta} is missing: array {name} of {group} cannot be opened. Restore the file, or re-harvest "
-                "(`ghsae harvest --overwrite` with the same config)"
-            ) from None
+        except Exception as e:  # KeyError when a zarr.json is missing; zarr raises several types for a damaged one
+            docs = [Path(self.path) / group / METADATA_FILE, Path(self.path) / group / name / METADATA_FILE]
+            meta = next((f for f in docs if not _readable_json(f)), docs[-1])
+            what = "is missing" if not meta.is_file() else f"cannot be read ({type(e).__name__})"
+            raise StoreError(f"{meta} {what}: array {name} of {group} cannot be opened; {repair_hint(self.path)}") from None
         assert isinstance(arr, zarr.Array), f"{self.path}/{group}/{name} is not an array"
         return arr
 
@@ -236,4 +290,4 @@ class ActivationStore:
         return rows
 
     def bytes_on_disk(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return bytes_on_disk(self.path)

@@ -8,6 +8,8 @@ cheapest first:
   - the Zarr shard file of every array exists and has the size the record wrote down;
   - the file decodes and holds the record's row count (row metadata past it is fill, -1);
   - every layer id belongs to the group, with the record's per-layer counts;
+  - the record's per-layer sums and the stored activations are finite (a harvest refuses
+    inf/NaN and overflowing rows; a store written before that check may hold them);
   - the blake2b-128 checksum of each array's valid rows equals the record's.
 
 blake2b runs at about a GB/s on one core (README: measured cost against the loader), so one pass
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ghsae.cache.store import ARRAYS, ActivationStore
+from ghsae.cache.store import ARRAYS, ActivationStore, count_nonfinite
 from ghsae.errors import StoreError
 from ghsae.layers import span
 from ghsae.records import Plan, ShardRecord
@@ -39,6 +41,14 @@ def verify_shard(store: ActivationStore, plan: Plan, group: str, shard: int, rec
     repair = f"re-run `ghsae harvest --run-dir {Path(store.path).parent}` (same config) to rewrite it"
     if entry is None:
         raise StoreError(f"{where}: its record lists no such group; {repair}")
+    rewrite = f"{repair} (the harvest then stops with the cause and its fix)"
+    for layer in plan.group_layers(group):
+        sums = record.layer_stats.get(layer)
+        if sums is not None and not np.isfinite([sums.sum_norm, sums.sum_sq_norm]).all():
+            raise StoreError(
+                f"{where}: its record's norm sums for layer {layer} are not finite ({sums.sum_norm}): the rows' "
+                f"norms overflowed; {rewrite}"
+            )
     sizes = entry.files  # empty in records written before sizes were recorded
     for name in ARRAYS:
         path = store.shard_file(group, name, shard)
@@ -57,6 +67,9 @@ def verify_shard(store: ActivationStore, plan: Plan, group: str, shard: int, rec
         raise StoreError(f"{where} cannot be decoded ({type(e).__name__}: {e}); {repair}") from None
     if (rows.layer < 0).any():
         raise StoreError(f"{where}: array layer has fill (-1) among the record's {entry.rows} rows; {repair}")
+    bad_values = count_nonfinite(rows.acts, store.geometry.dtype)
+    if bad_values:
+        raise StoreError(f"{where}: array acts holds {bad_values} inf/NaN values; {rewrite}")
     allowed = plan.group_layers(group)
     ids, counts = np.unique(rows.layer, return_counts=True)
     stray = [int(i) for i in ids if int(i) not in allowed]

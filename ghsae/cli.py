@@ -444,6 +444,8 @@ def info(run_dir, as_json):
         f"  shards {data.shards_done}/{data.shards_total} done"
         + (f", missing {data.shards_missing[:20]}" if data.shards_missing else "")
     )
+    if data.store_problems:
+        click.echo(f"  store incomplete: {len(data.store_problems)} metadata files lost, e.g. {data.store_problems[0]}")
     click.echo(
         f"  SAEs {len(data.saes_trained)}/{len(data.group_names)} trained"
         + (f", missing {', '.join(data.saes_missing)}" if data.saes_missing else "")

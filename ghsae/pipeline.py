@@ -12,6 +12,7 @@ tasks are module-level functions (dask pickles them by name) that rebuild the co
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,8 @@ from ghsae.locks import hold_run
 from ghsae.run import Run
 from ghsae.train.fit import FitResult, check_fit_settings, fit_group, selected_groups, shards_to_fit
 
+log = logging.getLogger(__name__)
+
 HARVEST_SECTIONS = ("model", "data", "harvest", "grouping", "storage", "fit", "report")
 DEVICE_SECTIONS = ("model", "fit", "report")
 
@@ -47,13 +50,7 @@ def settings_for(
     """The settings a command runs with: the run's own (config.json, with saes/fit.json's [fit]) when
     the run exists, else the --config file (or the embedded default); a --config given for an
     existing run replaces `sections` only; flags (`overrides`) last."""
-    base = None
-    layout = RunLayout(Path(run_dir)) if run_dir is not None else None
-    if layout is not None and layout.config.is_file() and layout.plan.is_file():
-        try:
-            base = Run.open(layout.root).settings().to_dict()
-        except DamagedFileError:
-            base = None  # a damaged config.json: harvest rewrites it; start from the file or default
+    base = _run_settings(RunLayout(Path(run_dir)), sections) if run_dir is not None else None
     if base is not None:
         # The device belongs to the machine, not the run: a run made on a GPU resumes on a CPU
         # with the file's (or the default) device. Dtype and batch sizes stay the run's.
@@ -61,6 +58,25 @@ def settings_for(
         for section in DEVICE_SECTIONS:
             base[section]["device"] = getattr(machine, section).device
     return load_config(config_path, overrides, base=base, sections=sections)
+
+
+def _run_settings(layout: RunLayout, sections: tuple[str, ...]) -> dict | None:
+    """A planned run's own settings (None where no plan). A missing or damaged config.json is refused
+    unless the command harvests: harvest rewrites it from its own config when the plan's hash matches,
+    so it starts from the file or the default, and says so."""
+    if not layout.plan.is_file():
+        return None
+    try:
+        return Run.open(layout.root).settings().to_dict()
+    except DamagedFileError:
+        if "harvest" not in sections:
+            raise
+        log.warning(
+            "%s is missing or damaged; starting from the --config file (or the embedded default): the harvest "
+            "rewrites it when the plan's hash matches that config",
+            layout.config,
+        )
+        return None
 
 
 def _model(cfg: PipelineConfig, lm: LoadedModel | None) -> LoadedModel:
@@ -221,6 +237,9 @@ def report(
         baseline = own  # the per-layer SAEs of `ghsae run`'s comparison, when it made them
     spot_checks = baseline is not None and own is not None and Path(baseline).resolve() == own.resolve()
     if baseline is not None:
+        from ghsae.analysis.baseline import check_not_itself
+
+        check_not_itself(Path(run_dir), Path(baseline))
         Run.open(baseline)  # a baseline that is not a run fails here, before the model load
     here = lm if executor.in_process else None
     out = executor.call(

@@ -14,7 +14,7 @@ writes except where a method says so (the statistics, forgetting a shard, the fi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import numpy as np
 
 from ghsae.cache.norms import NormDistribution
 from ghsae.cache.stats import NormStats, add_up
-from ghsae.cache.store import ARRAYS, ROW_METADATA_BYTES, ActivationStore
+from ghsae.cache.store import ROW_METADATA_BYTES, ActivationStore, bytes_on_disk, damaged_metadata, repair_hint
 from ghsae.config import PipelineConfig, config_from_run
 from ghsae.errors import ConfigError, DamagedFileError, StoreError
 from ghsae.layout import RunLayout, sae_config
@@ -52,10 +52,11 @@ class RunInfo:
     saes_trained: list[str]
     saes_missing: list[str]
     layer_norm_stats: dict | None
+    store_problems: list[str] = field(default_factory=list)  # lost metadata: no shard readable until repaired
 
     @property
     def complete(self) -> bool:
-        return self.shards_done == self.shards_total
+        return self.shards_done == self.shards_total and not self.store_problems
 
     @property
     def rows(self) -> int:
@@ -112,8 +113,16 @@ class Run:
 
     @cached_property
     def config(self) -> RunConfig:
-        """config.json: what the harvest was run with."""
-        return load_record(RunConfig, self.layout.config)
+        """config.json: what the harvest was run with; refused, naming it and the fix, when missing or
+        damaged (it holds the run's settings: no command guesses them)."""
+        fix = (
+            "it holds the run's settings: restore it, or rewrite it with `ghsae harvest --run-dir "
+            f"{self.root} --config PIPELINE.toml` given the config the run was harvested with (checked against "
+            "the plan; nothing else is rewritten)"
+        )
+        if not self.layout.config.is_file():
+            raise DamagedFileError(f"{self.layout.config} is missing; {fix}")
+        return load_record(RunConfig, self.layout.config, fix=fix)
 
     def fit_settings(self) -> FitSettings | None:
         """saes/fit.json, once `ghsae fit` has run (None before)."""
@@ -272,6 +281,14 @@ class Run:
                 bad[s] = str(e)
         return bad
 
+    def store_problems(self) -> list[str]:
+        """The store's missing or damaged metadata (zarr.json of the root, a group or an array): without
+        it no shard can be read, however complete the records say the run is. Reads no shard."""
+        if not self.layout.acts.is_dir():
+            return []
+        lost = damaged_metadata(self.layout.acts, list(self.plan.group_names))
+        return [f"{p} is missing or damaged; {repair_hint(self.layout.acts)}" for p in lost]
+
     def verify(self) -> tuple[list[str], int]:
         """Check every file the store's readers rely on; returns (problems, shards checked). Writes
         nothing. `verify_saes` checks the SAE folders too (what `ghsae verify` runs)."""
@@ -284,12 +301,9 @@ class Run:
                 load_record(RunConfig, self.layout.config)
             except DamagedFileError as e:
                 problems.append(str(e))
-        try:
-            for group in self.plan.group_names:
-                for name in ARRAYS:
-                    self.store.array(group, name)
-        except StoreError as e:
-            return [*problems, str(e)], 0
+        lost = self.store_problems()
+        if lost:
+            return [*problems, *lost], 0
         done = self.done_shards()
         problems += [f"shard {s}: {msg}" for s, msg in self.failing_shards(done).items()]
         return problems, len(done)
@@ -365,6 +379,7 @@ class Run:
     # --- what `ghsae info` says ---------------------------------------------------------------
 
     def info(self) -> RunInfo:
+        self.config  # noqa: B018 - a run without its settings is refused, not described as complete
         plan = self.plan
         done = self.done_shards()
         rows_per_group = {name: 0 for name in plan.group_names}
@@ -377,7 +392,7 @@ class Run:
                 rows_per_group[name] += g.rows
                 for layer, c in g.layer_counts.items():
                     rows_per_layer[str(layer)] += c
-        store_bytes = self.store.bytes_on_disk() if self.layout.acts.is_dir() else 0
+        store_bytes = bytes_on_disk(self.layout.acts) if self.layout.acts.is_dir() else 0
         stats = self.run_stats()
         return RunInfo(
             run_dir=str(self.root),
@@ -396,6 +411,7 @@ class Run:
             saes_trained=self.trained_groups(),
             saes_missing=[g for g in plan.group_names if not self.sae_trained(g)],
             layer_norm_stats={str(k): v.to_json() for k, v in stats.layers.items()} if stats else None,
+            store_problems=self.store_problems(),
         )
 
 

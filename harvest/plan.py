@@ -187,7 +187,9 @@ def _build_plan(cfg: PipelineConfig, lm: LoadedModel, layers: list[int], staging
     tokens = np.load(staging / TOKENS_FILE, mmap_mode="r")
     probe = tokens[: math.ceil(min(hv.probe_tokens, hv.tokens) / ctx)]
     bar = tqdm(total=2 * probe.size, unit="tok", unit_scale=True, desc="probe", disable=not progress)
-    sim = probe_similarity(lm, lambda: context_batches(probe, hv.batch_size, lm.device), layers, bar)
+    sim = probe_similarity(
+        lm, lambda: context_batches(probe, hv.batch_size, lm.device), layers, bar, storage_dtype=cfg.storage.dtype
+    )
     bar.close()
     inputs = PlanInputs(
         model=lm.identity,

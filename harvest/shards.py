@@ -20,13 +20,11 @@ from ghsae import faults
 from ghsae.atomic import save_npz_atomic
 from ghsae.cache.norms import NormCounter
 from ghsae.cache.store import ActivationStore, ShardRows, to_storage
-from ghsae.errors import HarvestError
+from ghsae.harvest.finite import ActivationGuard
 from ghsae.hooks import capture_layers
 from ghsae.layout import RunLayout
 from ghsae.lm import LoadedModel
 from ghsae.records import STATS_FROM_STORED, GroupRows, LayerSums, Plan, ShardRecord, save_record
-
-FLOAT16_MAX = 65504.0
 
 
 @dataclass
@@ -58,7 +56,7 @@ class ShardSums:
 
 class LayerSumsAccumulator:
     """Per-layer sums of one shard's stored rows (count, sum x, sum ||x||, sum ||x||^2), in float64
-    on the harvest's device, plus the peak |activation| for the float16 overflow check.
+    on the harvest's device (the rows are checked first by a harvest.finite.ActivationGuard).
 
     A plan with stats_from = "stored-rows" (every plan since issue 13) sums the rows as stored
     (after the cast to the storage dtype), so a store derived from an all-layers harvest
@@ -73,7 +71,6 @@ class LayerSumsAccumulator:
         self.sum_sq = torch.zeros(n_layers, dtype=f64, device=device)
         self.count = torch.zeros(n_layers, dtype=torch.int64, device=device)
         self.norms = NormCounter(n_layers, device)
-        self.max_abs = torch.zeros((), dtype=torch.float32, device=device)  # read once per batch
 
     def add(self, i: int, rows: torch.Tensor) -> None:
         """Add rows [n, d] (float32) of the layer at position i."""
@@ -85,10 +82,6 @@ class LayerSumsAccumulator:
         self.sum_sq[i] += (norms * norms).sum()
         self.count[i] += rows.shape[0]
         self.norms.add(i, norms)
-
-    def track_peak(self, rows: torch.Tensor) -> None:
-        if rows.shape[0]:
-            torch.maximum(self.max_abs, rows.abs().amax(), out=self.max_abs)
 
     def sums(self, layers: tuple[int, ...]) -> ShardSums:
         norm_hist, max_norm = self.norms.arrays()
@@ -127,16 +120,6 @@ def row_inverse(draws: ShardDraws) -> np.ndarray:
     return inverse
 
 
-def check_overflow(acc: LayerSumsAccumulator, storage_dtype: str, shard: int) -> None:
-    if storage_dtype == "float16":
-        peak = float(acc.max_abs)
-        if not np.isfinite(peak) or peak > FLOAT16_MAX:
-            raise HarvestError(
-                f"shard {shard}: an activation of magnitude {peak:.4g} does not fit float16 (max {FLOAT16_MAX:g}); "
-                'set storage.dtype = "bfloat16" in pipeline.toml (same range as float32) and re-run with --overwrite'
-            )
-
-
 class ShardProducer:
     """Runs the model over a shard's contexts and gathers each group's drawn rows."""
 
@@ -159,6 +142,7 @@ class ShardProducer:
         inverse = row_inverse(draws)
         outs = [torch.empty(n, d, dtype=self.torch_storage, device=dev) for _ in self.plan.groups]
         acc = LayerSumsAccumulator(len(self.plan.layers), d, dev)
+        guard = ActivationGuard(self.plan.layers, dev)
         stored_rows = self.plan.stats_from == STATS_FROM_STORED
         T = tokens_CT.shape[1]
         for b0 in range(0, tokens_CT.shape[0], self.batch_size):
@@ -172,11 +156,12 @@ class ShardProducer:
                 rows = resid.reshape(-1, d).index_select(0, src).float()
                 stored = rows.to(self.torch_storage)
                 outs[self.group_of[layer]].index_copy_(0, dst, stored)
-                acc.track_peak(rows)
+                guard.track(self.layer_index[layer], rows)
                 acc.add(self.layer_index[layer], stored.float() if stored_rows else rows)
 
             capture_layers(self.lm.model, self.lm.blocks, input_ids, self.plan.layers, on_layer)
-            check_overflow(acc, self.storage_dtype, shard)
+            # before anything of the shard is written: inf/NaN, overflowing norms, float16's range
+            guard.check(f"shard {shard}", self.storage_dtype, self.lm.dtype)
             if on_batch is not None:
                 on_batch(input_ids.numel())
         acts = [to_storage(o, self.storage_dtype) for o in outs]

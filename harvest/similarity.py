@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ghsae.harvest.finite import ActivationGuard
 from ghsae.hooks import capture_layers
 from ghsae.lm import LoadedModel
 
@@ -74,7 +75,13 @@ BatchIter = Callable[[], Iterator[torch.Tensor]]
 """Yields input_ids batches [B, T]; called once per pass, must give the same batches each time."""
 
 
-def probe_similarity(lm: LoadedModel, batches: BatchIter, layers: list[int], progress=None) -> SimilarityResult:
+def probe_similarity(
+    lm: LoadedModel, batches: BatchIter, layers: list[int], progress=None, storage_dtype: str | None = None
+) -> SimilarityResult:
+    """The probe's statistics and distances. Its activations are checked like a shard's (storage_dtype:
+    the store's, so a float16 overflow stops the harvest here already): a distance of inf/NaN rows
+    would be recorded as a plausible number (unit vectors of inf rows are 0: AMAD 0.0)."""
+    guard = ActivationGuard(layers, lm.device)
     special = torch.tensor(lm.special_ids, dtype=torch.long, device=lm.device)
     n_layers, d = len(layers), lm.d_model
     sum_x = torch.zeros(n_layers, d, dtype=torch.float64, device=lm.device)
@@ -84,6 +91,9 @@ def probe_similarity(lm: LoadedModel, batches: BatchIter, layers: list[int], pro
     count = 0
     for stacked in _stacked_passes(lm, batches, layers, special, progress):
         x = stacked.float()
+        for i in range(n_layers):
+            guard.track(i, x[i])
+        guard.check(f"the similarity probe (first {count + x.shape[1]:,} tokens)", storage_dtype, lm.dtype)
         sum_x += x.double().sum(dim=1)
         norms = x.norm(dim=-1).double()
         sum_norm += norms.sum(dim=1)

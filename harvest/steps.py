@@ -19,14 +19,22 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from ghsae import faults
 from ghsae.atomic import move_into_place
-from ghsae.cache.store import ROW_METADATA_BYTES, ActivationStore, StoreGeometry
+from ghsae.cache.store import (
+    ROW_METADATA_BYTES,
+    ActivationStore,
+    StoreGeometry,
+    damaged_metadata,
+    repair_hint,
+    restore_metadata,
+)
 from ghsae.config import PipelineConfig
-from ghsae.errors import ConfigError, DamagedFileError, RunDirError
+from ghsae.errors import ConfigError, DamagedFileError, RunDirError, StoreError
 from ghsae.harvest.plan import PlanBuilder, check_model_fits, ensure_plan, model_plan_builder
 from ghsae.harvest.rundir import claim_run_dir
 from ghsae.harvest.shards import ShardProducer, commit_shard
@@ -123,27 +131,48 @@ def write_run_config(layout: RunLayout, cfg: PipelineConfig) -> None:
 
 
 def ensure_store(layout: RunLayout, plan: Plan, cfg: PipelineConfig) -> ActivationStore:
+    """Create the store (staging + rename), or restore the metadata an existing one has lost."""
     if not layout.acts.is_dir():
-        geometry = StoreGeometry(
-            n_shards=plan.n_shards,
-            shard_rows=plan.shard_rows,
-            d_model=plan.d_model,
-            chunk_rows=cfg.storage.chunk_rows,
-            dtype=cfg.storage.dtype,
-            compression=cfg.storage.compression,
-        )
         staging = layout.staging("store")
-        attrs = {
-            "config_hash": plan.config_hash,
-            "layers": list(plan.layers),
-            "layer_groups": [list(g) for g in plan.groups],
-        }
-        ActivationStore.create(staging, list(plan.group_names), geometry, attrs)
+        _create_empty_store(staging, plan, cfg)
         move_into_place(staging, layout.acts)  # a job that lost the race uses the winner's (equal) store
+    elif damaged_metadata(layout.acts, list(plan.group_names)):
+        _restore_store_metadata(layout, plan, cfg)
     store = ActivationStore.open(layout.acts)
     if store.root.attrs.get("config_hash") != plan.config_hash:
         raise RunDirError(f"{layout.acts} belongs to another config; re-run with --overwrite to rebuild it")
     return store
+
+
+def _create_empty_store(path: Path, plan: Plan, cfg: PipelineConfig) -> None:
+    """The store's metadata, every array preallocated and no shard written: a pure function of plan and config."""
+    geometry = StoreGeometry(
+        n_shards=plan.n_shards,
+        shard_rows=plan.shard_rows,
+        d_model=plan.d_model,
+        chunk_rows=cfg.storage.chunk_rows,
+        dtype=cfg.storage.dtype,
+        compression=cfg.storage.compression,
+    )
+    attrs = {"config_hash": plan.config_hash, "layers": list(plan.layers), "layer_groups": [list(g) for g in plan.groups]}
+    ActivationStore.create(path, list(plan.group_names), geometry, attrs)
+
+
+def _restore_store_metadata(layout: RunLayout, plan: Plan, cfg: PipelineConfig) -> None:
+    """A zarr.json of the store was deleted or damaged: write it again from an empty store of the same
+    plan. The shards keep their records; the re-check after the plan verifies each against its checksums."""
+    staging = layout.staging("storemeta")
+    try:
+        _create_empty_store(staging, plan, cfg)
+        restored = restore_metadata(layout.acts, staging, list(plan.group_names))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.warning(
+        "%s had lost %d metadata files (%s); restored them from the plan",
+        layout.acts,
+        len(restored),
+        ", ".join(str(p.relative_to(layout.acts)) for p in restored[:5]),
+    )
 
 
 def check_plan_matches(layout: RunLayout, plan: Plan, cfg: PipelineConfig, model: ModelIdentity) -> None:
@@ -159,6 +188,9 @@ def check_plan_matches(layout: RunLayout, plan: Plan, cfg: PipelineConfig, model
 def recheck_done_shards(run: Run, shards: list[int]) -> list[int]:
     """Verify the done shards among `shards` against their records; forget those that fail, so they are
     written again (a flipped byte, a truncated file or a damaged record is repaired by re-running harvest)."""
+    lost = damaged_metadata(run.layout.acts, list(run.plan.group_names))
+    if lost:  # a store-wide problem, not the shards': their records stay (the plan step restores metadata)
+        raise StoreError(f"{lost[0]} is missing or damaged; {repair_hint(run.layout.acts)}")
     bad = []
     for s in (s for s in shards if run.shard_done(s)):
         lock = try_lock(run.layout.lock(f"shard-{s:05d}"))

@@ -159,9 +159,11 @@ def test_missing_saes_are_named_and_allow_partial_reports_the_rest(fitted_runs, 
 
 def test_a_mismatched_baseline_is_refused_with_the_reason(fitted_runs, tmp_path, tiny_models, text_dataset):
     cfg, run = fitted_runs["grouped"]
-    # a grouped run is not a per-layer baseline
+    # a grouped run is not a per-layer baseline (a copy: the run itself is refused as itself)
+    grouped = tmp_path / "grouped"
+    shutil.copytree(run, grouped, ignore=shutil.ignore_patterns("saes"))
     with pytest.raises(ConfigError, match="not per-layer"):
-        write_report(cfg, run, baseline=run, progress=False)
+        write_report(cfg, run, baseline=grouped, progress=False)
     # another model
     other_cfg = tiny_config(tiny_models["neox"], text_dataset, **{"grouping.groups": "per-layer", **FIT})
     harvest(other_cfg, tmp_path / "other", progress=False)

@@ -189,8 +189,8 @@ class Trainer:
         if not torch.isfinite(batch.x).all():
             raise StoreError(
                 f"{self.name}: the store holds non-finite activations (inf/NaN) in the batch of step "
-                f"{self.state.step + 1}; lowering fit.lr will not help. Re-harvest with "
-                'storage.dtype = "bfloat16" (float16 overflows past 65504) and --overwrite'
+                f"{self.state.step + 1}; lowering fit.lr will not help. Re-run `ghsae harvest` on the run: it "
+                "rewrites shards holding them and stops with their cause and fix"
             )
 
     def _diverged(self, value: str, step: int) -> None:
