@@ -126,7 +126,9 @@ baseline_option = click.option(
     help="A fitted per-layer run of the same model (harvest --groups per-layer) to compare with.",
 )
 executor_options = _compose(
-    click.option("--workers", type=int, help="Run the tasks on a local dask cluster of N worker processes."),
+    click.option(
+        "--workers", type=int, help="Run the tasks on a local dask cluster of N worker processes (at most one per core)."
+    ),
     click.option("--scheduler", help="Run the tasks on the dask cluster at this address (e.g. tcp://host:8786)."),
 )
 every_stage_device_option = click.option("--device", help="auto | cpu | cuda | cuda:N (every stage).")

@@ -218,7 +218,7 @@ def layer_count(path: str) -> int | None:
     kwargs: dict = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         cfg = AutoConfig.from_pretrained(source.location, **kwargs)
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 - an early check only: the full load says what is wrong
         return None
     n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
     return int(n) if isinstance(n, int) else None
