@@ -29,6 +29,7 @@ the same N, and are shown beside the per-layer curves, never instead of them.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from ghsae.analysis.splice import Splicer
 from ghsae.analysis.tasks import TaskPrompts
 from ghsae.lm import LoadedModel
 from ghsae.sae import SparseAutoencoder, build_sae
+
+logger = logging.getLogger(__name__)
 
 MEASURES = ("faithfulness", "faithfulness_no_error", "completeness")
 
@@ -341,6 +344,12 @@ def run_task(
         f"{task.task}: clean metric {check.mean_metric:.3f}, accuracy {check.accuracy:.2f} on {check.n_prompts} prompts"
     )
     if not check.solved:
+        # a warning, not an error: the rest of the report stands, and the page says the same
+        logger.warning(
+            "%s: the model gets %.0f%% of its %d prompts right, under report.task_min_accuracy (%.0f%%); its "
+            "circuits are not measured (set report.task_min_accuracy lower to measure them anyway)",
+            task.task, 100 * check.accuracy, check.n_prompts, 100 * min_accuracy,
+        )  # fmt: skip
         return TaskCircuits(check, (), time.perf_counter() - t0)
     curves: list[Curve] = []
     gaps: list[tuple[int, float]] = []

@@ -11,6 +11,7 @@ import errno
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -125,7 +126,9 @@ baseline_option = click.option(
     help="A fitted per-layer run of the same model (harvest --groups per-layer) to compare with.",
 )
 executor_options = _compose(
-    click.option("--workers", type=int, help="Run the tasks on a local dask cluster of N worker processes."),
+    click.option(
+        "--workers", type=int, help="Run the tasks on a local dask cluster of N worker processes (at most one per core)."
+    ),
     click.option("--scheduler", help="Run the tasks on the dask cluster at this address (e.g. tcp://host:8786)."),
 )
 every_stage_device_option = click.option("--device", help="auto | cpu | cuda | cuda:N (every stage).")
@@ -140,6 +143,23 @@ data_options = _compose(
 )
 
 
+def _new_or_existing_dir(ctx, param, value: str | None) -> str | None:
+    """A --run-dir to create or resume: a symbolic link whose target is missing cannot be either."""
+    path = Path(value) if value is not None else None
+    if path is not None and path.is_symlink() and not path.exists():
+        _refuse(
+            f"--run-dir {path} is a symbolic link to {os.readlink(path)}, which does not exist; create that folder "
+            "or pass another --run-dir"
+        )
+    return value
+
+
+def _refuse(message: str) -> None:
+    """A user error found before a command's body (in an option's callback or the group): one line, exit 2."""
+    click.echo(f"ghsae: error: {message}", err=True)
+    sys.exit(2)
+
+
 def _existing_run_dir(help_text: str):
     return click.option("--run-dir", required=True, type=click.Path(exists=True, file_okay=False), help=help_text)
 
@@ -148,6 +168,33 @@ def _executor(workers: int | None, scheduler: str | None, no_progress: bool):
     from ghsae.executors import open_executor
 
     return open_executor(workers, scheduler, progress=not no_progress)
+
+
+def _check_room(cfg, run_dir: str) -> None:
+    """An impossible --tokens is refused before any folder is made (a planned run resumes unchecked:
+    its token array is on the disk already)."""
+    from ghsae.harvest.text import require_room_for_tokens
+    from ghsae.layout import RunLayout
+
+    layout = RunLayout(Path(run_dir))
+    if layout.plan.is_file() or RunLayout(layout.per_layer).plan.is_file():
+        return
+    require_room_for_tokens(Path(run_dir), cfg.harvest.tokens, cfg.harvest.eval_tokens, cfg.data.context_length)
+
+
+def _check_groupings_fit_model(cfg, groupings: list[str]) -> None:
+    """Every numbered grouping against the layers to harvest, counted from the model's config (no weights
+    loaded), before the sweep tokenises and probes: the sweep checks them again on its probe."""
+    from ghsae.harvest.plan import resolve_layers
+    from ghsae.lm import layer_count
+
+    n_layers = layer_count(cfg.model.path)
+    if n_layers is None:
+        return
+    n = len(resolve_layers(cfg.grouping.layers, n_layers))
+    for g in groupings:
+        if g.isdigit() and int(g) > n:
+            raise ConfigError(f"--groups names {g} groups, but only {n} layers are harvested; expected at most {n}")
 
 
 def _data_overrides(model, dataset, tokens, groups, device) -> dict:
@@ -169,14 +216,23 @@ def _every_stage_overrides(model, dataset, tokens, groups, device) -> dict:
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 def main(verbose: bool) -> None:
     """ghsae: Group-SAEs, one sparse autoencoder per group of similar layers."""
+    from ghsae import faults
+
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    try:
+        faults.check()
+    except ConfigError as e:
+        _refuse(str(e))
 
 
 @main.command()
 @config_option
-@click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="Run folder to create or resume.")
+@click.option(
+    "--run-dir", required=True, type=click.Path(file_okay=False), callback=_new_or_existing_dir,
+    help="Run folder to create or resume.",
+)
 @data_options
 @click.option("--seed", type=int, help="Seed of the layer draws and shuffles.")
 @device_option
@@ -203,6 +259,7 @@ def harvest(
     overrides = _data_overrides(model, dataset, tokens, groups, device)
     overrides.update({"harvest.seed": seed, "harvest.batch_size": batch_size})
     cfg = pipeline.settings_for(run_dir, config_path, overrides)
+    _check_room(cfg, run_dir)
     shards = ShardSlice.parse(shard_spec)
     if (workers is not None or scheduler) and (not shards.whole or plan_only):
         raise ConfigError("--shard and --plan-only split work by hand; with --workers/--scheduler dask does it")
@@ -288,7 +345,8 @@ def report(config_path, run_dir, baseline, allow_partial, allow_unmatched, devic
 @main.command(name="run")
 @config_option
 @click.option(
-    "--run-dir", default="runs/default", show_default=True, type=click.Path(file_okay=False), help="Run folder."
+    "--run-dir", default="runs/default", show_default=True, type=click.Path(file_okay=False),
+    callback=_new_or_existing_dir, help="Run folder.",
 )
 @data_options
 @every_stage_device_option
@@ -308,6 +366,7 @@ def run_pipeline(
     _quiet_libraries(no_progress)
     overrides = _every_stage_overrides(model, dataset, tokens, groups, device)
     cfg = pipeline.settings_for(run_dir, config_path, overrides)
+    _check_room(cfg, run_dir)
     t0 = time.perf_counter()
     with _executor(workers, scheduler, no_progress) as ex:
         out = pipeline.run_all(
@@ -318,7 +377,10 @@ def run_pipeline(
 
 @main.command()
 @config_option
-@click.option("--run-dir", required=True, type=click.Path(file_okay=False), help="Sweep folder to create or resume.")
+@click.option(
+    "--run-dir", required=True, type=click.Path(file_okay=False), callback=_new_or_existing_dir,
+    help="Sweep folder to create or resume.",
+)
 @click.option(
     "--groups",
     "groupings",
@@ -349,7 +411,9 @@ def sweep(
     _quiet_libraries(no_progress)
     overrides = {**_every_stage_overrides(model, dataset, tokens, None, device), "fit.tokens": fit_tokens}
     cfg = pipeline.settings_for(None, config_path, overrides)
+    _check_room(cfg, run_dir)
     names = sweeps.parse_groupings(groupings)
+    _check_groupings_fit_model(cfg, names)
     transfers = [t.strip() for t in transfer.split(",") if t.strip()]
     t0 = time.perf_counter()
     with _executor(workers, scheduler, no_progress) as ex:
@@ -466,7 +530,10 @@ def show_config(run_dir, config_path):
     --config file's, or the embedded default's. Redirect it to a file to start a config from."""
     from ghsae import pipeline
     from ghsae.config import to_toml
+    from ghsae.run import Run
 
+    if run_dir is not None:
+        Run.open(run_dir)  # a folder given must be a run: its settings, never the defaults in its name
     click.echo(to_toml(pipeline.settings_for(run_dir, config_path, {})), nl=False)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -65,8 +66,7 @@ class ModelConfig:
                 "model.path is empty; expected a model folder, .gguf file, hub id or builtin:smollm2-135m"
             )
         _check_choice("model.dtype", self.dtype, MODEL_DTYPES)
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"model.device is {self.device!r}; expected auto, cpu, cuda or cuda:N")
+        _check_device("model.device", self.device)
 
 
 @dataclass
@@ -140,6 +140,7 @@ class GroupingConfig:
     """Layers to harvest: all, or [first, last] inclusive."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "grouping")
         _check_choice("grouping.distance", self.distance, DISTANCES)
         _check_choice("grouping.method", self.method, GROUPING_METHODS)
         _check_choice("grouping.objective", self.objective, OBJECTIVES)
@@ -250,6 +251,8 @@ class FitConfig:
     """auto (CUDA when present), cpu, cuda or cuda:N."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "fit")
+        _check_device("fit.device", self.device)
         _check_choice("fit.architecture", self.architecture, ARCHITECTURES)
         _check_choice("fit.decay", self.decay, LR_DECAYS)
         _check_choice("fit.auxk_normalisation", self.auxk_normalisation, AUXK_NORMALISATIONS)
@@ -264,8 +267,9 @@ class FitConfig:
         for name in ("expansion", "k", "batch_size", "checkpoint_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"fit.{name} is {getattr(self, name)}; expected a positive integer")
-        if self.tokens < 0 or self.lr < 0 or self.warmup_tokens < 0:
-            raise ConfigError("fit.tokens, fit.lr and fit.warmup_tokens must be 0 or more")
+        for name in ("tokens", "lr", "warmup_tokens", "grad_clip", "aux_coef", "sparsity_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"fit.{name} is {getattr(self, name)}; expected 0 or more")
         if not 0.0 <= self.decay_fraction <= 1.0:
             raise ConfigError(f"fit.decay_fraction is {self.decay_fraction}; expected a value in [0, 1]")
         _check_seed("fit.seed", self.seed)
@@ -308,6 +312,8 @@ class ReportConfig:
     reported twice: over all tokens, and `_typical`, outliers left out of FVU and kept clean when spliced."""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "report")
+        _check_device("report.device", self.device)
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:  # fails here, before any model is loaded
             raise ConfigError(f"report.tasks names {', '.join(unknown)}; expected some of {', '.join(TASKS)}")
@@ -410,6 +416,22 @@ def _check_seed(key: str, value: int) -> None:
     # keeps a bad seed from failing after the plan is built and leaving a half-made run
     if value < 0:
         raise ConfigError(f"{key} is {value}; expected a seed of 0 or more")
+
+
+def _check_device(key: str, value: str) -> None:
+    # torch.device() accepts many more names (mps, meta, xla, ...) that ghsae's stages cannot run on,
+    # and raises a bare RuntimeError on others ("gpu", ""): refuse them here, before any work
+    index = value.removeprefix("cuda:")
+    if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and index.isdigit()):
+        raise ConfigError(f"{key} (--device) is {value!r}; expected auto, cpu, cuda or cuda:N (N a device number)")
+
+
+def _check_finite(section: Any, name: str) -> None:
+    """TOML reads nan and inf as floats: no setting of ghsae means either, and NaN passes every `<` check."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}.{f.name} is {value}; expected a finite number")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

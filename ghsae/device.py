@@ -15,6 +15,9 @@ def pick_device(name: str, option: str = "model.device (--device)") -> torch.dev
     """`name` is auto | cpu | cuda | cuda:N; `option` is the setting the user gave, named in the error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        # the config refuses these too; this covers a device given to the public API
+        raise ModelError(f"{option} is {name!r}; expected auto, cpu, cuda or cuda:N (N a device number)")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"{option} is {name} but torch sees no CUDA device; use --device cpu or auto")
     return torch.device(name)

@@ -130,6 +130,11 @@ def open_executor(workers: int | None = None, scheduler: str | None = None, prog
     if scheduler:
         try:
             client = Client(scheduler, timeout=SCHEDULER_TIMEOUT_S)
+        except ValueError as e:  # dask's address parsing: no port, an unknown scheme (http://)
+            raise ConfigError(
+                f"--scheduler is {scheduler!r}, not a dask scheduler address ({e}); expected one like "
+                "tcp://host:8786, as `dask scheduler` prints it"
+            ) from None
         except (OSError, TimeoutError) as e:
             raise ConfigError(
                 f"cannot reach the dask scheduler at {scheduler} within {SCHEDULER_TIMEOUT_S} s ({type(e).__name__}); "
@@ -140,11 +145,29 @@ def open_executor(workers: int | None = None, scheduler: str | None = None, prog
         return
     if workers is None or workers < 1:
         raise ConfigError(f"--workers is {workers}; expected a positive number of worker processes")
+    workers = capped_workers(workers)
     # one thread per process: torch parallelises inside a task, and two tasks per process would
     # share (and fight over) one model copy
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         with Client(cluster) as client:
             yield DaskCluster(client, progress)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a cluster job's allocation, not the whole host)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def capped_workers(workers: int) -> int:
+    """--workers, at most one per usable core: each worker is a process with its own model copy, so
+    more workers than cores only add memory and contention (1,000 on 2 cores once started them all)."""
+    cores = usable_cores()
+    if workers > cores:
+        log.warning("--workers %d is more than the %d cores this machine gives ghsae; starting %d workers", workers, cores, cores)
+        return cores
+    return workers
 
 
 def worker_index() -> int:

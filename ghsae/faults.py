@@ -18,27 +18,50 @@ import errno
 import os
 import signal
 
+from ghsae.errors import ConfigError
+
 FAULT_ENV = "GHSAE_FAULT"
+ACTIONS = ("kill", "int", "term", "stop", "enospc", "erofs")
 
 
 def _parse(spec: str) -> dict[str, str]:
     out = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
-        action, _, point = item.partition("@")
+        action, at, point = item.partition("@")
+        if action not in ACTIONS or not at or not point:
+            raise ConfigError(
+                f"{FAULT_ENV} holds {item!r}; expected ACTION@POINT with ACTION one of {', '.join(ACTIONS)} "
+                f"(e.g. kill@shard-00001/before-record); unset {FAULT_ENV} outside fault tests"
+            )
         out[point] = action
     return out
 
 
-_FAULTS = _parse(os.environ.get(FAULT_ENV, ""))
+_FAULTS: dict[str, str] = {}
+_ERROR: list[ConfigError] = []  # a bad spec, raised by check() and at every point, never at import
 
 
 def reload() -> None:
     """Re-read GHSAE_FAULT (for in-process tests that set it after import)."""
     _FAULTS.clear()
-    _FAULTS.update(_parse(os.environ.get(FAULT_ENV, "")))
+    _ERROR.clear()
+    try:
+        _FAULTS.update(_parse(os.environ.get(FAULT_ENV, "")))
+    except ConfigError as e:
+        _ERROR.append(e)
+
+
+def check() -> None:
+    """Refuse a malformed GHSAE_FAULT up front: a fault test whose fault never fires passes for nothing."""
+    if _ERROR:
+        raise _ERROR[0]
+
+
+reload()
 
 
 def point(name: str, path: object = None) -> None:
+    check()
     action = _FAULTS.get(name)
     if action is None:
         return
@@ -54,5 +77,3 @@ def point(name: str, path: object = None) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), None if path is None else str(path))
     elif action == "erofs":
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), None if path is None else str(path))
-    else:
-        raise ValueError(f"{FAULT_ENV}: unknown action {action!r} at {name}")

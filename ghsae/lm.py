@@ -98,11 +98,18 @@ def resolve_source(path: str) -> ModelSource:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ModelError(f"model file {p} not found; expected a .gguf file")
+        _check_gguf(p)
         return ModelSource(str(p.parent), p.name, str(p))
+    if p.is_file():
+        raise ModelError(
+            f"model {p} is a file ({_what_file(p)}), not a model; expected a model folder (config.json, weights and "
+            "tokenizer files), a .gguf file or builtin:smollm2-135m"
+        )
     if p.is_dir():
         if not (p / "config.json").is_file():
             ggufs = sorted(p.glob("*.gguf"))
             if len(ggufs) == 1:
+                _check_gguf(ggufs[0])
                 return ModelSource(str(p), ggufs[0].name, str(ggufs[0]))
             raise ModelError(
                 f"model folder {p} has no config.json; expected a transformers model folder or one .gguf file"
@@ -113,6 +120,43 @@ def resolve_source(path: str) -> ModelSource:
             f"model {path!r} not found; expected a model folder, a .gguf file, a hub id (org/name) or builtin:smollm2-135m"
         )
     return ModelSource(path, None, path)
+
+
+GGUF_MAGIC = b"GGUF"
+# Files a transformers tokenizer is loaded from (fast, sentencepiece, BPE vocabularies); one suffices.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tokenizer.tiktoken")
+
+
+def _what_file(p: Path) -> str:
+    """A few words on what a file holds, for a message that refuses it."""
+    with open(p, "rb") as fh:
+        head = fh.read(512)
+    if not head:
+        return "empty"
+    kind = "binary" if b"\x00" in head else "text"
+    return f"{kind}, {p.stat().st_size:,} bytes, starting {head[:16]!r}"
+
+
+def _check_gguf(p: Path) -> None:
+    """A .gguf file starts with the bytes GGUF; anything else would fail deep in transformers."""
+    with open(p, "rb") as fh:
+        magic = fh.read(len(GGUF_MAGIC))
+    if magic != GGUF_MAGIC:
+        raise ModelError(
+            f"model file {p} is not a GGUF file ({_what_file(p)}; a GGUF file starts with {GGUF_MAGIC!r}); "
+            "pass a real .gguf file or a model folder"
+        )
+
+
+def _missing_tokenizer(source: ModelSource) -> str | None:
+    """What a local model folder lacks for its tokenizer, or None (a GGUF file carries its own)."""
+    folder = Path(source.location)
+    if source.gguf_file or not folder.is_dir() or any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return (
+        f"model folder {folder} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); copy the model's "
+        f"tokenizer into it (tokenizer.save_pretrained('{folder}'))"
+    )
 
 
 def _looks_like_path(path: str) -> bool:
@@ -127,14 +171,16 @@ def load_model(path: str, device_name: str = "auto", dtype_name: str = "auto") -
     device = pick_device(device_name)
     dtype = pick_dtype(dtype_name, device)
     kwargs: dict = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    missing = _missing_tokenizer(source)
+    if missing:
+        raise ModelError(missing)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
-        raise ModelError(
-            f"could not load model {source.description!r}: {e}. A hub id needs a network; offline, pass a local "
-            "folder or .gguf file"
-        ) from e
+        local = Path(source.location).is_dir()  # the hub hint is for hub ids only
+        hint = "check the folder's files" if local else "a hub id needs a network; offline, pass a local folder or .gguf file"
+        raise ModelError(f"could not load model {source.description!r}: {_one_line(e)}; {hint}") from e
     check_causal_lm(model.config, source)
     model = model.to(device)  # type: ignore[arg-type]
     model.eval().requires_grad_(False)
@@ -154,6 +200,28 @@ def load_model(path: str, device_name: str = "auto", dtype_name: str = "auto") -
         device=device,
         dtype=dtype,
     )
+
+
+def _one_line(e: Exception) -> str:
+    """transformers' messages run over several lines; the CLI prints one."""
+    return " ".join(str(e).split())
+
+
+def layer_count(path: str) -> int | None:
+    """The model's number of decoder blocks from its config alone (no weights loaded), for checks made
+    before the slow load; None when the config says nothing readable (the load then checks)."""
+    from transformers import AutoConfig
+
+    source = resolve_source(path)
+    if not Path(source.location).is_dir():
+        return None  # a hub id: no network is assumed
+    kwargs: dict = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        cfg = AutoConfig.from_pretrained(source.location, **kwargs)
+    except Exception:  # noqa: BLE001 - an early check only: the full load says what is wrong
+        return None
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    return int(n) if isinstance(n, int) else None
 
 
 def check_same_model(

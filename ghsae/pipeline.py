@@ -21,7 +21,7 @@ from typing import Any
 from ghsae.cache.stats import NormStats
 from ghsae.config import PipelineConfig, config_from_dict, load_config
 from ghsae.device import pick_device
-from ghsae.errors import DamagedFileError, StoreError
+from ghsae.errors import ConfigError, DamagedFileError, StoreError
 from ghsae.executors import Executor, InProcess, worker_index
 from ghsae.harvest.rundir import prepare_run_dir
 from ghsae.harvest.steps import HarvestSummary, ShardSlice, Written, plan_step, recheck_done_shards, write_shards
@@ -54,7 +54,7 @@ def settings_for(
     if base is not None:
         # The device belongs to the machine, not the run: a run made on a GPU resumes on a CPU
         # with the file's (or the default) device. Dtype and batch sizes stay the run's.
-        machine = load_config(config_path)
+        machine = load_config(config_path, base={}, sections=sections)  # only the sections this command reads
         for section in DEVICE_SECTIONS:
             base[section]["device"] = getattr(machine, section).device
     return load_config(config_path, overrides, base=base, sections=sections)
@@ -167,6 +167,7 @@ def fit(
     run = Run.open(run_dir)
     shards = shards_to_fit(run, allow_partial)  # an incomplete store is refused before any work
     names = selected_groups(run, groups)
+    check_passes(run, cfg, names, shards)
     if executor.in_process:  # a cluster's workers may have devices this client lacks; each task checks its own
         pick_device(cfg.fit.device, option="fit.device (--device)")  # a bad device fails before any work
     if check_fit_settings(run, cfg, overwrite) or run.fit_settings() is None:
@@ -179,6 +180,23 @@ def fit(
         if cfg.fit.transfer != "none":  # each group starts from the previous one's SAE: one after another
             return [r for name in names for r in executor.map(fit_task, [name], *args, desc="fit", unit="SAE")]
         return executor.map(fit_task, names, *args, desc="fit", unit="SAE")
+
+
+MAX_PASSES = 100  # over a group's stored rows; more is a typo or a store far too small for the --tokens
+
+
+def check_passes(run: Run, cfg: PipelineConfig, names: list[str], shards: list[int]) -> None:
+    """Refuse fit.tokens of more than MAX_PASSES over a group's stored rows, before any training."""
+    if not cfg.fit.tokens:
+        return
+    for name in names:
+        rows = sum(run.shard_record(s).groups[name].rows for s in shards)
+        if rows and cfg.fit.tokens > MAX_PASSES * rows:
+            raise ConfigError(
+                f"fit.tokens (--tokens) is {cfg.fit.tokens:,}: {cfg.fit.tokens / rows:,.0f} passes over the {rows:,} "
+                f"rows stored for {name}, over the {MAX_PASSES} accepted; lower --tokens (0 is one pass), or "
+                "harvest more tokens into a new run"
+            )
 
 
 def fit_task(
@@ -267,6 +285,7 @@ def own_per_layer_run(run_dir: str | Path) -> Path | None:
 def report_model(cfg: PipelineConfig, run: Run, lm: LoadedModel | None = None) -> LoadedModel:
     """The model a report loads: the one the run was harvested with, on the report's device, in the
     run's compute dtype (cfg starts from the run's settings)."""
+    pick_device(cfg.report.device, option="report.device (--device)")  # named as the report's, not the model's
     return lm if lm is not None else run.model(cfg.report.device, cfg.model.dtype)
 
 

@@ -26,7 +26,7 @@ from ghsae.cache.stats import NormStats, add_up
 from ghsae.cache.store import ROW_METADATA_BYTES, ActivationStore, bytes_on_disk, damaged_metadata, repair_hint
 from ghsae.config import PipelineConfig, config_from_run
 from ghsae.errors import ConfigError, DamagedFileError, StoreError
-from ghsae.layout import RunLayout, sae_config
+from ghsae.layout import LOCKS_DIR, RunLayout, SweepLayout, sae_config, sae_weights
 from ghsae.records import FitSettings, Plan, RunConfig, RunStats, SAERecord, ShardRecord, load_record, save_record
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,27 @@ class RunInfo:
         return out
 
 
+def not_a_run(layout: RunLayout) -> str:
+    """Why a folder without a plan cannot be opened as a run: what it is instead, and what to pass."""
+    root = layout.root
+    if SweepLayout(root).marker.is_file():
+        runs = sorted(str(p) for p in root.iterdir() if RunLayout(p).plan.is_file())
+        return f"{root} is a sweep folder, not a run; pass one of its runs: {', '.join(runs) or 'none planned yet'}"
+    if sae_weights(root).is_file() or sae_config(root).is_file():
+        return f"{root} is an SAE folder, not a run; pass the run folder it belongs to ({root.parent.parent})"
+    model_files = sorted(p.name for p in root.glob("*") if p.suffix in (".safetensors", ".bin", ".gguf"))
+    if model_files and not layout.marker.is_file():
+        return (
+            f"{root} is a model folder ({', '.join(model_files[:3])}), not a run; harvest it into a run first: "
+            f"`ghsae harvest --model {root} --run-dir NEW_RUN`, then pass NEW_RUN"
+        )
+    if not layout.marker.is_file() and root.is_dir() and any(p.name != LOCKS_DIR for p in root.iterdir()):
+        return f"{root} is not a ghsae run (no {layout.marker.name}, no plan); pass a folder `ghsae harvest --run-dir` made"
+    return (
+        f"{root} has no plan ({layout.plan}); run `ghsae harvest --run-dir {root}` (with the run's config) to make it"
+    )
+
+
 class Run:
     """One run folder with a plan. Open it with `Run.open(path)` (or `ghsae.open_run`)."""
 
@@ -96,10 +117,7 @@ class Run:
     def open(cls, path: str | Path) -> Run:
         layout = RunLayout(Path(path))
         if not layout.plan.is_file():
-            raise StoreError(
-                f"{layout.root} has no plan ({layout.plan}); run `ghsae harvest --run-dir {layout.root}` "
-                "(with the run's config) to make it"
-            )
+            raise StoreError(not_a_run(layout))
         return cls(layout, load_record(Plan, layout.plan))
 
     @property

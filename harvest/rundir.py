@@ -146,8 +146,9 @@ def _wipe(layout: RunLayout, run_lock: FileLock, diffs: list[str]) -> None:
     exclusive = try_lock(layout.lock("run"))
     if exclusive is None:
         raise RunDirError(
-            f"--overwrite refused: another ghsae process is working in {layout.root}; wait for it to finish "
-            "(or stop it), then re-run with --overwrite"
+            f"--overwrite refused: another ghsae process is working in {layout.root} (a harvest, fit or report, "
+            "or a second --overwrite started with this one, holds its run lock); wait for it to finish (or stop it), "
+            "then re-run this command"
         )
     try:
         log.warning("--overwrite: removing run %s (its config differs: %s)", layout.root, "; ".join(diffs[:6]))

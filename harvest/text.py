@@ -14,7 +14,9 @@ from __future__ import annotations
 import ast
 import glob
 import hashlib
+import json
 import logging
+import math
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ghsae.errors import DatasetError
+from ghsae.errors import DatasetError, DiskError
+from ghsae.space import free_bytes, human
 
 log = logging.getLogger(__name__)
 
@@ -149,15 +152,44 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
     except Exception as e:  # pyarrow raises ArrowInvalid for malformed json and empty files
         if path.stat().st_size == 0:
             return
-        raise DatasetError(f"{path} is not valid JSON lines: {e}") from e
+        raise DatasetError(_jsonl_problem(path, text_field, e)) from e
     if text_field not in reader.schema.names:
         raise DatasetError(
             f"{path} has no field {text_field!r}; found {', '.join(reader.schema.names)}. Set data.text_field"
         )
-    for batch in reader:
+    batches = iter(reader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:  # a bad line past the first block fails here, mid-stream
+            raise DatasetError(_jsonl_problem(path, text_field, e)) from e
         for text in batch.column(text_field).to_pylist():
             if text:
                 yield Document(text=str(text))
+
+
+def _jsonl_problem(path: Path, text_field: str, error: Exception) -> str:
+    """The first bad line of a .jsonl file, numbered from 1 as editors count. pyarrow's own message
+    counts rows from 0 and within its read block, so it names no line a user can find."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                return f"{path} line {number} is not valid JSON ({e}); fix or remove that line"
+            if not isinstance(record, dict):
+                return f"{path} line {number} is a JSON {type(record).__name__}, not an object; expected one object per line"
+            value = record.get(text_field)
+            if value is not None and not isinstance(value, str):
+                return (
+                    f"{path} line {number}: {text_field!r} holds {json.dumps(value)[:40]} "
+                    f"({type(value).__name__}), not a string; fix that line or set data.text_field"
+                )
+    return f"{path} is not valid JSON lines: {error}"
 
 
 def _parquet_documents(path: Path, text_field: str, tokens_field: str) -> Iterator[Document]:
@@ -260,6 +292,26 @@ def pack_contexts(
         while len(buf) >= body:
             chunk, buf = buf[:body], buf[body:]
             yield np.asarray(([bos] if bos is not None else []) + chunk, dtype=np.int32)
+
+
+def contexts_bytes(tokens: int, eval_tokens: int, context_length: int) -> int:
+    """Bytes of tokens.npy for these settings: whole contexts of int32 ids, harvested then held out."""
+    n_contexts = math.ceil(tokens / context_length) + math.ceil(eval_tokens / context_length)
+    return n_contexts * context_length * np.dtype(np.int32).itemsize
+
+
+def require_room_for_tokens(run_dir: Path, tokens: int, eval_tokens: int, context_length: int) -> None:
+    """Refuse, before the folder is made, a harvest whose token array alone outgrows the free disk
+    (--tokens 999999999999999 asked numpy for a 4 PB memmap and left a half-made run behind).
+    The activation store, several times larger, is checked against the disk once the plan sizes it."""
+    needed = contexts_bytes(tokens, eval_tokens, context_length)
+    free = free_bytes(run_dir)
+    if needed > free:
+        raise DiskError(
+            f"harvest.tokens (--tokens) is {tokens:,}: its token array alone needs {human(needed)} but the disk of "
+            f"{run_dir} has {human(free)} free, and its activations many times more; lower --tokens (the default "
+            "is 98,304) or use a --run-dir on a larger disk"
+        )
 
 
 def write_contexts(
