@@ -10,13 +10,14 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from ghsae.analysis import plots
+from ghsae.analysis import plots, seeds
 from ghsae.analysis.circuit_report import render_section as circuit_section
 from ghsae.analysis.dashboards import report_block
 from ghsae.analysis.evals import WITH_SE
 from ghsae.analysis.html import CSS, fmt, img, pm, table
 from ghsae.analysis.rate import ratings_section
 from ghsae.analysis.report import ReportData, SAEKind
+from ghsae.analysis.seeds import Estimate
 from ghsae.layers import span, spans
 
 # (column, heading, format) of the per-layer eval tables
@@ -139,22 +140,44 @@ def summary_section(data: ReportData) -> str:
     return "".join(parts)
 
 
+GAP_METRICS = (("fvu", "FVU", "{:.3f}"), ("delta_ce_pct", "ΔCE %", "{:.2f}"), ("kl", "KL", "{:.3f}"))
+GAP_VIEWS = (("_typical", "typical tokens"), ("", "all tokens"))
+
+
+def gap_figures(data: ReportData) -> list[tuple[str, str, list[tuple[str, Estimate, Estimate, Estimate]]]]:
+    """Per metric (key, label, format): per view (typical, all tokens), the group SAEs, the per-layer
+    SAEs and their difference at the compared layers, each averaged over seeds with its standard errors
+    over eval contexts and across seeds (seeds paired by index)."""
+    layers = data.compared_layers
+
+    def keys(kind: SAEKind) -> list[list[tuple[str, int]]]:
+        return [[(by[x]["sae"], x) for x in layers if x in by] for by in data.rows_by_seed(kind)]
+
+    a, b, result = keys(SAEKind.GROUP), keys(SAEKind.BASELINE), data.result
+    out = []
+    for k, label, spec in GAP_METRICS:
+        views = []
+        for suffix, view in GAP_VIEWS:
+            key = k + suffix
+            views.append((view, seeds.arm(result, a, key), seeds.arm(result, b, key), seeds.gap(result, a, b, key)))
+        out.append((label, spec, views))
+    return out
+
+
+def _gap_view(view: str, g: Estimate, p: Estimate, d: Estimate, spec: str) -> str:
+    rel = f", {100 * d.mean / p.mean:+.0f} % relative" if p.mean else ""
+    return f"{seeds.show(g, spec)} against {seeds.show(p, spec)} (difference {seeds.show(d, spec)}{rel}) over {view}"
+
+
 def gap_paragraph(data: ReportData) -> str:
     """The answer the page exists for: how much worse than per-layer SAEs, and how much cheaper."""
-    layers = data.compared_layers
-    ours, theirs, result, c = data.rows(SAEKind.GROUP), data.rows(SAEKind.BASELINE), data.result, data.compute
-    a = [(ours[x]["sae"], x) for x in layers]
-    b = [(theirs[x]["sae"], x) for x in layers]
+    layers, c = data.compared_layers, data.compute
+    figures = gap_figures(data)
     parts = []
-    for k, label, spec in (("fvu", "FVU", "{:.3f}"), ("delta_ce_pct", "ΔCE %", "{:.2f}"), ("kl", "KL", "{:.3f}")):
-        views = []
-        for key, view in ((f"{k}_typical", "typical tokens"), (k, "all tokens")):
-            g, g_se = result.mean_with_se(a, key)
-            p, p_se = result.mean_with_se(b, key)
-            d, d_se = result.difference_with_se(a, b, key)
-            rel = f", {100 * d / p:+.0f} % relative" if p else ""
-            views.append(f"{pm(g, g_se, spec)} against {pm(p, p_se, spec)} (difference {pm(d, d_se, spec)}{rel}) over {view}")
-        parts.append(f"{label} <b>{views[0]}</b>; {views[1]}")
+    for label, spec, views in figures:
+        shown = [_gap_view(*v, spec) for v in views]
+        parts.append(f"{label} <b>{shown[0]}</b>; {shown[1]}")
+    n_seeds = figures[0][2][0][3].n_seeds if figures else 1
     same = []
     if data.fairness is not None and data.fairness.matched:
         same.append("the same tokens per SAE")
@@ -172,14 +195,30 @@ def gap_paragraph(data: ReportData) -> str:
         if c.per_layer_bytes_on_disk and c.bytes_on_disk
         else ""
     )
+    over_seeds = f", averaged over {n_seeds} seeds per arm" if n_seeds >= 2 else ""
     return (
-        f'<p class="gap"><b>How much worse, how much cheaper.</b> {where}, the group SAEs reach '
+        f'<p class="gap"><b>How much worse, how much cheaper.</b> {where}{over_seeds}, the group SAEs reach '
         + "; ".join(parts)
         + f". They cost A + G·T = {fmt(c.grouped_total_seconds, '{:,.1f}')} s against A + L·T = "
         f"{fmt(c.per_layer_total_seconds, '{:,.1f}')} s for per-layer SAEs at every layer ({c.per_layer_source}): "
         + (f"<b>{c.speedup:.2f}× cheaper</b>" if c.speedup is not None else "speed-up unknown (a harvest time is missing)")
-        + f"{storage}. ± is one standard error over eval contexts, the difference paired.</p>"
+        + f"{storage}. The first ± is one standard error over eval contexts, the difference paired; "
+        + seeds.errors_note(n_seeds)
+        + (". The tables below are seed 0's (this run's own SAEs)" if n_seeds >= 2 else "")
+        + ".</p>"
     )
+
+
+def gap_summary(data: ReportData) -> list[str]:
+    """The gap paragraph's figures as Markdown lines (summary.md)."""
+    figures = gap_figures(data)
+    n_seeds = figures[0][2][0][3].n_seeds if figures else 1
+    layers = ", ".join(map(str, data.compared_layers))
+    lines = [f"Group SAEs against per-layer SAEs at layers {layers}:", ""]
+    for label, spec, views in figures:
+        lines += [f"- {label}: {_gap_view(*v, spec)}" for v in views]
+    lines += ["", f"The first ± is over eval contexts (the difference paired); {seeds.errors_note(n_seeds)}.", ""]
+    return lines
 
 
 def evals_section(data: ReportData) -> str:
@@ -221,7 +260,7 @@ def baseline_section(data: ReportData) -> str:
                 else "this run was harvested directly before, so that harvest was a second model pass"
             )
             parts.append(
-                f"<p><b>Spot checks.</b> Per-layer SAEs at layers {layers_text} (the middle layer of each group "
+                f"<p><b>Spot checks.</b> Per-layer SAEs at layers {layers_text} (the first, middle and last layer of each group "
                 "unless <code>compare.spot_layers</code> says otherwise), from every layer harvested once into "
                 f"<code>{html.escape(str(data.base.run.root))}</code>; {origin}. The other layers have no per-layer "
                 "SAE: <code>compare.per_layer = \"all\"</code> (or <code>ghsae sweep</code>) trains every one.</p>"
@@ -510,6 +549,7 @@ def render_summary(data: ReportData) -> str:
         f"{result.ce_tokens:,} predictions ({result.ce_contexts:,} contexts); clean CE {result.clean_ce:.4f}. "
         "± is one standard error over eval contexts.",
         "",
+        *(gap_summary(data) if data.base else []),
         "| SAEs | over | " + " | ".join(h for _, h, _ in METRICS) + " |",
         "|---|---|" + "---|" * len(METRICS),
     ]

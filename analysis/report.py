@@ -1,7 +1,7 @@
 """`ghsae report`: evaluate a fitted run (and optionally a per-layer baseline) and write RUN/report/.
 
     report.html      one self-contained page: evals, baseline comparison, clustering, compute, latents
-    metrics.parquet  one row per (SAE, layer)
+    metrics.parquet  one row per (seed, SAE, layer)
     summary.md       the headline tables as Markdown
     settings.json    the [report] settings, fit seed and model settings the report was made with
 
@@ -25,9 +25,10 @@ from ghsae.analysis.circuit_report import CircuitReport, make_tasks
 from ghsae.analysis.circuit_report import measure as measure_circuits
 from ghsae.analysis.circuits import CircuitTarget
 from ghsae.analysis.dashboards import LatentView, report_views
-from ghsae.analysis.evals import EvalResult, EvalTarget, evaluate, outlier_thresholds
+from ghsae.analysis.evals import WITH_SE, EvalResult, EvalTarget, evaluate, outlier_thresholds
 from ghsae.analysis.metrics import mmcs
 from ghsae.analysis.rate import Score, load_scores
+from ghsae.analysis.seeds import add_seed_columns
 from ghsae.atomic import write_parquet_atomic, write_text_atomic
 from ghsae.config import PipelineConfig, ReportConfig
 from ghsae.errors import StoreError
@@ -77,9 +78,9 @@ class ReportSide:
         return {t.name for t in self.targets}
 
 
-def load_side(run: Run, kind: SAEKind, allow_partial: bool) -> ReportSide:
+def load_side(run: Run, kind: SAEKind, allow_partial: bool, prefix: str = "") -> ReportSide:
     """The run's trained SAEs (all of them unless allow_partial), refused when one was trained with
-    fit settings other than the run's (saes/fit.json)."""
+    fit settings other than the run's (saes/fit.json). prefix: before each SAE's name (another seed's)."""
     have = run.trained_groups()
     missing = [g for g in run.plan.group_names if g not in have]
     what = "run" if kind is SAEKind.GROUP else "baseline run"
@@ -100,7 +101,7 @@ def load_side(run: Run, kind: SAEKind, allow_partial: bool) -> ReportSide:
                 f"({'; '.join(diffs[:4])}); train it with the run's settings: "
                 f"`ghsae fit --run-dir {run.root} --group {g} --overwrite`"
             )
-        name = g if kind is SAEKind.GROUP else f"per-layer {g}"
+        name = prefix + (g if kind is SAEKind.GROUP else f"per-layer {g}")
         targets.append(EvalTarget(name, kind.value, run.sae(g)))
         folders[name] = run.layout.sae_dir(g)
         seconds[name] = float(record.seconds) if record.seconds is not None else float("nan")
@@ -323,6 +324,43 @@ def token_strings(lm: LoadedModel, contexts: np.ndarray) -> dict[int, str]:
 # --- the report ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SeedSides:
+    """One extra seed of a comparison: its group SAEs and, with spot checks, its per-layer SAEs."""
+
+    seed: int
+    side: ReportSide
+    base: ReportSide | None
+
+    @property
+    def targets(self) -> list[EvalTarget]:
+        return self.side.targets + (self.base.targets if self.base else [])
+
+
+def load_seed_sides(run: Run, own_baseline: bool, allow_partial: bool) -> list[SeedSides]:
+    """RUN/seed1, RUN/seed2, ... (compare.seeds): each seed's group SAEs, and its per-layer spot checks
+    (RUN/seed<s>/per-layer) when the comparison is the run's own."""
+    out = []
+    for seed, path in enumerate(run.layout.seed_runs(), start=1):
+        srun, prefix = Run.open(path), f"seed{seed} "
+        side = load_side(srun, SAEKind.GROUP, allow_partial, prefix)
+        base = None
+        if own_baseline and RunLayout(srun.layout.per_layer).plan.is_file():
+            baseline = Run.open(srun.layout.per_layer)
+            check_baseline_data(srun, baseline)
+            base = load_side(baseline, SAEKind.BASELINE, True, prefix)  # spot checks: some layers only
+        out.append(SeedSides(seed, side, base))
+    return out
+
+
+def tag_seeds(result: EvalResult, sides: list[SeedSides]) -> None:
+    """Each row's seed, and each metric's standard error across the seeds of its kind at its layer."""
+    seed_of = {t.name: s.seed for s in sides for t in s.targets}
+    for r in result.rows:
+        r["seed"] = seed_of[r["sae"]]
+    add_seed_columns(result.rows, lambda r: r["kind"], WITH_SE)
+
+
 @dataclass
 class ReportData:
     """Everything the page and the summary show, measured once."""
@@ -342,6 +380,23 @@ class ReportData:
     dashboards: dict[tuple[str, int], list[LatentView]] = field(default_factory=dict)
     ratings: list[Score] | None = None
     own_baseline: bool = False  # the baseline is this run's own all-layers harvest (RUN/per-layer)
+    seed_sides: list[SeedSides] = field(default_factory=list)
+    """Seeds 1.. of the comparison (RUN/seed<s>/): their SAEs, evaluated with seed 0's on the same
+    contexts. Every section but the gap shows seed 0 (this run); the gap averages every seed."""
+
+    @property
+    def n_seeds(self) -> int:
+        return 1 + len(self.seed_sides)
+
+    def rows_by_seed(self, kind: SAEKind) -> list[dict[int, dict]]:
+        """rows(kind) of each seed, seed 0 first (a seed without SAEs of that kind ends the list)."""
+        out = []
+        for seed in range(self.n_seeds):
+            by = {r["layer"]: r for r in self.result.rows if r["kind"] == kind.value and r.get("seed", 0) == seed}
+            if not by:
+                break
+            out.append(by)
+        return out
 
     @property
     def plan(self):
@@ -363,8 +418,8 @@ class ReportData:
         return [self.side] + ([self.base] if self.base else [])
 
     def rows(self, kind: SAEKind) -> dict[int, dict]:
-        """metrics.parquet's rows of one kind, by layer."""
-        return {r["layer"]: r for r in self.result.rows if r["kind"] == kind.value}
+        """metrics.parquet's rows of one kind, by layer: seed 0's (this run's own SAEs)."""
+        return {r["layer"]: r for r in self.result.rows if r["kind"] == kind.value and r.get("seed", 0) == 0}
 
 
 def report_model_settings(run: Run, cfg: PipelineConfig) -> dict[str, str]:
@@ -398,12 +453,13 @@ def gather(
     contexts = run.eval_contexts()
     rc, seed = cfg.report, cfg.fit.seed
     targets = side.targets + (base.targets if base else [])
+    seeds = [SeedSides(0, side, base), *load_seed_sides(run, base is not None and spot_checks, allow_partial)]
     tasks = make_tasks(rc.tasks, lm.tokenizer, rc.task_prompts, seed)  # before the slow evals: fails early
     special = list(run.plan.tokenizer.special_ids)
     result = evaluate(
         lm,
         contexts,
-        targets,
+        [t for s in seeds for t in s.targets],  # every seed on the same contexts: paired
         special,
         ce_contexts=-(-rc.ce_tokens // contexts.shape[1]),
         batch_contexts=rc.batch_contexts,
@@ -413,6 +469,7 @@ def gather(
         progress=progress,
         outlier_threshold=outlier_thresholds(run, rc.outlier_factor),
     )
+    tag_seeds(result, seeds)
     run.layout.report.mkdir(exist_ok=True)
     circuits = None
     if tasks:
@@ -436,6 +493,7 @@ def gather(
         dashboards=report_views(lm, contexts, special, targets, result.examples, rc),
         ratings=load_scores(run.layout),
         own_baseline=spot_checks,
+        seed_sides=seeds[1:],
     )
 
 

@@ -2,7 +2,7 @@
 same held-out tokens (so differences are paired), with each grouping's measured cost and storage.
 
     SWEEP/report/sweep.html      the paper's figure for this model: quality against G and against compute
-    SWEEP/report/metrics.parquet one row per (grouping, SAE, layer)
+    SWEEP/report/metrics.parquet one row per (grouping, seed, SAE, layer)
     SWEEP/report/summary.md      the table as Markdown
 """
 
@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from ghsae.analysis.evals import EvalResult, EvalTarget, evaluate, outlier_thresholds
+from ghsae.analysis.evals import WITH_SE, EvalResult, EvalTarget, evaluate, outlier_thresholds
+from ghsae.analysis.seeds import add_seed_columns
 from ghsae.atomic import write_bytes_atomic, write_parquet_atomic, write_text_atomic
 from ghsae.config import PipelineConfig, ReportConfig
 from ghsae.errors import StoreError
@@ -30,6 +31,7 @@ from ghsae.layout import (
     SweepLayout,
     sae_training_metrics,
     sae_weights,
+    seed_name,
 )
 from ghsae.lm import LoadedModel
 from ghsae.run import Run
@@ -43,17 +45,31 @@ PAPER = {"model": "Pythia-160M", "per-layer": (0.097, 5.33), "G": 6, "grouped": 
 
 @dataclass
 class Grouping:
-    """One grouping of the sweep: its run, SAEs and what they cost."""
+    """One grouping of the sweep: its run and SAEs of each seed, and what they cost."""
 
     name: str  # G<n>, per-layer, or G<n>-transfer
-    run: Run
-    targets: list[EvalTarget]
-    fit_seconds: float  # T: mean measured training seconds per SAE
+    runs: list[Run]  # one per seed, seed 0 first
+    targets_by_seed: list[list[EvalTarget]]
+    fit_seconds: float  # T: mean measured training seconds per SAE (over every seed's)
     tokens_per_sae: int
     store_bytes: int  # its activation store on disk (measured)
     bytes_per_token: float | None
     own_harvest_seconds: float | None  # its own store's harvest (a derived run's: the derivation)
     auto: bool = False  # the G the AMAD rule picks
+
+    @property
+    def run(self) -> Run:
+        """Seed 0's run (its plan, store and size stand for every seed's: the same grouping and tokens)."""
+        return self.runs[0]
+
+    @property
+    def targets(self) -> list[EvalTarget]:
+        """Seed 0's SAEs."""
+        return self.targets_by_seed[0]
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.runs)
 
     @property
     def n_groups(self) -> int:
@@ -85,10 +101,23 @@ class SweepData:
     def per_layer(self) -> Grouping | None:
         return self.by_name(PER_LAYER)
 
-    def keys(self, g: Grouping, layers: list[int]) -> list[tuple[str, int]]:
-        """(SAE name, layer) of every layer in `layers` that the grouping's SAEs serve."""
-        serving = {layer: t.name for t in g.targets for layer in t.sae.cfg.layers}
+    def keys(self, g: Grouping, layers: list[int], seed: int = 0) -> list[tuple[str, int]]:
+        """(SAE name, layer) of every layer in `layers` that the grouping's SAEs of `seed` serve."""
+        serving = {layer: t.name for t in g.targets_by_seed[seed] for layer in t.sae.cfg.layers}
         return [(serving[x], x) for x in layers if x in serving]
+
+    def keys_by_seed(self, g: Grouping, layers: list[int]) -> list[list[tuple[str, int]]]:
+        return [self.keys(g, layers, seed) for seed in range(g.n_seeds)]
+
+    @property
+    def n_seeds(self) -> int:
+        """Seeds per arm (the fewest any grouping has: a gap pairs seeds by index)."""
+        return min(g.n_seeds for g in self.groupings)
+
+    def layer_mean(self, g: Grouping, layer: int, metric: str) -> float:
+        """`metric` at one layer, averaged over the grouping's seeds."""
+        vals = [r[metric] for r in self.result.rows if r["kind"] == g.name and r["layer"] == layer and metric in r]
+        return float(np.mean(vals)) if vals else float("nan")
 
     @property
     def one_harvest(self) -> bool:
@@ -105,22 +134,29 @@ class SweepData:
         return A + g.n_groups * g.fit_seconds if A is not None else None
 
 
-def load_grouping(name: str, run: Run, auto: bool) -> Grouping:
-    missing = [g for g in run.plan.group_names if not run.sae_trained(g)]
-    if missing:
-        raise StoreError(f"{run.root} has no trained SAE for {', '.join(missing)}; re-run `ghsae sweep` to finish it")
-    targets, seconds, tokens = [], [], []
-    for g in run.plan.group_names:
-        record = run.sae_record(g)
-        # a transfer variant is there for its FVU against training tokens: no CE passes for it
-        targets.append(EvalTarget(f"{name}/{g}", name, run.sae(g), spliced=not name.endswith(TRANSFER_SUFFIX)))
-        seconds.append(record.seconds if record.seconds is not None else float("nan"))
-        tokens.append(record.tokens)
+def load_grouping(name: str, runs: list[Run], auto: bool) -> Grouping:
+    """A grouping's SAEs of every seed, named `<folder>/<group>` (seed 0's as before seeds existed) and
+    all of kind `name`, so that the evaluation's rows of every seed carry their grouping."""
+    targets_by_seed, seconds, tokens = [], [], []
+    for seed, run in enumerate(runs):
+        missing = [g for g in run.plan.group_names if not run.sae_trained(g)]
+        if missing:
+            raise StoreError(f"{run.root} has no trained SAE for {', '.join(missing)}; re-run `ghsae sweep` to finish it")
+        targets = []
+        for g in run.plan.group_names:
+            record = run.sae_record(g)
+            # a transfer variant is there for its FVU against training tokens: no CE passes for it
+            spliced = not name.endswith(TRANSFER_SUFFIX)
+            targets.append(EvalTarget(f"{seed_name(name, seed)}/{g}", name, run.sae(g), spliced=spliced))
+            seconds.append(record.seconds if record.seconds is not None else float("nan"))
+            tokens.append(record.tokens)
+        targets_by_seed.append(targets)
+    run = runs[0]
     info = run.info()
     return Grouping(
         name,
-        run,
-        targets,
+        runs,
+        targets_by_seed,
         float(np.mean(seconds)),
         int(np.mean(tokens)),
         info.bytes_on_disk,
@@ -132,7 +168,7 @@ def load_grouping(name: str, run: Run, auto: bool) -> Grouping:
 
 def gather_sweep(
     cfg: PipelineConfig,
-    runs: dict[str, Path],
+    runs: dict[str, list[Path]],
     lm: LoadedModel,
     *,
     auto: str | None,
@@ -144,18 +180,18 @@ def gather_sweep(
     (read back from `cache` when it holds the evaluation of exactly these SAEs and settings).
 
     source: the all-layers run every store was derived from (its harvest is A), or None when each
-    grouping was harvested directly (each has its own A)."""
-    groupings = [load_grouping(name, Run.open(path), name == auto) for name, path in runs.items()]
+    grouping was harvested directly (each has its own A). runs: each grouping's run of every seed, seed 0 first."""
+    groupings = [load_grouping(name, [Run.open(p) for p in paths], name == auto) for name, paths in runs.items()]
     # G ascending, each transfer variant after its grouping, per-layer (the reference) last
     groupings.sort(key=lambda g: (g.name == PER_LAYER, g.n_groups, g.transfer))
     first = groupings[0].run
-    for g in groupings[1:]:  # derived runs share the source's tokens: the same eval contexts
-        if g.run.plan.eval_contexts != first.plan.eval_contexts or g.run.plan.dataset != first.plan.dataset:
-            raise StoreError(f"{g.run.root} was not harvested from the same token stream as {first.root}")
+    for run in (r for g in groupings for r in g.runs):  # derived runs share the source's tokens: the same eval contexts
+        if run.plan.eval_contexts != first.plan.eval_contexts or run.plan.dataset != first.plan.dataset:
+            raise StoreError(f"{run.root} was not harvested from the same token stream as {first.root}")
     lm.check_matches(first.plan.model)
     contexts = first.eval_contexts()
     rc = cfg.report
-    targets = [t for g in groupings for t in g.targets]
+    targets = [t for g in groupings for seed_targets in g.targets_by_seed for t in seed_targets]
     ce_contexts = -(-rc.ce_tokens // contexts.shape[1])
     key = _evaluation_key(groupings, first, ce_contexts, rc.batch_contexts, cfg.fit.seed)
     result = _read_cache(cache, key)
@@ -191,10 +227,11 @@ def _evaluation_key(groupings: list[Grouping], first: Run, ce_contexts: int, bat
     stream and its eval split, and the eval settings."""
     saes = []
     for g in groupings:
-        for t in g.targets:
-            path = sae_weights(g.run.layout.sae_dir(t.name.split("/")[-1]))
-            st = path.stat()
-            saes.append([t.name, t.spliced, st.st_size, st.st_mtime_ns])
+        for run, targets in zip(g.runs, g.targets_by_seed):
+            for t in targets:
+                path = sae_weights(run.layout.sae_dir(t.name.split("/")[-1]))
+                st = path.stat()
+                saes.append([t.name, t.spliced, st.st_size, st.st_mtime_ns])
     return json.dumps(
         {
             "saes": saes,
@@ -254,14 +291,17 @@ def _curve(run: Run, group: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def metric_rows(data: SweepData) -> list[dict]:
-    """metrics.parquet: every (grouping, SAE, layer) row, with the grouping's size and cost."""
+    """metrics.parquet: every (grouping, seed, SAE, layer) row, with the grouping's size and cost, and
+    each metric's standard error across the grouping's seeds at that layer (`<metric>_seed_se`)."""
     meta = {g.name: g for g in data.groupings}
+    seed_of = {t.name: seed for g in data.groupings for seed, ts in enumerate(g.targets_by_seed) for t in ts}
     out = []
     for r in data.result.rows:
         g = meta[r["kind"]]
         out.append(
             {
                 "grouping": g.name,
+                "seed": seed_of[r["sae"]],
                 "n_groups": g.n_groups,
                 "transfer": g.transfer,
                 "auto": g.auto,
@@ -272,6 +312,7 @@ def metric_rows(data: SweepData) -> list[dict]:
                 **{k: v for k, v in r.items() if k != "kind"},
             }
         )
+    add_seed_columns(out, lambda row: row["grouping"], WITH_SE)
     return out
 
 

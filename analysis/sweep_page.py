@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from ghsae.analysis import plots
-from ghsae.analysis.html import CSS, fmt, img, pm, table
+from ghsae.analysis import plots, seeds
+from ghsae.analysis.html import CSS, fmt, img, table
 from ghsae.analysis.sweep import PAPER, Grouping, SweepData
 from ghsae.layers import spans
 from ghsae.layout import TRANSFER_SUFFIX
@@ -26,23 +26,29 @@ def _span_layers(data: SweepData) -> list[int]:
 
 
 def summary_rows(data: SweepData) -> list[dict]:
-    """One row per grouping: means over layers 0..L-2 with standard errors, the paired difference
-    from the per-layer SAEs, cost and storage."""
+    """One row per grouping: means over layers 0..L-2 and over seeds, with standard errors over eval
+    contexts and across seeds (seeds.Estimate), the difference from the per-layer SAEs (paired by
+    context and by seed), cost and storage."""
     layers = _span_layers(data)
     base = data.per_layer
     per_layer_total = data.total_seconds(base) if base else None
     rows = []
     for g in data.groupings:
-        keys = data.keys(g, layers)
+        keys = data.keys_by_seed(g, layers)
         row: dict = {"grouping": g, "total": data.total_seconds(g)}
         for k, _, _ in METRICS:
-            row[k] = data.result.mean_with_se(keys, k)
+            row[k] = seeds.arm(data.result, keys, k)
             if base is not None and g is not base:
-                row[f"{k}_diff"] = data.result.difference_with_se(keys, data.keys(base, layers), k)
+                row[f"{k}_diff"] = seeds.gap(data.result, keys, data.keys_by_seed(base, layers), k)
         row["speedup"] = per_layer_total / row["total"] if per_layer_total and row["total"] else None
         row["storage_ratio"] = base.store_bytes / g.store_bytes if base and g.store_bytes else None
         rows.append(row)
     return rows
+
+
+def _seeds_text(data: SweepData) -> str:
+    n = data.n_seeds
+    return f"{n} seeds per grouping" if n >= 2 else "one seed per grouping"
 
 
 def _name(g: Grouping) -> str:
@@ -61,12 +67,12 @@ def table_section(data: SweepData) -> str:
         g = r["grouping"]
         cells = [html.escape(_name(g)), str(g.n_groups), spans(g.run.plan.groups), fmt(g.amad)]
         for k, _, spec in METRICS:
-            cells.append(pm(*r[k], spec))
+            cells.append(seeds.show(r[k], spec))
             if f"{k}_diff" in r:
-                d, se = r[f"{k}_diff"]
-                ref = r[k][0] - d
-                rel = f" ({100 * d / ref:+.0f} %)" if np.isfinite(d) and ref else ""
-                cells.append(pm(d, se, DIFF_FORMAT[k]) + rel)
+                d = r[f"{k}_diff"]
+                ref = r[k].mean - d.mean
+                rel = f" ({100 * d.mean / ref:+.0f} %)" if np.isfinite(d.mean) and ref else ""
+                cells.append(seeds.show(d, DIFF_FORMAT[k]) + rel)
             else:
                 cells.append("reference" if g is base else "–")
         cells += [
@@ -90,10 +96,10 @@ def metric_figure(data: SweepData, key: str, label: str) -> bytes:
         label,
         [r["grouping"].n_groups for r in grouped],
         [_or_nan(r["total"]) for r in grouped],
-        [r[key][0] for r in grouped],
-        [r[key][1] for r in grouped],
+        [r[key].mean for r in grouped],
+        [r[key].context_se for r in grouped],
         auto=[r["grouping"].auto for r in grouped],
-        reference=(base[key][0], base[key][1], _or_nan(base["total"]), len(data.layers)) if base else None,
+        reference=(base[key].mean, base[key].context_se, _or_nan(base["total"]), len(data.layers)) if base else None,
     )
 
 
@@ -113,8 +119,7 @@ def figures_section(data: SweepData, figures: dict[str, bytes]) -> str:
         for g in data.groupings:
             if g.transfer:
                 continue
-            by = {r["layer"]: r.get(k) for r in data.result.rows if r["kind"] == g.name}
-            lines[g.name] = [by.get(x, np.nan) for x in data.layers]
+            lines[g.name] = [data.layer_mean(g, x, k) for x in data.layers]  # over seeds
         parts.append(img(plots.sweep_per_layer(label, data.layers, lines), f"{label} per layer"))
     return "".join(parts)
 
@@ -147,15 +152,15 @@ def transfer_section(data: SweepData) -> str:
             smooth = np.convolve(t_fvu, np.ones(w) / w, mode="valid")
             hit = np.flatnonzero(smooth <= target)
             at = int(t_tok[hit[0] + w - 1]) if hit.size else None
-            a = data.result.mean_with_se(data.keys(scratch, list(t.sae.cfg.layers)), "fvu")
-            b = data.result.mean_with_se(data.keys(tr, list(t.sae.cfg.layers)), "fvu")
+            a = seeds.arm(data.result, data.keys_by_seed(scratch, list(t.sae.cfg.layers)), "fvu")
+            b = seeds.arm(data.result, data.keys_by_seed(tr, list(t.sae.cfg.layers)), "fvu")
             rows.append(
                 [
                     html.escape(f"{scratch.name} {group}"),
                     f"{target:.3f}",
                     f"{at:,} of {int(s_tok[-1]):,}" if at is not None else f"not within {int(t_tok[-1]):,}",
-                    pm(*a, "{:.3f}"),
-                    pm(*b, "{:.3f}"),
+                    seeds.show(a, "{:.3f}"),
+                    seeds.show(b, "{:.3f}"),
                 ]
             )
     parts.append(
@@ -180,12 +185,13 @@ def render_sweep_page(data: SweepData, figures: dict[str, bytes]) -> str:
         f"{res.eval_tokens:,} held-out tokens ({res.eval_contexts} contexts; spliced CE and KL on {res.ce_tokens:,} "
         f"predictions in {res.ce_contexts} contexts), so the differences from the per-layer SAEs are paired. Means over "
         f"layers {data.layers[0]}..{_span_layers(data)[-1]} (every harvested layer but the last, as the paper reports "
-        "over 0..L-2), ± one standard error over eval "
+        f"over 0..L-2) and over {_seeds_text(data)}; the first ± is one standard error over eval contexts (paired for "
+        f"differences), {seeds.errors_note(data.n_seeds)}. "
         + (
-            f"contexts. A = {fmt(data.harvest_seconds, '{:,.0f}')} s is the one measured model pass (every layer "
+            f"A = {fmt(data.harvest_seconds, '{:,.0f}')} s is the one measured model pass (every layer "
             "harvested once, every grouping's store derived from it);"
             if data.one_harvest
-            else "contexts. A is each grouping's own measured harvest (the stores of every layer would not fit, so "
+            else "A is each grouping's own measured harvest (the stores of every layer would not fit, so "
             "each grouping was harvested directly);"
         )
         + " T is the measured training seconds per SAE of each grouping; speed-up = (A + L·T<sub>per-layer</sub>) / "
@@ -217,7 +223,8 @@ def render_sweep_summary(data: SweepData) -> str:
     lines = [
         f"# ghsae sweep: {data.groupings[0].run.plan.model.source}",
         "",
-        f"Means over layers {data.layers[0]}..{_span_layers(data)[-1]}, ± one standard error over eval contexts; "
+        f"Means over layers {data.layers[0]}..{_span_layers(data)[-1]} and over {_seeds_text(data)}, ± one standard "
+        f"error over eval contexts; {seeds.errors_note(data.n_seeds)}. "
         + (
             f"A = {fmt(data.harvest_seconds, '{:,.0f}')} s (one model pass)."
             if data.one_harvest
@@ -229,10 +236,10 @@ def render_sweep_summary(data: SweepData) -> str:
     ]
     for r in summary_rows(data):
         g = r["grouping"]
-        diff = {k: pm(*r[f"{k}_diff"], DIFF_FORMAT[k]) if f"{k}_diff" in r else "–" for k, _, _ in METRICS}
+        diff = {k: seeds.show(r[f"{k}_diff"], DIFF_FORMAT[k]) if f"{k}_diff" in r else "–" for k, _, _ in METRICS}
         lines.append(
-            f"| {_name(g)} | {g.n_groups} | {g.tokens_per_sae:,} | {pm(*r['fvu'], '{:.3f}')} | {diff['fvu']} | "
-            f"{pm(*r['delta_ce_pct'], '{:.2f}')} | {diff['delta_ce_pct']} | {pm(*r['kl'], '{:.3f}')} | "
+            f"| {_name(g)} | {g.n_groups} | {g.tokens_per_sae:,} | {seeds.show(r['fvu'], '{:.3f}')} | {diff['fvu']} | "
+            f"{seeds.show(r['delta_ce_pct'], '{:.2f}')} | {diff['delta_ce_pct']} | {seeds.show(r['kl'], '{:.3f}')} | "
             f"{g.fit_seconds:.1f} | {fmt(r['total'], '{:,.0f}')} | {fmt(r['speedup'], '{:.2f}×')} | {fmt(g.bytes_per_token, '{:,.0f}')} |"
         )
     lines += [

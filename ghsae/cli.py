@@ -392,14 +392,17 @@ def run_pipeline(
 @click.option("--tokens", type=int, help="Token positions to harvest (once, every layer).")
 @click.option("--fit-tokens", type=int, help="Training tokens per SAE, the same for every grouping (0: one pass).")
 @click.option("--transfer", default="", help="Groupings also trained with transfer from the previous group, e.g. G4,G8.")
+@click.option(
+    "--seeds", type=int, help="Seeds per grouping (compare.seeds): each gap gets a standard error across seeds too."
+)
 @every_stage_device_option
 @click.option("--overwrite", is_flag=True, help="Replace a sweep in --run-dir of other groupings or settings.")
 @executor_options
 @progress_option
 @_user_errors
 def sweep(
-    config_path, run_dir, groupings, model, dataset, tokens, fit_tokens, transfer, device, overwrite, workers, scheduler,
-    no_progress,
+    config_path, run_dir, groupings, model, dataset, tokens, fit_tokens, transfer, seeds, device, overwrite, workers,
+    scheduler, no_progress,
 ):  # fmt: skip
     """Quality against compute: harvest every layer once, derive one run per G, train every grouping's SAEs
     at equal tokens per SAE, and write SWEEP/report/sweep.html (the paper's figure for this model)."""
@@ -410,7 +413,7 @@ def sweep(
 
     _quiet_libraries(no_progress)
     overrides = {**_every_stage_overrides(model, dataset, tokens, None, device), "fit.tokens": fit_tokens}
-    cfg = pipeline.settings_for(None, config_path, overrides)
+    cfg = pipeline.settings_for(None, config_path, {**overrides, "compare.seeds": seeds})
     _check_room(cfg, run_dir)
     names = sweeps.parse_groupings(groupings)
     _check_groupings_fit_model(cfg, names)

@@ -4,7 +4,9 @@ Every layer is harvested once into an all-layers run; each grouping's store is d
 (harvest/derive.py, byte for byte what a direct harvest would store), and per-layer SAEs train on
 the all-layers run itself. `ghsae run` keeps the all-layers run inside the grouped one
 (RUN/per-layer) and trains per-layer SAEs at a few spot layers (compare.per_layer); `ghsae sweep`
-(ghsae/sweep.py) derives one run per G beside a fully fitted all-layers run.
+(ghsae/sweep.py) derives one run per G beside a fully fitted all-layers run. With compare.seeds = N
+each arm is trained N times (seed_config): the report and the sweep page give every gap a standard
+error across seeds beside the one across eval contexts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ghsae.atomic import link_or_copy
 from ghsae.cache.store import ROW_METADATA_BYTES
 from ghsae.config import GroupsSpec, PipelineConfig
 from ghsae.errors import ConfigError
@@ -27,7 +30,7 @@ from ghsae.harvest.derive import derive_run
 from ghsae.harvest.rundir import claim_run_dir, prepare_run_dir
 from ghsae.harvest.steps import summary_line
 from ghsae.layers import span
-from ghsae.layout import RunLayout
+from ghsae.layout import ACTS_STORE, DERIVED_FILE, MANIFEST_DIR, MARKER_FILE, PLAN_DIR, RunLayout
 from ghsae.records import Plan
 from ghsae.run import Run
 from ghsae.space import free_bytes, human
@@ -46,11 +49,24 @@ def all_layers_bytes(plan: Plan) -> int:
 
 
 def spot_layers(plan: Plan, cfg: PipelineConfig) -> list[int]:
-    """compare.spot_layers, or the middle layer of every group (a singleton group's one layer: there
-    group and per-layer SAE see the same rows, so their difference is training noise alone)."""
+    """compare.spot_layers, or the first, middle and last layer of every multi-layer group (a group
+    SAE is likely best at its middle and worst at its ends, so the middle alone flatters it); a
+    singleton group's one layer (there group and per-layer SAE see the same rows, so their difference
+    is training noise alone)."""
     if cfg.compare.spot_layers:
         return sorted(set(cfg.compare.spot_layers))
-    return [g[len(g) // 2] for g in plan.groups]
+    return sorted({layer for g in plan.groups for layer in (g[0], g[len(g) // 2], g[-1])})
+
+
+def seed_config(cfg: PipelineConfig, seed: int, *, layer_draw: bool = True) -> PipelineConfig:
+    """`cfg` for seed `seed` of a comparison's arm: seed added to fit.seed (the SAE's initialisation and
+    loader order) and, with `layer_draw` (a grouped run), to harvest.seed (which layer each token is
+    drawn at). Per-layer SAEs have no layer draw: their seeds share one store. Seed 0 is `cfg` itself."""
+    if seed == 0:
+        return cfg
+    fit = dataclasses.replace(cfg.fit, seed=cfg.fit.seed + seed)
+    harvest = dataclasses.replace(cfg.harvest, seed=cfg.harvest.seed + seed) if layer_draw else cfg.harvest
+    return dataclasses.replace(cfg, fit=fit, harvest=harvest)
 
 
 @dataclass(frozen=True)
@@ -125,7 +141,7 @@ def harvest_once(
     # harvested directly before (an older run, or one made with compare.per_layer = "none"): kept,
     # and its comparison takes a second model pass
     direct = layout.plan.is_file() and not layout.derived_from.is_file()
-    derived = [] if direct else [cfg.grouping.groups]
+    derived = ([] if direct else [cfg.grouping.groups]) + [cfg.grouping.groups] * (cfg.compare.seeds - 1)
     size = plan_all_layers(cfg, layout.per_layer, executor, derived=derived, progress=progress)
     if not size.fits:
         say(f"no per-layer comparison: {size.refusal()}; harvesting the grouped run alone")
@@ -152,3 +168,64 @@ def per_layer_groups(source: Run, grouped: Run, cfg: PipelineConfig) -> list[str
     if unknown:
         raise ConfigError(f"compare.spot_layers {unknown} are not harvested; the run has layers {span(source.plan.layers)}")
     return [source.plan.group_of_layer(x) for x in layers]
+
+
+def train_seeds(
+    cfg: PipelineConfig,
+    run_dir: str | Path,
+    source: Run | None,
+    executor: Executor,
+    *,
+    overwrite: bool,
+    progress: bool,
+    say: Callable[[str], None],
+) -> None:
+    """Seeds 1..compare.seeds-1 of `ghsae run`'s comparison, each in RUN/seed<s>/: its grouped store
+    derived from the all-layers run with the seed's layer draw (a direct harvest, a model pass each,
+    when there is none), its group SAEs, and, with per-layer SAEs, the same spot checks trained with the
+    seed on RUN/seed<s>/per-layer (hard links to the all-layers store: no layer draw to vary)."""
+    from ghsae import pipeline
+    from ghsae.train.fit import summary_lines
+
+    layout = RunLayout(Path(run_dir))
+    for seed in range(1, cfg.compare.seeds):
+        s_cfg, path = seed_config(cfg, seed), layout.seed_run(seed)
+        if source is not None:
+            derive_run(source.root, s_cfg, path, progress=progress)
+        else:
+            say(summary_line(pipeline.harvest(s_cfg, path, executor, overwrite=overwrite, progress=progress)))
+        for line in summary_lines(pipeline.fit(s_cfg, path, executor, overwrite=overwrite, progress=progress)):
+            say(f"seed {seed} {line}")
+        if source is None:
+            continue
+        linked = RunLayout(path).per_layer
+        link_run(source.root, linked)
+        groups = per_layer_groups(source, Run.open(path), cfg)
+        p_cfg = seed_config(per_layer_config(cfg), seed, layer_draw=False)
+        for line in summary_lines(pipeline.fit(p_cfg, linked, executor, groups=groups, overwrite=overwrite, progress=progress)):
+            say(f"seed {seed} per-layer {line}")
+
+
+_LINKED = (MARKER_FILE, DERIVED_FILE, PLAN_DIR, ACTS_STORE, MANIFEST_DIR)  # a run's harvest, config.json aside
+
+
+def link_run(source: Path, target: Path) -> None:
+    """A copy of a run folder's plan, store and records made of hard links (no bytes copied), without
+    its SAEs or report: a second set of SAEs on the same store. config.json goes in last, so a link
+    that was interrupted is made again; files of the user's already in `target` stay."""
+    src, dst = RunLayout(source), RunLayout(target)
+    if dst.config.is_file():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for name in _LINKED:
+        if (source / name).is_dir():
+            shutil.copytree(source / name, target / name, copy_function=_relink, dirs_exist_ok=True)
+        elif (source / name).is_file():
+            _relink(source / name, target / name)
+    _relink(src.config, dst.config)
+    dst.locks.mkdir(exist_ok=True)
+
+
+def _relink(src: str | Path, dst: str | Path) -> None:
+    Path(dst).unlink(missing_ok=True)  # a link made before an interruption is made again
+    link_or_copy(src, dst)

@@ -344,13 +344,21 @@ class CompareConfig:
     Either needs every layer's activations: they are harvested once into RUN/per-layer, and the
     grouped store is derived from that harvest byte for byte, so the model runs once."""
     spot_layers: list[int] = field(default_factory=list)
-    """Layers of the spot checks; empty: the middle layer of every group."""
+    """Layers of the spot checks; empty: the first, middle and last layer of every multi-layer group
+    (a singleton group's one layer: there group and per-layer SAE see the same rows)."""
     max_source_bytes: int = 0
     """Largest all-layers store the comparison may write, in bytes (0: only the free disk limits
     it). Over it, `ghsae run` harvests the grouped run alone and says so."""
+    seeds: int = 1
+    """Seeds trained per arm (`ghsae run`'s group and spot-check SAEs, each grouping of `ghsae sweep`).
+    Seed s adds s to fit.seed (initialisation, loader order) and, for grouped runs, to harvest.seed
+    (the layer draw); seed 0 is the run itself, seeds 1.. go in RUN/seed<s>/ and SWEEP/<name>-seed<s>/.
+    Every gap then gets a standard error across seeds beside the one across eval contexts."""
 
     def __post_init__(self) -> None:
         _check_choice("compare.per_layer", self.per_layer, COMPARISONS)
+        if self.seeds < 1:
+            raise ConfigError(f"compare.seeds is {self.seeds}; expected 1 or more seeds per arm (--seeds N)")
         if self.max_source_bytes < 0 or any(layer < 0 for layer in self.spot_layers):
             raise ConfigError(
                 f"compare.max_source_bytes ({self.max_source_bytes}) and compare.spot_layers ({self.spot_layers}) "

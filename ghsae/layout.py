@@ -3,6 +3,9 @@
 RUN/ghsae-run.json            marker: this folder is a ghsae run (format version); written first
 RUN/derived.json              a run derived from an all-layers run: the source (harvest/derive.py)
 RUN/per-layer/                the all-layers run of a comparison (a run folder of its own)
+RUN/seed<s>/                  seed s >= 1 of a comparison (compare.seeds): a run folder like RUN, its
+                              store derived from RUN/per-layer with the seed's layer draw, its per-layer/
+                              hard links to RUN/per-layer's store with the seed's spot-check SAEs
 RUN/.locks/                   advisory lock files (run, plan, shard-N, sae-<group>)
 RUN/config.json               resolved config (written once the plan exists)
 RUN/plan/plan.json            groups, shard geometry, model/tokenizer/dataset fingerprints
@@ -45,7 +48,7 @@ TRAINING_METRICS = "metrics.parquet"  # one row per logged training step
 FIT_SETTINGS = "fit.json"  # in saes/: the [fit] settings the run's SAEs are trained with
 REPORT_DIR = "report"
 REPORT_PAGE = "report.html"
-REPORT_METRICS = "metrics.parquet"  # one row per (SAE, layer)
+REPORT_METRICS = "metrics.parquet"  # one row per (seed, SAE, layer)
 REPORT_SUMMARY = "summary.md"
 REPORT_SETTINGS = "settings.json"  # the [report] settings (and fit seed) the report was made with
 CIRCUITS = "circuits.parquet"
@@ -61,6 +64,8 @@ STAGING_PREFIX = ".staging-"
 MARKER_FILE = "ghsae-run.json"
 DERIVED_FILE = "derived.json"  # a run derived from an all-layers run (harvest/derive.py): where from
 PER_LAYER_DIR = "per-layer"  # the all-layers run a comparison (ghsae run with compare.per_layer) keeps inside
+SEED_DIR_PREFIX = "seed"  # RUN/seed<s>/: seed s >= 1 of ghsae run's comparison (compare.seeds)
+SEED_SUFFIX = "-seed"  # SWEEP/<grouping>-seed<s>/: seed s >= 1 of a sweep's grouping
 LOCKS_DIR = ".locks"
 RUN_FORMAT = "ghsae-run"
 RUN_FORMAT_VERSION = 1
@@ -75,7 +80,7 @@ OWNED_NAMES = (
     MARKER_FILE,
     DERIVED_FILE,
     PER_LAYER_DIR,
-)
+)  # and RUN/seed<s>/ (SEED_DIR_PREFIX): a pattern, in RUN_TREE
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,18 @@ class RunLayout:
     def per_layer(self) -> Path:
         """The all-layers run kept inside this one for a comparison (its per-layer SAEs)."""
         return self.root / PER_LAYER_DIR
+
+    def seed_run(self, seed: int) -> Path:
+        """Seed `seed` of this run's comparison: the run itself for seed 0, else RUN/seed<s>/ (a run
+        folder inside this one, so --overwrite and a moved copy take every seed with the run)."""
+        return self.root if seed == 0 else self.root / f"{SEED_DIR_PREFIX}{seed}"
+
+    def seed_runs(self) -> list[Path]:
+        """RUN/seed1, RUN/seed2, ... as far as they are planned (the extra seeds this run holds)."""
+        out: list[Path] = []
+        while RunLayout(self.seed_run(len(out) + 1)).plan.is_file():
+            out.append(self.seed_run(len(out) + 1))
+        return out
 
     @property
     def plan_dir(self) -> Path:
@@ -180,6 +197,12 @@ class RunLayout:
         return self.root / f"{STAGING_PREFIX}{tag}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def seed_name(name: str, seed: int) -> str:
+    """A sweep's folder for seed `seed` of grouping `name`: the grouping's own name for seed 0 (a sweep
+    without --seeds is unchanged), `<name>-seed<s>` beside it for the others."""
+    return name if seed == 0 else f"{name}{SEED_SUFFIX}{seed}"
+
+
 def group_name(index: int) -> str:
     return f"group_{index:02d}"
 
@@ -211,7 +234,7 @@ SAE_FILES = (SAE_WEIGHTS, SAE_CONFIG, CHECKPOINT, TRAINING_METRICS)
 
 SWEEP_MARKER = "ghsae-sweep.json"
 SWEEP_PAGE = "sweep.html"
-SWEEP_METRICS = "metrics.parquet"  # one row per (grouping, SAE, layer)
+SWEEP_METRICS = "metrics.parquet"  # one row per (grouping, seed, SAE, layer)
 SWEEP_SUMMARY = "summary.md"
 SWEEP_EVAL_CACHE = "evaluation.npz"
 TRANSFER_SUFFIX = "-transfer"  # SWEEP/G<n>-transfer: grouping G<n> trained again with fit.transfer
@@ -220,7 +243,9 @@ TRANSFER_SUFFIX = "-transfer"  # SWEEP/G<n>-transfer: grouping G<n> trained agai
 @dataclass(frozen=True)
 class SweepLayout:
     """SWEEP/ghsae-sweep.json, SWEEP/per-layer/ (the all-layers run), SWEEP/G<n>/ and
-    SWEEP/G<n>-transfer/ (derived runs), SWEEP/report/ (the page, its figures, the parquet)."""
+    SWEEP/G<n>-transfer/ (derived runs), SWEEP/<name>-seed<s>/ (seed s >= 1 of each: G<n>-seed<s> derived
+    with the seed's layer draw, per-layer-seed<s> hard links to per-layer's store), SWEEP/report/ (the
+    page, its figures, the parquet)."""
 
     root: Path
 
@@ -232,8 +257,9 @@ class SweepLayout:
     def per_layer(self) -> Path:
         return self.root / PER_LAYER_DIR
 
-    def grouping(self, name: str) -> Path:
-        return self.root / name
+    def grouping(self, name: str, seed: int = 0) -> Path:
+        """SWEEP/<name>/ for seed 0 (per-layer: the all-layers run), SWEEP/<name>-seed<s>/ for seed s."""
+        return self.root / seed_name(name, seed)
 
     @property
     def report(self) -> Path:
@@ -278,6 +304,7 @@ RUN_TREE: OwnedTree = {
     **_TEMPORARIES,
 }
 RUN_TREE[PER_LAYER_DIR] = RUN_TREE  # the all-layers run kept inside a comparison is a run folder too
+RUN_TREE[f"{SEED_DIR_PREFIX}[0-9]*"] = RUN_TREE  # and so is each extra seed of it
 assert set(OWNED_NAMES) <= set(RUN_TREE), "every top-level name ghsae writes has its tree"
 
 REBUILT_WHOLE = (PLAN_DIR, ACTS_STORE)

@@ -334,7 +334,9 @@ def run_all(
 
     With compare.per_layer (the default: spot-checks), every layer is harvested once into
     RUN/per-layer, RUN's grouped store is derived from it, per-layer SAEs are trained there at the
-    spot layers (or all), and the report sets them beside the group SAEs (ghsae/compare.py)."""
+    spot layers (or all), and the report sets them beside the group SAEs (ghsae/compare.py). With
+    compare.seeds = N, seeds 1..N-1 of both are trained in RUN/seed<s>/ and the report gives every
+    gap a standard error across seeds."""
     from ghsae import compare
     from ghsae.harvest.steps import summary_line
     from ghsae.train.fit import summary_lines
@@ -352,5 +354,7 @@ def run_all(
         source_cfg = compare.per_layer_config(cfg)
         for line in summary_lines(fit(source_cfg, source.root, executor, groups=groups, overwrite=overwrite, progress=progress)):
             say(f"per-layer {line}")
+    if baseline is None:  # seeds of a given baseline are the user's to train
+        compare.train_seeds(cfg, run_dir, source, executor, overwrite=overwrite, progress=progress, say=say)
     return report(cfg, run_dir, executor, baseline=baseline, progress=progress)
 

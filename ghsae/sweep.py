@@ -4,7 +4,9 @@
     SWEEP/per-layer/         every layer harvested once (the one model pass), its per-layer SAEs
     SWEEP/G<n>/              a run of n groups, its store derived from per-layer/ (no model)
     SWEEP/G<n>-transfer/     the same store (hard links), SAEs each started from the previous group's
-    SWEEP/report/            sweep.html, metrics.parquet (one row per grouping, SAE and layer), summary.md,
+    SWEEP/<name>-seed<s>/    seed s >= 1 of each grouping (--seeds N): G<n>-seed<s> derived with the seed's
+                             layer draw, per-layer-seed<s> hard links to per-layer's store; SAEs with fit.seed + s
+    SWEEP/report/            sweep.html, metrics.parquet (one row per grouping, seed, SAE and layer), summary.md,
                              one PNG per metric, and the evaluation's cache (a re-run re-renders for free)
 
 Every grouping trains its SAEs with the same [fit] settings, so tokens per SAE are equal (each
@@ -26,8 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ghsae import pipeline
-from ghsae.atomic import link_or_copy
-from ghsae.compare import n_groups, per_layer_config, plan_all_layers
+from ghsae.compare import link_run, n_groups, per_layer_config, plan_all_layers, seed_config
 from ghsae.config import GroupsSpec, PipelineConfig
 from ghsae.errors import ConfigError, RunDirError
 from ghsae.executors import Executor, InProcess
@@ -35,13 +36,9 @@ from ghsae.harvest.derive import derive_run
 from ghsae.harvest.rundir import refuse_rebuilt_user_files, remove_owned, warn_kept
 from ghsae.harvest.steps import summary_line
 from ghsae.layout import (
-    ACTS_STORE,
-    DERIVED_FILE,
     LOCKS_DIR,
-    MANIFEST_DIR,
     MARKER_FILE,
     PER_LAYER_DIR,
-    PLAN_DIR,
     RUN_TREE,
     SWEEP_REPORT_TREE,
     TRANSFER_SUFFIX,
@@ -171,46 +168,55 @@ def sweep(
     layout = SweepLayout(Path(sweep_dir))
     refit = open_sweep(layout, cfg, groupings, overwrite)
     source_cfg = per_layer_config(cfg)
+    seeds = range(cfg.compare.seeds)
     specs: list[GroupsSpec] = [g if g == "auto" else int(g) for g in groupings if g != PER_LAYER]
-    size = plan_all_layers(cfg, layout.per_layer, executor, derived=specs, progress=progress)
+    size = plan_all_layers(cfg, layout.per_layer, executor, derived=specs * len(seeds), progress=progress)
     probe = Run.open(layout.per_layer)  # planned: its probe resolves auto and checks every G
     resolved = _resolved(groupings, probe, cfg)
     auto = f"G{n_groups(probe, cfg, 'auto')}"
     wanted = _transfers(transfer or [], resolved, groupings, auto)
-    runs: dict[str, Path] = {}
+    runs: dict[str, list[Path]] = {}  # grouping -> its run of each seed, seed 0 first
     if size.fits:
         say(summary_line(pipeline.harvest(source_cfg, layout.per_layer, executor, progress=progress)))
         for name, g in resolved.items():
-            runs[name] = layout.grouping(name)
-            derive_run(layout.per_layer, grouping_config(cfg, g), runs[name], progress=progress)
-            say(f"derived {name} from {layout.per_layer} (no model)")
-        if PER_LAYER in groupings:
-            runs[PER_LAYER] = layout.per_layer
+            for seed in seeds:
+                path = layout.grouping(name, seed)
+                derive_run(layout.per_layer, seed_config(grouping_config(cfg, g), seed), path, progress=progress)
+                say(f"derived {path.name} from {layout.per_layer} (no model)")
+                runs.setdefault(name, []).append(path)
+        if PER_LAYER in groupings:  # one store; the other seeds' SAEs train on hard links to it
+            for seed in seeds[1:]:
+                link_run(layout.per_layer, layout.grouping(PER_LAYER, seed))
+            runs[PER_LAYER] = [layout.grouping(PER_LAYER, seed) for seed in seeds]
     else:
         if PER_LAYER in groupings:
             raise ConfigError(
                 f"{size.refusal()}; the per-layer baseline needs it: drop per-layer from --groups, harvest fewer "
                 "tokens, or free space"
             )
-        say(f"{size.refusal()}: harvesting each grouping directly instead (one model pass per G)")
+        say(f"{size.refusal()}: harvesting each grouping directly instead (one model pass per G and seed)")
         warn_kept(layout.root, clear_run(layout.per_layer), f"removing {layout.per_layer}")
         for name, g in resolved.items():
-            runs[name] = layout.grouping(name)
-            say(summary_line(pipeline.harvest(grouping_config(cfg, g), runs[name], executor, progress=progress)))
-    for name, path in list(runs.items()):
-        g_cfg = source_cfg if name == PER_LAYER else grouping_config(cfg, resolved[name])
-        for line in summary_lines(pipeline.fit(g_cfg, path, executor, overwrite=refit, progress=progress)):
-            say(f"{name} {line}")
-        if name in wanted:
-            linked = layout.grouping(name + TRANSFER_SUFFIX)
-            link_run(path, linked)
-            t_cfg = transfer_config(g_cfg)
-            for line in summary_lines(pipeline.fit(t_cfg, linked, executor, overwrite=refit, progress=progress)):
-                say(f"{name}{TRANSFER_SUFFIX} {line}")
-            runs[name + TRANSFER_SUFFIX] = linked
+            for seed in seeds:
+                path = layout.grouping(name, seed)
+                s_cfg = seed_config(grouping_config(cfg, g), seed)
+                say(summary_line(pipeline.harvest(s_cfg, path, executor, progress=progress)))
+                runs.setdefault(name, []).append(path)
+    for name, paths in list(runs.items()):
+        for seed, path in enumerate(paths):
+            arm = source_cfg if name == PER_LAYER else grouping_config(cfg, resolved[name])
+            g_cfg = seed_config(arm, seed, layer_draw=name != PER_LAYER)
+            for line in summary_lines(pipeline.fit(g_cfg, path, executor, overwrite=refit, progress=progress)):
+                say(f"{path.name} {line}")
+            if name in wanted:
+                linked = layout.grouping(name + TRANSFER_SUFFIX, seed)
+                link_run(path, linked)
+                for line in summary_lines(pipeline.fit(transfer_config(g_cfg), linked, executor, overwrite=refit, progress=progress)):
+                    say(f"{linked.name} {line}")
+                runs.setdefault(name + TRANSFER_SUFFIX, []).append(linked)
     from ghsae.analysis.sweep import gather_sweep, write_sweep
 
-    lm = Run.open(next(iter(runs.values()))).model(cfg.report.device, cfg.model.dtype)
+    lm = Run.open(next(iter(runs.values()))[0]).model(cfg.report.device, cfg.model.dtype)
     source = layout.per_layer if size.fits else None
     data = gather_sweep(cfg, runs, lm, auto=auto, source=source, cache=layout.eval_cache, progress=progress)
     return write_sweep(data, layout)
@@ -241,28 +247,3 @@ def _transfers(names: list[str], resolved: dict[str, int], groupings: list[str],
             raise ConfigError(f"--transfer names {t!r}, which is not in this sweep; it has {', '.join(sorted(known))}")
         out.add(name)
     return out
-
-
-_LINKED = (MARKER_FILE, DERIVED_FILE, PLAN_DIR, ACTS_STORE, MANIFEST_DIR)  # a run's harvest, config.json aside
-
-
-def link_run(source: Path, target: Path) -> None:
-    """A copy of a run folder's plan, store and records made of hard links (no bytes copied), without
-    its SAEs or report: a second set of SAEs on the same store. config.json goes in last, so a link
-    that was interrupted is made again; files of the user's already in `target` stay."""
-    src, dst = RunLayout(source), RunLayout(target)
-    if dst.config.is_file():
-        return
-    target.mkdir(parents=True, exist_ok=True)
-    for name in _LINKED:
-        if (source / name).is_dir():
-            shutil.copytree(source / name, target / name, copy_function=_relink, dirs_exist_ok=True)
-        elif (source / name).is_file():
-            _relink(source / name, target / name)
-    _relink(src.config, dst.config)
-    dst.locks.mkdir(exist_ok=True)
-
-
-def _relink(src: str | Path, dst: str | Path) -> None:
-    Path(dst).unlink(missing_ok=True)  # a link made before an interruption is made again
-    link_or_copy(src, dst)

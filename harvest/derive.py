@@ -11,6 +11,11 @@ same order as a direct harvest adds them. So a derived run equals a direct harve
 partition in every byte (tested), except the wall-clock fields; RUN/derived.json says where it
 came from (written before anything else, so an interrupted derivation resumes as one).
 
+The seed need not be the source's: the source holds every layer of every kept token (which tokens are
+kept does not depend on the seed), so any seed's layer draw and in-shard order can be gathered from it.
+The source's own draw is recomputed with its own seed to find each token's row there. That is how the
+seeds of a comparison (compare.seeds) get their own layer draws from the one model pass.
+
 One model pass then serves a whole sweep over G (ghsae/sweep.py), and the per-layer SAEs of a
 comparison train on the source itself. Equality with a direct harvest holds where the direct
 harvest would compute the same activations and sums: the same model and batch size (the derived
@@ -56,6 +61,12 @@ log = logging.getLogger(__name__)
 # Settings a derived run may choose for itself: how the layers are grouped. Everything else that
 # decides what is stored must be the source's (the rows come from it).
 GROUPING_KEYS = ("groups", "amad_threshold", "method", "objective", "distance", "last_layer")
+# Harvest settings a derived run may choose too: the seed decides only which layer each kept token is
+# drawn at and the rows' order, and the source holds every layer of every kept token.
+HARVEST_KEYS = ("seed",)
+
+
+FREE_KEYS = {("grouping", k) for k in GROUPING_KEYS} | {("harvest", k) for k in HARVEST_KEYS}
 
 
 def derived_config(source: Run, cfg: PipelineConfig) -> PipelineConfig:
@@ -77,7 +88,7 @@ def source_problems(source: Run, cfg: PipelineConfig) -> list[str]:
     for section in sorted(set(mine) | set(theirs)):
         a, b = theirs.get(section, {}), mine.get(section, {})
         for key in sorted(set(a) | set(b)):
-            if section == "grouping" and key in GROUPING_KEYS:
+            if (section, key) in FREE_KEYS:
                 continue
             if a.get(key) != b.get(key):
                 problems.append(f"{section}.{key} is {a.get(key)!r} in the source, {b.get(key)!r} here")
@@ -144,10 +155,11 @@ def _derived_plan(source: Run, cfg: PipelineConfig, staging: Path) -> None:
 def _derive_shards(source: Run, run: Run, cfg: PipelineConfig, todo: list[int], progress: bool) -> None:
     bar = tqdm(total=len(todo), unit="shard", desc=f"derive {run.root.name}", disable=not progress)
     held: list[FileLock] = []
+    source_seed = source.settings().harvest.seed
     try:
         for shard, lock in claim_shards(run, todo, held):
             t0 = time.perf_counter()
-            rows, sums = derive_shard(source, run, cfg, shard)
+            rows, sums = derive_shard(source, run, cfg, shard, source_seed)
             commit_shard(run.layout, run.store, run.plan, shard, rows, sums, time.perf_counter() - t0)
             lock.release()
             bar.update()
@@ -157,13 +169,14 @@ def _derive_shards(source: Run, run: Run, cfg: PipelineConfig, todo: list[int], 
         bar.close()
 
 
-def derive_shard(source: Run, run: Run, cfg: PipelineConfig, shard: int):
-    """One shard's rows per group (in row order, storage dtype) and its per-layer sums."""
+def derive_shard(source: Run, run: Run, cfg: PipelineConfig, shard: int, source_seed: int):
+    """One shard's rows per group (in row order, storage dtype) and its per-layer sums. source_seed: the
+    source's harvest.seed (its rows' order), which may differ from cfg's."""
     plan, splan = run.plan, source.plan
     start, stop = plan.shard_contexts(shard)
     tokens_CT = np.array(run.tokens()[start:stop])
     mine = shard_draws(plan, cfg.harvest.seed, shard, tokens_CT)
-    theirs = shard_draws(splan, cfg.harvest.seed, shard, tokens_CT)
+    theirs = shard_draws(splan, source_seed, shard, tokens_CT)  # where each token sits in the source
     assert np.array_equal(mine.kept, theirs.kept), "the same tokens are kept in both runs"
     mine_row, their_row = row_inverse(mine), row_inverse(theirs)
     T, B = tokens_CT.shape[1], cfg.harvest.batch_size

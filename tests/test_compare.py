@@ -13,15 +13,16 @@ from ghsae.compare import per_layer_config
 from ghsae.pipeline import fit, harvest, report
 from ghsae.run import Run
 
-SPOT = [1, 4]  # the middle layers of the small config's groups 0-2 and 3-5
+SPOT = [1, 4]  # the middle layers of the small config's groups 0-2 and 3-5, set as compare.spot_layers
 REPORT = {"report.ce_tokens": 128, "report.latents_shown": 1, "report.examples_per_latent": 1}
+COMPARE = {"compare.spot_layers": SPOT}  # by default every layer here (the first, middle and last of groups of 3)
 
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory, tiny_llama, text_dataset):
     """`ghsae run` on the tiny model with per-layer spot checks, as a user runs it."""
     root = tmp_path_factory.mktemp("compared")
-    cfg = small_config(tiny_llama, text_dataset, **REPORT)
+    cfg = small_config(tiny_llama, text_dataset, **REPORT, **COMPARE)
     assert cfg.compare.per_layer == "spot-checks"  # the default
     r = cli(["run", "--config", write_config(root, cfg), "--run-dir", root / "run", "--no-progress"])
     assert r.exit_code == 0, r.output

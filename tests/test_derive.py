@@ -62,9 +62,9 @@ def test_a_derivation_resumes_to_the_same_bytes(source, tiny_llama, text_dataset
 
 
 def test_a_source_that_cannot_give_the_rows_is_refused_with_the_reason(source, tiny_llama, text_dataset, tmp_path):
-    other_seed = tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 2, "harvest.seed": 5})
-    with pytest.raises(ConfigError, match=r"harvest.seed is 0 in the source, 5 here"):
-        derive_run(source, other_seed, tmp_path / "a", progress=False)
+    other_tokens = tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 2, "harvest.tokens": 1024})
+    with pytest.raises(ConfigError, match=r"harvest.tokens is 2048 in the source, 1024 here"):
+        derive_run(source, other_tokens, tmp_path / "a", progress=False)
     grouped = tmp_path / "grouped"
     derive_run(source, tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 2}), grouped, progress=False)
     with pytest.raises(ConfigError, match=r"is not an all-layers run \(harvest it with --groups per-layer\)"):
