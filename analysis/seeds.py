@@ -69,8 +69,8 @@ def errors_note(n_seeds: int) -> str:
     """What the two errors are, or that there is only one."""
     if n_seeds >= 2:
         return (
-            f"the second ± is across the {n_seeds} seeds (each trained with another initialisation, loader order "
-            "and layer draw; std over seeds / √N, gaps paired by seed)"
+            f"the second ± is across the {n_seeds} seeds (each with another initialisation and loader order, and for "
+            "group SAEs another layer draw; std over seeds / √N, gaps paired by seed)"
         )
     return f"{ONE_SEED} (compare.seeds = N, or ghsae sweep --seeds N, trains N seeds per arm)"
 

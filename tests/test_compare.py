@@ -54,6 +54,7 @@ def test_the_report_answers_how_much_worse_and_how_much_cheaper_at_the_spot_laye
     assert "spot layers 1, 4" in page  # the headline's span for both kinds and their paired difference
     assert set(baseline_rows(run_dir)) == set(SPOT)
     assert "derived from a harvest of every layer" in page
+    assert "one seed: no training-noise error" in page  # compare.seeds = 1: the context error alone
 
 
 def test_spot_checks_equal_a_full_per_layer_baseline_at_those_layers(compared, tmp_path, tiny_lm):

@@ -181,6 +181,7 @@ def _sae_record(run: Path, group: str) -> dict:
 def test_seed_zero_of_a_sweep_is_a_sweep_without_seeds(two_seeds, tmp_path, tiny_llama, text_dataset):
     sweep, _ = two_seeds
     one, _ = _sweep(tmp_path, small_config(tiny_llama, text_dataset, **FIT, **REPORT))
+    assert ONE_SEED in (one / "report" / "sweep.html").read_text()
     ours = {p.name for p in sweep.iterdir()} - {"G2-seed1", "per-layer-seed1"}
     assert ours == {p.name for p in one.iterdir()}
     for name in ("G2", "per-layer"):
