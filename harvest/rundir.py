@@ -28,7 +28,6 @@ from ghsae.config import PipelineConfig
 from ghsae.errors import DamagedFileError, RunDirError
 from ghsae.layout import (
     LOCKS_DIR,
-    PER_LAYER_DIR,
     REBUILT_WHOLE,
     RUN_FORMAT,
     RUN_FORMAT_VERSION,
@@ -207,7 +206,8 @@ def refuse_rebuilt_user_files(root: Path, tree: OwnedTree, what: str) -> None:
 
 def _under_rebuilt(relative: Path) -> bool:
     parts = list(relative.parts)
-    while len(parts) > 1 and parts[0] == PER_LAYER_DIR:  # the run inside a comparison has its own
+    # a run folder inside the run (per-layer/, seed<s>/, nested) has plan/ and acts.zarr/ of its own
+    while len(parts) > 1 and _owned(RUN_TREE, parts[0])[1] is RUN_TREE:
         parts.pop(0)
     return parts[0] in REBUILT_WHOLE
 

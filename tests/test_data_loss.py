@@ -64,6 +64,17 @@ def test_harvest_overwrite_refuses_a_users_file_in_a_folder_it_rebuilds_whole_be
     assert sorted(str(p.relative_to(harvested_run)) for p in harvested_run.rglob("*")) == before
 
 
+@pytest.mark.parametrize("inner", ["seed1/plan", "seed2/acts.zarr", "per-layer/plan", "seed1/per-layer/acts.zarr"])
+def test_overwrite_refuses_a_users_file_in_a_rebuilt_folder_of_a_run_nested_in_the_run(tmp_path, inner):
+    from ghsae.errors import RunDirError
+    from ghsae.harvest.rundir import refuse_rebuilt_user_files
+
+    (tmp_path / inner).mkdir(parents=True)
+    (tmp_path / inner / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match=re.escape(f"{inner}/notes.txt")):
+        refuse_rebuilt_user_files(tmp_path, RUN_TREE, "--overwrite")
+
+
 def test_every_top_level_name_ghsae_writes_has_its_tree_and_the_sweep_figures_are_the_pages():
     from ghsae.analysis.sweep_page import METRICS
     from ghsae.layout import OWNED_NAMES
