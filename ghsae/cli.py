@@ -185,16 +185,16 @@ def _check_room(cfg, run_dir: str) -> None:
 def _check_groupings_fit_model(cfg, groupings: list[str]) -> None:
     """Every numbered grouping against the layers to harvest, counted from the model's config (no weights
     loaded), before the sweep tokenises and probes: the sweep checks them again on its probe."""
-    from ghsae.harvest.plan import resolve_layers
+    from ghsae.harvest.plan import check_groups_fit, resolve_layers
     from ghsae.lm import layer_count
 
     n_layers = layer_count(cfg.model.path)
     if n_layers is None:
         return
-    n = len(resolve_layers(cfg.grouping.layers, n_layers))
+    layers = resolve_layers(cfg.grouping.layers, n_layers)
     for g in groupings:
-        if g.isdigit() and int(g) > n:
-            raise ConfigError(f"--groups names {g} groups, but only {n} layers are harvested; expected at most {n}")
+        if g.isdigit():
+            check_groups_fit(int(g), layers, cfg.grouping.last_layer)
 
 
 def _data_overrides(model, dataset, tokens, groups, device) -> dict:

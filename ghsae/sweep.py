@@ -33,6 +33,7 @@ from ghsae.config import GroupsSpec, PipelineConfig
 from ghsae.errors import ConfigError, RunDirError
 from ghsae.executors import Executor, InProcess
 from ghsae.harvest.derive import derive_run
+from ghsae.harvest.plan import check_groups_fit
 from ghsae.harvest.rundir import refuse_rebuilt_user_files, remove_owned, warn_kept
 from ghsae.harvest.steps import summary_line
 from ghsae.layout import (
@@ -225,14 +226,12 @@ def sweep(
 def _resolved(groupings: list[str], probe: Run, cfg: PipelineConfig) -> dict[str, int]:
     """Run name -> number of groups for every grouping but per-layer (auto resolved on the probe),
     each checked against the harvested layers before any shard is written."""
-    L = len(probe.plan.layers)
     out: dict[str, int] = {}
     for g in groupings:
         if g == PER_LAYER:
             continue
         n = n_groups(probe, cfg, g if g == "auto" else int(g))
-        if n > L:
-            raise ConfigError(f"--groups names {n} groups, but only {L} layers are harvested; expected at most {L}")
+        check_groups_fit(n, list(probe.plan.layers), cfg.grouping.last_layer)
         out.setdefault(f"G{n}", n)
     return out
 

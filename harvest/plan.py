@@ -67,12 +67,13 @@ def check_model_fits(cfg: PipelineConfig, lm: LoadedModel) -> list[int]:
             f"data.context_length is {ctx} but {lm.source.description} allows at most {lm.max_context} positions; "
             f"set data.context_length <= {lm.max_context}"
         )
-    _check_groups_fit(cfg.grouping.groups, layers, cfg.grouping.last_layer)
+    check_groups_fit(cfg.grouping.groups, layers, cfg.grouping.last_layer)
     return layers
 
 
-def _check_groups_fit(spec, layers: list[int], last_layer: str) -> None:
-    """The cheap part of choose_groups, run before tokenising and probing (which take minutes)."""
+def check_groups_fit(spec, layers: list[int], last_layer: str) -> None:
+    """The cheap part of choose_groups, run before tokenising and probing (which take minutes); with
+    last_layer = own, G counts the groups of every layer but the last."""
     n = len(layers)
     partitioned = partition_scope(n, last_layer, spec)
     if isinstance(spec, int) and not isinstance(spec, bool) and spec > partitioned:

@@ -112,7 +112,7 @@ def test_a_sweep_refuses_bad_groupings_before_harvesting_any_shard(tmp_path, tin
     cfg = small_config(tiny_llama, text_dataset, **FIT, **REPORT, **GROUPING)
     args = ["sweep", "--config", write_config(tmp_path, cfg), "--run-dir", tmp_path / "s", "--no-progress"]
     r = cli([*args, "--groups", "2,40"])
-    assert r.exit_code == 2 and "40 groups, but only 6 layers are harvested" in r.output
+    assert r.exit_code == 2 and "(--groups) is 40 but only 6 layers are harvested" in r.output
     assert not list((tmp_path / "s" / "per-layer" / "manifest").glob("shard-*.json"))
     r = cli([*args, "--groups", "2,3", "--transfer", "G4"])
     assert r.exit_code == 2 and "--transfer names 'G4', which is not in this sweep; it has G2, G3" in r.output

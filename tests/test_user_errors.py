@@ -256,7 +256,23 @@ def test_sweep_groupings_beyond_the_models_layers_are_refused_before_tokenising(
     monkeypatch.setattr(plan_mod, "write_contexts", no_tokenising)
     sweep = tmp_path / "sweep"
     r = cli(["sweep", "--config", write_config(tmp_path, small_cfg), "--run-dir", sweep, "--groups", "2,99", "--no-progress"])
-    refused(r, "--groups names 99 groups, but only 6 layers are harvested; expected at most 6")
+    refused(r, "--groups) is 99 but only 6 layers are harvested", "expected at most 5 groups of layers 0..4")
+    assert not sweep.exists()
+
+
+def test_a_sweep_grouping_of_every_layer_is_refused_before_tokenising_when_the_last_has_its_own_sae(
+    tmp_path, small_cfg, monkeypatch
+):
+    import ghsae.harvest.plan as plan_mod
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("tokenised before checking --groups")
+
+    monkeypatch.setattr(plan_mod, "write_contexts", no_tokenising)
+    assert small_cfg.grouping.last_layer == "own"  # G counts the groups of layers 0..4
+    sweep = tmp_path / "sweep"
+    r = cli(["sweep", "--config", write_config(tmp_path, small_cfg), "--run-dir", sweep, "--groups", "2,6", "--no-progress"])
+    refused(r, "--groups) is 6 but only 6 layers are harvested", "expected at most 5 groups", "grouping.last_layer")
     assert not sweep.exists()
 
 
