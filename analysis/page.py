@@ -146,14 +146,16 @@ GAP_VIEWS = (("_typical", "typical tokens"), ("", "all tokens"))
 
 def gap_figures(data: ReportData) -> list[tuple[str, str, list[tuple[str, Estimate, Estimate, Estimate]]]]:
     """Per metric (key, label, format): per view (typical, all tokens), the group SAEs, the per-layer
-    SAEs and their difference at the compared layers, each averaged over seeds with its standard errors
-    over eval contexts and across seeds (seeds paired by index)."""
+    SAEs and their difference at the compared layers, each averaged over the seeds both arms have
+    (paired by index) with its standard errors over eval contexts and across seeds."""
     layers = data.compared_layers
 
     def keys(kind: SAEKind) -> list[list[tuple[str, int]]]:
         return [[(by[x]["sae"], x) for x in layers if x in by] for by in data.rows_by_seed(kind)]
 
     a, b, result = keys(SAEKind.GROUP), keys(SAEKind.BASELINE), data.result
+    n = min(len(a), len(b))  # the seeds the gap pairs (a --baseline run has one): both arms over those
+    a, b = a[:n], b[:n]
     out = []
     for k, label, spec in GAP_METRICS:
         views = []

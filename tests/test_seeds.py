@@ -231,3 +231,29 @@ def test_ghsae_runs_gap_shows_the_error_across_seeds_beside_the_one_across_conte
     rows = pq.read_table(run / "report" / "metrics.parquet").to_pylist()
     assert {(r["kind"], r["seed"]) for r in rows} == {(k, s) for k in ("group", "baseline") for s in (0, 1)}
     assert all(math.isfinite(r["fvu_seed_se"]) for r in rows)
+
+
+def test_a_report_gap_averages_both_arms_over_the_seeds_it_pairs_so_the_difference_is_their_difference():
+    # three seeds of group SAEs against one of a --baseline run: only seed 0 pairs
+    from ghsae.analysis.page import gap_figures
+    from ghsae.analysis.report import SAEKind
+
+    result = _result({"g0": 0.30, "g1": 0.40, "g2": 0.50, "b0": 0.20})
+    for r in result.rows:
+        r["kind"] = "baseline" if r["sae"].startswith("b") else "group"
+    seeds_of = {"group": ["g0", "g1", "g2"], "baseline": ["b0"]}
+    data = SimpleNamespace(
+        compared_layers=[0],
+        result=result,
+        rows_by_seed=lambda kind: [{0: {"sae": name}} for name in seeds_of[kind.value]],
+    )
+    assert SAEKind.GROUP.value == "group" and SAEKind.BASELINE.value == "baseline"
+    checked = 0
+    for _label, _spec, views in gap_figures(data):
+        for _view, g, p, d in views:
+            if math.isnan(d.mean):
+                continue  # a metric this fake evaluation lacks
+            assert d.mean == pytest.approx(g.mean - p.mean)
+            assert g.n_seeds == p.n_seeds == d.n_seeds == 1
+            checked += 1
+    assert checked  # FVU at least
