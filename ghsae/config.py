@@ -426,11 +426,14 @@ def _check_seed(key: str, value: int) -> None:
         raise ConfigError(f"{key} is {value}; expected a seed of 0 or more")
 
 
+def is_device_name(value: str) -> bool:
+    """auto, cpu, cuda or cuda:N. torch.device() accepts many more names (mps, meta, xla, ...) that
+    ghsae's stages cannot run on, and raises a bare RuntimeError on others ("gpu", "")."""
+    return value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value.removeprefix("cuda:").isdigit())
+
+
 def _check_device(key: str, value: str) -> None:
-    # torch.device() accepts many more names (mps, meta, xla, ...) that ghsae's stages cannot run on,
-    # and raises a bare RuntimeError on others ("gpu", ""): refuse them here, before any work
-    index = value.removeprefix("cuda:")
-    if value not in ("auto", "cpu", "cuda") and not (value.startswith("cuda:") and index.isdigit()):
+    if not is_device_name(value):  # refused here, before any work
         raise ConfigError(f"{key} (--device) is {value!r}; expected auto, cpu, cuda or cuda:N (N a device number)")
 
 

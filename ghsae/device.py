@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from ghsae.config import is_device_name
 from ghsae.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -15,7 +16,7 @@ def pick_device(name: str, option: str = "model.device (--device)") -> torch.dev
     """`name` is auto | cpu | cuda | cuda:N; `option` is the setting the user gave, named in the error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
+    if not is_device_name(name):
         # the config refuses these too; this covers a device given to the public API
         raise ModelError(f"{option} is {name!r}; expected auto, cpu, cuda or cuda:N (N a device number)")
     if name.startswith("cuda") and not torch.cuda.is_available():
