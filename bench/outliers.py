@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 from ghsae.analysis.evals import EvalTarget, evaluate, outlier_thresholds
+from ghsae.compare import link_run
 from ghsae.lm import load_model
 from ghsae.pipeline import fit, settings_for
 from ghsae.run import Run
-from ghsae.sweep import link_run
 
 METRICS = (("fvu", "{:.4f}"), ("delta_ce_pct", "{:.2f}"), ("kl", "{:.4f}"))
 
