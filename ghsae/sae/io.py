@@ -69,7 +69,7 @@ def read_sae(folder: Path, device: str | torch.device = "cpu", *, fix: str) -> S
         raise SAELoadError(
             f"{weights} holds {sorted(state)} but a {record.architecture} SAE needs {sorted(expected)}; {fix}"
         )
-    for name, tensor in state.items():
+    for name, tensor in sorted(state.items()):  # the same first mismatch named on every run
         if tensor.shape != expected[name].shape:
             raise SAELoadError(
                 f"{weights}: {name} is {list(tensor.shape)} but cfg.json implies {list(expected[name].shape)}; {fix}"
