@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,10 +42,19 @@ def cli(args: list[str]):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+def default_sigint() -> None:
+    """In a child about to exec: SIGINT back to its default, so Python turns it into KeyboardInterrupt.
+
+    A shell without job control starts background commands with SIGINT ignored, and an ignored
+    signal stays ignored across exec: a test suite run with `&` would otherwise see ghsae shrug off
+    the SIGINT its fault point sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def ghsae(args: list, **kwargs) -> subprocess.CompletedProcess:
     """`ghsae ARGS` in a process of its own."""
     cmd = [sys.executable, "-m", "ghsae", *[str(a) for a in args]]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=default_sigint, **kwargs)
 
 
 def assert_one_line_error(output: str, message: str) -> None:
