@@ -6,7 +6,6 @@ One function per section, in SECTIONS order; each takes the ReportData and retur
 from __future__ import annotations
 
 import html
-from datetime import UTC, datetime
 
 import numpy as np
 
@@ -18,6 +17,7 @@ from ghsae.analysis.html import CSS, fmt, img, pm, table
 from ghsae.analysis.rate import ratings_section
 from ghsae.analysis.report import ReportData, SAEKind
 from ghsae.analysis.seeds import Estimate
+from ghsae.analysis.stamp import stamp
 from ghsae.layers import span, spans
 
 # (column, heading, format) of the per-layer eval tables
@@ -500,10 +500,10 @@ def render_page(data: ReportData) -> str:
         for sid, title in SECTIONS
     )
     toc = "".join(f'<li><a href="#{sid}">{html.escape(title)}</a></li>' for sid, title in SECTIONS)
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    written = html.escape(stamp())
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>ghsae report</title>"
-        f"<style>{CSS}</style></head><body><h1>ghsae report</h1><p class='small'>written {stamp}</p>"
+        f"<style>{CSS}</style></head><body><h1>ghsae report</h1><p class='small'>written {written}</p>"
         f"<nav><ol>{toc}</ol></nav>{body}</body></html>"
     )
 
@@ -544,6 +544,8 @@ def render_summary(data: ReportData) -> str:
     plan, result, c = data.plan, data.result, data.compute
     lines = [
         f"# ghsae report: {plan.model.source}",
+        "",
+        f"Measured {stamp()}.",
         "",
         f"{len(plan.layers)} layers, {len(plan.groups)} groups: "
         + ", ".join(span(g) for g in plan.groups)

@@ -6,18 +6,34 @@ training tokens with and without transfer."""
 from __future__ import annotations
 
 import html
-from datetime import UTC, datetime
 
 import numpy as np
 
 from ghsae.analysis import plots, seeds
 from ghsae.analysis.html import CSS, fmt, img, table
+from ghsae.analysis.stamp import stamp
 from ghsae.analysis.sweep import PAPER, Grouping, SweepData
 from ghsae.layers import spans
 from ghsae.layout import TRANSFER_SUFFIX
 
-METRICS = [("fvu", "FVU", "{:.3f}"), ("delta_ce_pct", "ΔCE %", "{:.2f}"), ("kl", "KL (nats)", "{:.3f}")]
-DIFF_FORMAT = {"fvu": "{:.4f}", "delta_ce_pct": "{:.2f}", "kl": "{:.4f}"}  # paired differences are tighter
+# each figure over typical tokens (outliers left out of FVU, kept clean when spliced) and over all tokens
+METRICS = [
+    ("fvu_typical", "FVU (typical tokens)", "{:.3f}"),
+    ("fvu", "FVU (all tokens)", "{:.3f}"),
+    ("delta_ce_pct_typical", "ΔCE % (typical)", "{:.2f}"),
+    ("delta_ce_pct", "ΔCE % (all)", "{:.2f}"),
+    ("kl_typical", "KL nats (typical)", "{:.3f}"),
+    ("kl", "KL nats (all)", "{:.3f}"),
+]
+DIFF_FORMAT = {
+    k: "{:.4f}" if k.startswith(("fvu", "kl")) else "{:.2f}" for k, _, _ in METRICS
+}  # paired differences are tighter
+
+
+def present_metrics(data: SweepData) -> list[tuple[str, str, str]]:
+    """The METRICS the evaluation has (no CE / KL when the sweep spliced no context: report.ce_tokens = 0)."""
+    have = {k for r in data.result.rows for k in r}
+    return [m for m in METRICS if m[0] in have]
 
 
 def _span_layers(data: SweepData) -> list[int]:
@@ -36,7 +52,7 @@ def summary_rows(data: SweepData) -> list[dict]:
     for g in data.groupings:
         keys = data.keys_by_seed(g, layers)
         row: dict = {"grouping": g, "total": data.total_seconds(g)}
-        for k, _, _ in METRICS:
+        for k, _, _ in present_metrics(data):
             row[k] = seeds.arm(data.result, keys, k)
             if base is not None and g is not base:
                 row[f"{k}_diff"] = seeds.gap(data.result, keys, data.keys_by_seed(base, layers), k)
@@ -59,20 +75,18 @@ def table_section(data: SweepData) -> str:
     rows = summary_rows(data)
     base = data.per_layer
     heads = ["grouping", "G", "groups", "AMAD"]
-    for _, label, _ in METRICS:
+    metrics = present_metrics(data)
+    for _, label, _ in metrics:
         heads += [label, f"{label} − per-layer"]
     heads += ["T per SAE (s)", "A + G·T (s)", "speed-up", "store", "B / token", "store ×"]
     body = []
     for r in rows:
         g = r["grouping"]
         cells = [html.escape(_name(g)), str(g.n_groups), spans(g.run.plan.groups), fmt(g.amad)]
-        for k, _, spec in METRICS:
+        for k, _, spec in metrics:
             cells.append(seeds.show(r[k], spec))
             if f"{k}_diff" in r:
-                d = r[f"{k}_diff"]
-                ref = r[k].mean - d.mean
-                rel = f" ({100 * d.mean / ref:+.0f} %)" if np.isfinite(d.mean) and ref else ""
-                cells.append(seeds.show(d, DIFF_FORMAT[k]) + rel)
+                cells.append(_gap(r, k))
             else:
                 cells.append("reference" if g is base else "–")
         cells += [
@@ -85,6 +99,14 @@ def table_section(data: SweepData) -> str:
         ]
         body.append(cells)
     return table(heads, body, "wide sweep")
+
+
+def _gap(row: dict, key: str) -> str:
+    """The difference from the per-layer SAEs, and relative to their figure."""
+    d = row[f"{key}_diff"]
+    ref = row[key].mean - d.mean
+    rel = f" ({100 * d.mean / ref:+.0f} %)" if np.isfinite(d.mean) and ref else ""
+    return seeds.show(d, DIFF_FORMAT[key]) + rel
 
 
 def metric_figure(data: SweepData, key: str, label: str) -> bytes:
@@ -105,7 +127,7 @@ def metric_figure(data: SweepData, key: str, label: str) -> bytes:
 
 def metric_figures(data: SweepData) -> dict[str, bytes]:
     """Every metric's figure (PNG bytes), rendered once for the page and the PNG files beside it."""
-    return {key: metric_figure(data, key, label) for key, label, _ in METRICS}
+    return {key: metric_figure(data, key, label) for key, label, _ in present_metrics(data)}
 
 
 def _or_nan(value: float | None) -> float:
@@ -113,8 +135,9 @@ def _or_nan(value: float | None) -> float:
 
 
 def figures_section(data: SweepData, figures: dict[str, bytes]) -> str:
-    parts = [img(figures[k], f"{label} against G and compute") for k, label, _ in METRICS]
-    for k, label, _ in METRICS:
+    metrics = present_metrics(data)
+    parts = [img(figures[k], f"{label} against G and compute") for k, label, _ in metrics]
+    for k, label, _ in metrics:
         lines = {}
         for g in data.groupings:
             if g.transfer:
@@ -142,7 +165,9 @@ def transfer_section(data: SweepData) -> str:
     for tr, scratch in pairs:
         if scratch is None:
             continue
-        parts.append(img(plots.transfer_curves(data.curves[scratch.name], data.curves[tr.name]), f"transfer {scratch.name}"))
+        parts.append(
+            img(plots.transfer_curves(data.curves[scratch.name], data.curves[tr.name]), f"transfer {scratch.name}")
+        )
         for t in tr.targets[1:]:
             group = t.name.split("/")[-1]
             s_tok, s_fvu = data.curves[scratch.name][f"{scratch.name}/{group}"]
@@ -165,7 +190,13 @@ def transfer_section(data: SweepData) -> str:
             )
     parts.append(
         table(
-            ["SAE", "final training FVU, from scratch", "tokens for transfer to match it", "eval FVU, scratch", "eval FVU, transfer"],
+            [
+                "SAE",
+                "final training FVU, from scratch",
+                "tokens for transfer to match it",
+                "eval FVU, scratch",
+                "eval FVU, transfer",
+            ],
             rows,
         )
     )
@@ -204,7 +235,7 @@ def render_sweep_page(data: SweepData, figures: dict[str, bytes]) -> str:
     )
     if base is None:
         intro += "<p class='warn'>No per-layer SAEs in this sweep: differences and speed-ups need them.</p>"
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    written = stamp()
     sections = [
         ("table", "Quality, compute and storage at each G", intro + paper + table_section(data)),
         ("figures", "Against G and against compute; per layer", figures_section(data, figures)),
@@ -214,7 +245,7 @@ def render_sweep_page(data: SweepData, figures: dict[str, bytes]) -> str:
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>ghsae sweep</title>"
         f"<style>{CSS}</style></head><body><h1>ghsae sweep: quality against compute</h1>"
-        f"<p class='small'>written {stamp}</p>{body}</body></html>"
+        f"<p class='small'>written {html.escape(written)}</p>{body}</body></html>"
     )
 
 
@@ -222,6 +253,8 @@ def render_sweep_summary(data: SweepData) -> str:
     """The table as Markdown (what README and docs/results.md quote)."""
     lines = [
         f"# ghsae sweep: {data.groupings[0].run.plan.model.source}",
+        "",
+        f"Measured {stamp()}.",
         "",
         f"Means over layers {data.layers[0]}..{_span_layers(data)[-1]} and over {_seeds_text(data)}, ± one standard "
         f"error over eval contexts; {seeds.errors_note(data.n_seeds)}. "
@@ -231,17 +264,25 @@ def render_sweep_summary(data: SweepData) -> str:
             else "A: each grouping's own harvest."
         ),
         "",
-        "| grouping | G | tokens/SAE | FVU | Δ FVU vs per-layer | ΔCE % | Δ ΔCE % | KL | T/SAE (s) | A + G·T (s) | speed-up | B/token |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    metrics = present_metrics(data)
+    heads = ["grouping", "G", "tokens/SAE"]
+    for _, label, _ in metrics:
+        heads += [label, f"Δ {label} vs per-layer"]
+    heads += ["T/SAE (s)", "A + G·T (s)", "speed-up", "B/token"]
+    lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in summary_rows(data):
         g = r["grouping"]
-        diff = {k: seeds.show(r[f"{k}_diff"], DIFF_FORMAT[k]) if f"{k}_diff" in r else "–" for k, _, _ in METRICS}
-        lines.append(
-            f"| {_name(g)} | {g.n_groups} | {g.tokens_per_sae:,} | {seeds.show(r['fvu'], '{:.3f}')} | {diff['fvu']} | "
-            f"{seeds.show(r['delta_ce_pct'], '{:.2f}')} | {diff['delta_ce_pct']} | {seeds.show(r['kl'], '{:.3f}')} | "
-            f"{g.fit_seconds:.1f} | {fmt(r['total'], '{:,.0f}')} | {fmt(r['speedup'], '{:.2f}×')} | {fmt(g.bytes_per_token, '{:,.0f}')} |"
-        )
+        cells = [_name(g), str(g.n_groups), f"{g.tokens_per_sae:,}"]
+        for k, _, spec in metrics:
+            cells += [seeds.show(r[k], spec), _gap(r, k) if f"{k}_diff" in r else "–"]
+        cells += [
+            f"{g.fit_seconds:.1f}",
+            fmt(r["total"], "{:,.0f}"),
+            fmt(r["speedup"], "{:.2f}×"),
+            fmt(g.bytes_per_token, "{:,.0f}"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         f"Paper, {PAPER['model']}: per-layer FVU {PAPER['per-layer'][0]} / ΔCE {PAPER['per-layer'][1]} %; "

@@ -27,6 +27,7 @@ from ghsae.errors import ConfigError
 from ghsae.executors import Executor
 from ghsae.harvest import canonical_distance, distance_matrix, solve_grouping
 from ghsae.harvest.derive import derive_run
+from ghsae.harvest.partition import partition_scope
 from ghsae.harvest.rundir import claim_run_dir, prepare_run_dir
 from ghsae.harvest.steps import summary_line
 from ghsae.layers import span
@@ -89,7 +90,8 @@ class SourceSize:
 
 
 def n_groups(source: Run, cfg: PipelineConfig, spec: GroupsSpec) -> int:
-    """How many groups grouping `spec` makes of the all-layers run's layers (auto: on its probe)."""
+    """G of grouping `spec` on the all-layers run's layers (auto: on its probe), counted as
+    grouping.groups counts it: without the layers that keep an SAE of their own (`stored_groups`)."""
     if spec == "per-layer":
         return len(source.plan.layers)
     if isinstance(spec, int):
@@ -102,6 +104,16 @@ def n_groups(source: Run, cfg: PipelineConfig, spec: GroupsSpec) -> int:
     return solve_grouping(dist, gc.method, gc.objective, gc.last_layer).auto_groups(gc.amad_threshold)
 
 
+def stored_groups(source: Run, cfg: PipelineConfig, spec: GroupsSpec) -> int:
+    """Groups a store of grouping `spec` holds: its G plus the layers after the partition's scope
+    (the last, with grouping.last_layer = own), which are groups of their own."""
+    g = n_groups(source, cfg, spec)
+    if spec == "per-layer" or isinstance(spec, list):
+        return g
+    n = len(source.plan.layers)
+    return g + n - partition_scope(n, cfg.grouping.last_layer, spec)
+
+
 def plan_all_layers(
     cfg: PipelineConfig, source_dir: Path, executor: Executor, *, derived: list[GroupsSpec], progress: bool
 ) -> SourceSize:
@@ -112,7 +124,7 @@ def plan_all_layers(
     pipeline.harvest(per_layer_config(cfg), source_dir, executor, plan_only=True, progress=progress)
     source = Run.open(source_dir)
     plan = source.plan
-    groups = sum(n_groups(source, cfg, spec) for spec in derived)
+    groups = sum(stored_groups(source, cfg, spec) for spec in derived)
     needed = all_layers_bytes(plan) * (len(plan.layers) + groups) // len(plan.layers)
     if cfg.compare.max_source_bytes:
         return SourceSize(needed, cfg.compare.max_source_bytes, "compare.max_source_bytes")

@@ -23,6 +23,8 @@ _NOT_RESULT = ("checkpoint_tokens",)
 def fit_settings(cfg: PipelineConfig) -> dict[str, Any]:
     """The [fit] fields that decide an SAE's weights."""
     settings = cfg.identity(("fit",))["fit"]
+    if settings.get("outliers", "keep") == "keep":
+        settings.pop("outlier_factor", None)  # where nothing is done to outliers, their threshold decides nothing
     return {k: v for k, v in settings.items() if k not in _NOT_RESULT}
 
 
