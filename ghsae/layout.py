@@ -43,6 +43,7 @@ MANIFEST_DIR = "manifest"
 SAES_DIR = "saes"
 SAE_WEIGHTS = "sae.safetensors"  # written last by `ghsae fit`, beside cfg.json
 SAE_CONFIG = "cfg.json"  # the SAE's record: architecture, sizes, layers, provenance
+SAE_FORMAT = "ghsae-sae"  # cfg.json's "format": sparsify names its files alike, with another layout
 CHECKPOINT = "checkpoint.pt"
 TRAINING_METRICS = "metrics.parquet"  # one row per logged training step
 FIT_SETTINGS = "fit.json"  # in saes/: the [fit] settings the run's SAEs are trained with
