@@ -20,7 +20,6 @@ def export(fitted_run, out, fmt):
 
 @pytest.mark.parametrize(("fmt", "folder"), FORMATS)
 def test_each_folder_has_a_card_naming_model_layer_hookpoint_architecture_and_tokens(tmp_path, fitted_run, fmt, folder):
-    pytest.importorskip("sae_lens" if fmt == "saelens" else "sparsify")
     out = tmp_path / "out"
     export(fitted_run, out, fmt)
     run = Run.open(fitted_run)
@@ -38,7 +37,6 @@ def test_each_folder_has_a_card_naming_model_layer_hookpoint_architecture_and_to
 
 
 def test_the_card_shows_the_report_figures_of_each_layer(tmp_path, fitted_run):
-    pytest.importorskip("sae_lens")
     rows = [
         {"kind": kind, "seed": 0, "layer": layer, "sae": "x", "fvu": 0.1 + layer / 100 + bump, "l0": 4.0, "kl": float("nan")}
         for layer in range(6)
