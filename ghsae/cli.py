@@ -458,15 +458,17 @@ def rate(run_dir, config_path, baseline, latents, out, ratings, device):
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", default="saelens", show_default=True, help="Target format: saelens.")
-@click.option("--overwrite", is_flag=True, help="Replace layer folders that already exist in OUT.")
+@click.option("--format", "fmt", default="saelens", show_default=True, help="Target format: saelens or sparsify.")
+@click.option("--unit-decoder", is_flag=True, help="Unit-norm decoder rows (the layer's scale moved into the latents).")
+@click.option("--overwrite", is_flag=True, help="Replace layer folders (and OUT/README.md) that already exist.")
 @_user_errors
-def export(run_dir, out, fmt, overwrite):
-    """Write the run's SAEs for another library: one SAELens folder per layer, normalisation folded in."""
+def export(run_dir, out, fmt, unit_decoder, overwrite):
+    """Write the run's SAEs for another library: one folder per layer, named by the library's hook
+    name, normalisation folded in, each with a README.md model card."""
     from ghsae.run import Run
     from ghsae.train.export import export_run
 
-    folders = export_run(Run.open(run_dir), Path(out), fmt, overwrite)
+    folders = export_run(Run.open(run_dir), Path(out), fmt, overwrite, unit_decoder)
     click.echo(f"wrote {len(folders)} {fmt} SAE folders to {out} ({folders[0].name} .. {folders[-1].name})")
 
 

@@ -22,8 +22,10 @@ RUN/report/                   report.html, metrics.parquet, summary.md, settings
                               rating.html, rating-key-<kit>.json (one per rating page), ratings.json
                               (runs made before per-page keys hold one rating-key.json)
 
-Other formats' folders are named here too: a SAELens export (`ghsae export`) writes
-OUT/layer_XX/{cfg.json, sae_weights.safetensors}.
+Other formats' folders are named here too (`ghsae export`, each layer's folder named by the
+other library's name for the hookpoint, each with a README.md model card, and one for OUT):
+SAELens  OUT/blocks.5.hook_resid_post/{cfg.json, sae_weights.safetensors, README.md}
+sparsify OUT/layers.5/{cfg.json, sae.safetensors, README.md}
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ MANIFEST_DIR = "manifest"
 SAES_DIR = "saes"
 SAE_WEIGHTS = "sae.safetensors"  # written last by `ghsae fit`, beside cfg.json
 SAE_CONFIG = "cfg.json"  # the SAE's record: architecture, sizes, layers, provenance
+SAE_FORMAT = "ghsae-sae"  # cfg.json's "format": sparsify names its files alike, with another layout
 CHECKPOINT = "checkpoint.pt"
 TRAINING_METRICS = "metrics.parquet"  # one row per logged training step
 FIT_SETTINGS = "fit.json"  # in saes/: the [fit] settings the run's SAEs are trained with
@@ -58,6 +61,9 @@ RATING_KEY_PREFIX = "rating-key-"  # rating-key-<kit>.json: the key of the page 
 RATING_SCORES = "ratings.json"
 SAELENS_CONFIG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
+SPARSIFY_CONFIG = "cfg.json"
+SPARSIFY_WEIGHTS = "sae.safetensors"
+MODEL_CARD = "README.md"  # in every exported folder and in OUT: the Hub shows it as the model card
 STATS_FILE = "stats.json"
 STATS_ARRAYS = "stats.npz"
 STAGING_PREFIX = ".staging-"
@@ -275,9 +281,9 @@ class SweepLayout:
         return self.report / SWEEP_EVAL_CACHE
 
 
-def saelens_folder(out: Path, layer: int, width: int) -> Path:
-    """OUT/layer_XX: one SAELens folder per layer, numbered to the width of the deepest layer."""
-    return out / f"layer_{layer:0{width}d}"
+def export_folder(out: Path, hookpoint_name: str) -> Path:
+    """OUT/<name>: one exported layer, named as the target library names the hookpoint."""
+    return out / hookpoint_name
 
 
 # --- what ghsae writes, as a tree (what --overwrite removes, and nothing else) --------------------

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 from ghsae.atomic import read_json, write_json_atomic
 from ghsae.errors import DamagedFileError
+from ghsae.layout import SAE_FORMAT
 
 RECORD_VERSION = 1
 STATS_FROM_STORED = "stored-rows"  # a plan's per-layer sums are of the rows as stored (since issue 13)
@@ -540,10 +541,22 @@ class SAERecord:
     steps: int = 0
     seconds: float | None = None  # training wall time, summed over resumed sessions (the report's T)
     weights: WeightsDigest | None = None  # None: written before checksums existed (loads unchecked)
+    # "format" and "version" mark the folder as ghsae's to tools that know sparsify's file names
+    # (cfg.json + sae.safetensors); None: written before the mark existed (loads the same)
+    format: str | None = SAE_FORMAT
+    version: int | None = RECORD_VERSION
 
     @classmethod
     def from_json(cls, obj: Any) -> SAERecord:
         obj = _check_version(obj, "the SAE's cfg.json")
+        fmt = obj.get("format")
+        if fmt is not None and fmt != SAE_FORMAT:
+            raise DamagedFileError(f"its format is {fmt!r}, not a ghsae SAE folder ({SAE_FORMAT!r})")
+        if "sae" not in obj and "d_in" in obj:  # sparsify's cfg.json, beside a sae.safetensors
+            raise DamagedFileError(
+                "it is a sparsify SAE folder (d_in, no sae field), not a ghsae one: "
+                "open it with sparsify's SparseCoder.load_from_disk"
+            )
         prov, weights = obj.get("provenance"), obj.get("weights")
         return cls(
             sae=obj["sae"],
@@ -553,10 +566,16 @@ class SAERecord:
             steps=int(obj.get("steps", 0)),
             seconds=obj.get("seconds"),
             weights=WeightsDigest.from_json(weights) if weights is not None else None,
+            format=fmt,
+            version=obj.get("version"),
         )
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {"sae": dict(self.sae)}
+        if self.format is not None:
+            out["format"] = self.format
+        if self.version is not None:
+            out["version"] = self.version
         if self.fit:
             out["fit"] = dict(self.fit)
         if self.provenance is not None:
