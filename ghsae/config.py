@@ -186,6 +186,7 @@ LR_DECAYS = ("none", "linear", "cosine")
 AUXK_NORMALISATIONS = ("total-variance", "error-variance")  # kept in step with ghsae.sae (tested)
 TRANSFERS = ("none", "previous-group")
 OUTLIER_HANDLING = ("keep", "drop", "clip")  # kept in step with cache.loader.OUTLIER_HANDLING (tested)
+TRACKERS = ("tensorboard", "wandb")  # train/tracking.py
 
 
 @dataclass
@@ -249,9 +250,16 @@ class FitConfig:
     group's starts from scratch (transfer between neighbouring layers, Ghilardi et al., BlackboxNLP 2024)."""
     device: str = runtime("auto")
     """auto (CUDA when present), cpu, cuda or cuda:N."""
+    log: list[str] = field(default_factory=list, metadata={"runtime": True})
+    """Experiment trackers that also get the training metrics: any of tensorboard (RUN/tensorboard/)
+    and wandb (RUN/wandb/, offline unless WANDB_MODE is set); empty: metrics.parquet only. Optional
+    packages: pip install 'ghsae[tracking]'. A runtime setting: it changes no SAE."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "fit")
+        unknown = [name for name in self.log if name not in TRACKERS]
+        if unknown or len(set(self.log)) < len(self.log):
+            raise ConfigError(f"fit.log is {self.log}; expected distinct names among {', '.join(TRACKERS)}")
         _check_device("fit.device", self.device)
         _check_choice("fit.architecture", self.architecture, ARCHITECTURES)
         _check_choice("fit.decay", self.decay, LR_DECAYS)
