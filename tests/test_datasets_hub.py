@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from runs import assert_one_line_error, cli, write_config
 
 from conftest import generate_documents, needs_module, tiny_config
-from runs import assert_one_line_error, cli, write_config
 
 COMMIT = "5f1e2d3c4b5a69788796a5b4c3d2e1f0a1b2c3d4"
 DOCS = generate_documents(80, seed=3)
@@ -170,7 +170,7 @@ def test_load_sae_of_an_id_the_cache_lacks_names_the_id_and_the_cache(hf_home):
     import ghsae
     from ghsae.sae import SAELoadError
 
-    with pytest.raises(SAELoadError, match=f"holds no model ghsae-test/absent .*hf download ghsae-test/absent"):
+    with pytest.raises(SAELoadError, match="holds no model ghsae-test/absent .*hf download ghsae-test/absent"):
         ghsae.load_sae("ghsae-test/absent/group_00")
 
 

@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from runs import assert_one_line_error, cli, small_config, write_config
 
 from conftest import needs_module
-from runs import assert_one_line_error, cli, small_config, write_config
 
 pytestmark = [
     needs_module("tensorboard", "pip install tensorboard"),
