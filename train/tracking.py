@@ -67,7 +67,17 @@ class WandB:
     def __init__(self, layout: RunLayout, group: str, config: dict[str, Any]):
         import wandb
 
-        self.run = wandb.init(
+        try:
+            self.run = self._init(wandb, layout, group, config)
+        except Exception as e:  # noqa: BLE001 - wandb raises many kinds (network, auth, settings)
+            raise ConfigError(
+                f"W&B could not start the run of {group} ({' '.join(str(e).split())[:200]}); unset WANDB_MODE "
+                "to log offline, or remove wandb from fit.log"
+            ) from e
+
+    @staticmethod
+    def _init(wandb: Any, layout: RunLayout, group: str, config: dict[str, Any]) -> Any:
+        return wandb.init(
             mode=None if "WANDB_MODE" in os.environ else "offline",
             dir=str(layout.root),  # wandb writes RUN/wandb/
             project=os.environ.get("WANDB_PROJECT", "ghsae"),

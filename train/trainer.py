@@ -116,8 +116,8 @@ class Trainer:
         self.resume()
         if self.state.tokens >= self.total_tokens or self.tracking is None:
             return self._run(progress)
-        self.tracking.open(self.state.step)
         try:
+            self.tracking.open(self.state.step)  # a tracker that fails to start closes those started
             return self._run(progress)
         finally:
             self.tracking.close()
