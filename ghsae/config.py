@@ -54,7 +54,8 @@ def added_later(default: Any, before: Any) -> Any:
 @dataclass
 class ModelConfig:
     path: str = "builtin:smollm2-135m"
-    """A local model folder, a .gguf file, a hub id (where a network exists), or builtin:smollm2-135m."""
+    """A local model folder, a .gguf file, a Hub id (org/name[@revision]) the local Hugging Face cache holds
+    (nothing is downloaded; the commit it resolves to is recorded in plan.json), or builtin:smollm2-135m."""
     dtype: str = runtime("auto")
     """Compute dtype of the forward pass: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16."""
     device: str = runtime("auto")
@@ -72,11 +73,13 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = "builtin:python-docs"
-    """A .txt/.jsonl/.parquet file, a folder of them, a glob, or builtin:python-docs (CPython's own documentation)."""
+    """A .txt/.jsonl/.parquet/.arrow file, a folder of them, a glob, a folder written by datasets' save_to_disk,
+    a Hub dataset id (org/name[/folder][@revision]) the local Hugging Face cache holds (streamed, nothing
+    downloaded; its train split), or builtin:python-docs (CPython's own documentation)."""
     text_field: str = "text"
-    """The text field of .jsonl records and the text column of .parquet files."""
+    """The text field of .jsonl records and the text column of .parquet/.arrow files."""
     tokens_field: str = "input_ids"
-    """The column of already tokenized .parquet files, used when the text column is absent."""
+    """The column of already tokenized .parquet/.arrow files, used when the text column is absent."""
     context_length: int = 256
     """Tokens per packed context, BOS included."""
     prepend_bos: bool = True
@@ -186,6 +189,7 @@ LR_DECAYS = ("none", "linear", "cosine")
 AUXK_NORMALISATIONS = ("total-variance", "error-variance")  # kept in step with ghsae.sae (tested)
 TRANSFERS = ("none", "previous-group")
 OUTLIER_HANDLING = ("keep", "drop", "clip")  # kept in step with cache.loader.OUTLIER_HANDLING (tested)
+TRACKERS = ("tensorboard", "wandb")  # train/tracking.py
 
 
 @dataclass
@@ -249,9 +253,16 @@ class FitConfig:
     group's starts from scratch (transfer between neighbouring layers, Ghilardi et al., BlackboxNLP 2024)."""
     device: str = runtime("auto")
     """auto (CUDA when present), cpu, cuda or cuda:N."""
+    log: list[str] = field(default_factory=list, metadata={"runtime": True})
+    """Experiment trackers that also get the training metrics: any of tensorboard (RUN/tensorboard/)
+    and wandb (RUN/wandb/, offline unless WANDB_MODE is set); empty: metrics.parquet only. Optional
+    packages: pip install 'ghsae[tracking]'. A runtime setting: it changes no SAE."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "fit")
+        unknown = [name for name in self.log if name not in TRACKERS]
+        if unknown or len(set(self.log)) < len(self.log):
+            raise ConfigError(f"fit.log is {self.log}; expected distinct names among {', '.join(TRACKERS)}")
         _check_device("fit.device", self.device)
         _check_choice("fit.architecture", self.architecture, ARCHITECTURES)
         _check_choice("fit.decay", self.decay, LR_DECAYS)

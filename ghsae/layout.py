@@ -18,6 +18,8 @@ RUN/manifest/stats.json       per-layer normalisation statistics over all shards
 RUN/manifest/stats.npz        per-layer mean vectors and scales over all shards (once complete)
 RUN/saes/fit.json             the fit settings this run's SAEs are trained with (written by `ghsae fit`)
 RUN/saes/<group>/             cfg.json + sae.safetensors, checkpoint.pt, metrics.parquet
+RUN/tensorboard/<group>/      TensorBoard event files of each SAE's training (fit.log = ["tensorboard"])
+RUN/wandb/                    W&B's offline runs, one per SAE (fit.log = ["wandb"]; written by wandb itself)
 RUN/report/                   report.html, metrics.parquet, summary.md, settings.json, circuits.parquet,
                               rating.html, rating-key-<kit>.json (one per rating page), ratings.json
                               (runs made before per-page keys hold one rating-key.json)
@@ -73,6 +75,8 @@ PER_LAYER_DIR = "per-layer"  # the all-layers run a comparison (ghsae run with c
 SEED_DIR_PREFIX = "seed"  # RUN/seed<s>/: seed s >= 1 of ghsae run's comparison (compare.seeds)
 SEED_SUFFIX = "-seed"  # SWEEP/<grouping>-seed<s>/: seed s >= 1 of a sweep's grouping
 LOCKS_DIR = ".locks"
+TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"  # the name wandb gives the folder it makes in the `dir` it is given
 RUN_FORMAT = "ghsae-run"
 RUN_FORMAT_VERSION = 1
 # Every top-level name ghsae writes in a run folder: --overwrite removes these and nothing else.
@@ -86,6 +90,8 @@ OWNED_NAMES = (
     MARKER_FILE,
     DERIVED_FILE,
     PER_LAYER_DIR,
+    TENSORBOARD_DIR,
+    WANDB_DIR,
 )  # and RUN/seed<s>/ (SEED_DIR_PREFIX): a pattern, in RUN_TREE
 
 
@@ -175,6 +181,14 @@ class RunLayout:
     @property
     def fit_settings(self) -> Path:
         return self.saes / FIT_SETTINGS
+
+    def tensorboard(self, group: str) -> Path:
+        """TensorBoard's event files of one SAE's training."""
+        return self.root / TENSORBOARD_DIR / group
+
+    @property
+    def wandb(self) -> Path:
+        return self.root / WANDB_DIR
 
     @property
     def report(self) -> Path:
@@ -307,6 +321,8 @@ RUN_TREE: OwnedTree = {
     MANIFEST_DIR: {"shard-*.json": None, "shard-*.npz": None, STATS_FILE: None, STATS_ARRAYS: None, **_TEMPORARIES},
     SAES_DIR: {FIT_SETTINGS: None, "group_*": SAE_TREE, **_TEMPORARIES},
     REPORT_DIR: {**dict.fromkeys(_REPORT_FILES), RATING_KEY: None, f"{RATING_KEY_PREFIX}*.json": None, **_TEMPORARIES},
+    TENSORBOARD_DIR: None,  # logs of the SAEs --overwrite trains again
+    WANDB_DIR: None,
     **_TEMPORARIES,
 }
 RUN_TREE[PER_LAYER_DIR] = RUN_TREE  # the all-layers run kept inside a comparison is a run folder too

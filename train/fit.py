@@ -49,6 +49,7 @@ from ghsae.train.provenance import (
     run_fit_settings,
     settings_diffs,
 )
+from ghsae.train.tracking import Tracking, check_installed
 from ghsae.train.trainer import ResumeRefused, Trainer
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ def fit_group(
     """
     pick_device(cfg.fit.device, option=FIT_DEVICE_OPTION)  # a bad device fails before any work
     check_k(cfg.fit, run.plan.d_model)
+    check_installed(cfg.fit.log)  # and a tracker that is not installed
     with hold_run(run.layout), wait_lock(run.layout.lock(f"sae-{group}"), f"the SAE of {group}"):
         record = provenance(cfg, run, group, shards)
         done = _already_trained(run, group, record, restart)
@@ -294,7 +296,10 @@ def _train_group(
     total = fc.tokens or loader.rows_per_epoch
     sae.cfg.dead_tokens = dead_window(fc.dead_tokens, total)  # recorded in cfg.json with the SAE
     out_dir = run.layout.sae_dir(group)
-    trainer = Trainer(fc, sae, loader, out_dir, total, name=f"fit {group}", provenance=record, restart=restart)
+    tracking = Tracking(fc.log, run.layout, group, {**cfg.to_dict()["fit"], "layers": layers}) if fc.log else None
+    trainer = Trainer(
+        fc, sae, loader, out_dir, total, name=f"fit {group}", provenance=record, restart=restart, tracking=tracking
+    )
     state = trainer.run(progress)
     save_sae(
         sae,

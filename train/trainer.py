@@ -30,6 +30,7 @@ from ghsae.layout import sae_checkpoint, sae_training_metrics
 from ghsae.records import Provenance
 from ghsae.sae import SparseAutoencoder
 from ghsae.train.provenance import provenance_diffs
+from ghsae.train.tracking import Tracking
 
 LOG_EVERY = 10  # steps between metric rows
 log = logging.getLogger(__name__)
@@ -73,7 +74,9 @@ class Trainer:
         name: str = "sae",
         provenance: Provenance | None = None,
         restart: bool = False,
+        tracking: Tracking | None = None,
     ):
+        self.tracking = tracking  # fit.log's trackers, fed the rows metrics.parquet gets
         self.provenance = provenance  # fit settings + store state (train/provenance.py), checked on resume
         self.restart = restart  # --overwrite: a checkpoint of other settings is deleted, not refused
         self.cfg = cfg
@@ -111,6 +114,15 @@ class Trainer:
 
     def run(self, progress: bool = True) -> TrainState:
         self.resume()
+        if self.state.tokens >= self.total_tokens or self.tracking is None:
+            return self._run(progress)
+        try:
+            self.tracking.open(self.state.step)  # a tracker that fails to start closes those started
+            return self._run(progress)
+        finally:
+            self.tracking.close()
+
+    def _run(self, progress: bool) -> TrainState:
         steps_before = self.state.step
         self._clock = time.perf_counter()
         bar = tqdm(
@@ -208,6 +220,8 @@ class Trainer:
     def log(self, metrics: dict, bar) -> None:
         metrics = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
         self.state.metrics.append(metrics)
+        if self.tracking is not None:
+            self.tracking.log(metrics)
         bar.set_postfix(
             loss=f"{metrics['loss']:.4f}",
             fvu=f"{metrics['fvu']:.3f}",

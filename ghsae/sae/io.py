@@ -18,6 +18,7 @@ from safetensors.torch import load, save
 
 from ghsae.atomic import write_bytes_atomic
 from ghsae.errors import GhsaeError
+from ghsae.hub import cached_snapshot, parse_hub_id
 from ghsae.layout import SAE_CONFIG, SAE_WEIGHTS, RunLayout, sae_config, sae_weights
 from ghsae.records import SAERecord, WeightsDigest, load_record, save_record
 from ghsae.sae.architectures import build_sae
@@ -46,11 +47,19 @@ def refit_hint(folder: Path) -> str:
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """Load an SAE folder written by `ghsae fit` (cfg.json + sae.safetensors), in eval mode.
+    """Load an SAE folder written by `ghsae fit` (cfg.json + sae.safetensors), in eval mode, or one
+    the local Hugging Face cache holds under a Hub id (`org/name/group_00`, `org/name@revision`);
+    the commit it resolved to is kept in `sae.cfg.extra["hub"]`.
 
     Weights that differ from the checksum in cfg.json are refused (SAELoadError, naming the file)."""
-    folder = Path(path)
-    return read_sae(folder, device, fix=refit_hint(folder))
+    folder = Path(path).expanduser()
+    hub = parse_hub_id(str(path)) if isinstance(path, str) and not folder.exists() else None
+    if hub is None:
+        return read_sae(folder, device, fix=refit_hint(folder))
+    snapshot = cached_snapshot(hub, "model", "SAE", SAELoadError)
+    sae = read_sae(snapshot.folder, device, fix=f"fetch it again with `hf download --force-download {hub.repo_id}`")
+    sae.cfg.extra["hub"] = {"id": str(path), "revision": snapshot.revision}
+    return sae
 
 
 def read_sae(folder: Path, device: str | torch.device = "cpu", *, fix: str) -> SparseAutoencoder:
