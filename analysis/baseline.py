@@ -95,6 +95,8 @@ def _identity_problems(run: Plan, base: Plan) -> list[str]:
         problems.append(f"its model is {base.model.source!r}, this run's is {run.model.source!r}")
     if base.tokenizer.fingerprint != run.tokenizer.fingerprint:
         problems.append("its tokenizer differs from this run's")
+    if base.hookpoint != run.hookpoint:
+        problems.append(f"its SAEs read {base.hookpoint}, this run's {run.hookpoint} (harvest.hookpoint)")
     if base.layers != run.layers:
         problems.append(f"it covers layers {list(base.layers)}, this run {list(run.layers)}")
     if not base.per_layer:

@@ -80,8 +80,10 @@ def collect(
     wanted: dict[str, tuple[SparseAutoencoder, dict[int, list[int]]]],
     per_latent: int = 5,
     batch_contexts: int = 4,
+    hookpoint: str = "resid_post",
 ) -> dict[tuple[str, int], list[LatentView]]:
-    """For wanted[name] = (sae, {layer: latents}): the views of those latents, by (name, layer)."""
+    """For wanted[name] = (sae, {layer: latents}): the views of those latents, by (name, layer), read
+    at `hookpoint` (the run's plan.hookpoint: the activation the SAEs were trained on)."""
     device = lm.device
     special = torch.tensor(sorted(special_ids) or [-1], dtype=torch.long, device=device)
     cols: dict[tuple[str, int], _Collector] = {}
@@ -105,7 +107,7 @@ def collect(
         def keep_rows(layer: int, r: torch.Tensor, keep=keep, resid=resid) -> None:
             resid[layer] = r[keep].float()
 
-        capture_layers(lm.model, lm.blocks, ids, layers, keep_rows)
+        capture_layers(lm.model, lm.blocks, ids, layers, keep_rows, hookpoint)
         with torch.inference_mode():
             for (name, layer), col in cols.items():
                 z = wanted[name][0].encode(resid[layer], layer)
@@ -177,7 +179,9 @@ def contexts_html(view: LatentView, contexts: np.ndarray, text: dict[int, str], 
     return f"<ul class='examples'>{''.join(lines)}</ul>" if lines else "<p class='small'>never fired here</p>"
 
 
-def report_views(lm: LoadedModel, contexts: np.ndarray, special_ids, targets, examples, rc) -> dict:
+def report_views(
+    lm: LoadedModel, contexts: np.ndarray, special_ids, targets, examples, rc, hookpoint: str = "resid_post"
+) -> dict:
     """Histogram and logit tokens of the latents the report shows, at each layer their SAE serves."""
     wanted = {}
     for t in targets:
@@ -186,7 +190,7 @@ def report_views(lm: LoadedModel, contexts: np.ndarray, special_ids, targets, ex
         shown = shown[: rc.latents_shown]
         if shown:
             wanted[t.name] = (t.sae, {layer: shown for layer in t.sae.cfg.layers})
-    views = collect(lm, contexts, list(special_ids), wanted, 1, rc.batch_contexts)
+    views = collect(lm, contexts, list(special_ids), wanted, 1, rc.batch_contexts, hookpoint)
     out: dict[tuple[str, int], list[LatentView]] = {}
     for (name, _layer), vs in views.items():
         for v in vs:

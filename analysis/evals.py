@@ -237,16 +237,18 @@ def evaluate(
     progress: bool = True,
     zero_ablation: bool = True,
     outlier_threshold: dict[int, float] | None = None,
+    hookpoint: str = "resid_post",
 ) -> EvalResult:
     """zero_ablation: also splice zeros in at each layer, the CE-loss score's floor (one more pass of
     the later blocks per layer; the sweep, which reports no CE score, leaves it out).
     outlier_threshold: per layer, the norm (raw units) above which a token is an outlier there; the
-    `_typical` figures leave those tokens out (none without it)."""
+    `_typical` figures leave those tokens out (none without it).
+    hookpoint: the activation the SAEs read and the spliced passes replace (the run's plan.hookpoint)."""
     thresholds = outlier_threshold or {}
     device = lm.device
     special = torch.tensor(sorted(special_ids), dtype=torch.long, device=device)
     layers = sorted({layer for t in targets for layer in t.sae.cfg.layers})
-    splicer = Splicer(lm)
+    splicer = Splicer(lm, hookpoint)
     sums = {(t.name, layer): ReconstructionSums(lm.d_model) for t in targets for layer in t.sae.cfg.layers}
     n_ctx = contexts.shape[0]
     per_layer = {layer: _PerContext(n_ctx, lm.d_model) for layer in layers}  # x statistics; zero-ablated CE

@@ -97,7 +97,9 @@ def build_kit(cfg, run, lm, baseline=None, n_latents: int = 96, out: Path | None
         for t in targets
     }
     special = list(run.plan.tokenizer.special_ids)
-    views = collect(lm, contexts, special, wanted, cfg.report.examples_per_latent, cfg.report.batch_contexts)
+    views = collect(
+        lm, contexts, special, wanted, cfg.report.examples_per_latent, cfg.report.batch_contexts, run.plan.hookpoint
+    )
     text = token_strings(lm, contexts)
     kinds = {t.name: t.kind for t in targets}
     entries = []

@@ -468,6 +468,7 @@ def gather(
         seed=seed,
         progress=progress,
         outlier_threshold=outlier_thresholds(run, rc.outlier_factor),
+        hookpoint=run.plan.hookpoint,
     )
     tag_seeds(result, seeds)
     run.layout.report.mkdir(exist_ok=True)
@@ -490,7 +491,7 @@ def gather(
         token_text=token_strings(lm, contexts),
         settings=rc,
         circuits=circuits,
-        dashboards=report_views(lm, contexts, special, targets, result.examples, rc),
+        dashboards=report_views(lm, contexts, special, targets, result.examples, rc, run.plan.hookpoint),
         ratings=load_scores(run.layout),
         own_baseline=spot_checks,
         seed_sides=seeds[1:],

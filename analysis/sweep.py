@@ -210,6 +210,7 @@ def gather_sweep(
             zero_ablation=False,  # the sweep shows no CE-loss score: a pass per layer saved
             # one threshold per layer for every grouping: the all-layers source's, which saw every token
             outlier_threshold=outlier_thresholds(Run.open(source) if source is not None else first, rc.outlier_factor),
+            hookpoint=first.plan.hookpoint,
         )
         if cache is not None:
             _write_cache(cache, key, result)

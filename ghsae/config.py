@@ -31,6 +31,7 @@ GROUPING_METHODS = ("agglomerative", "dp", "reference")  # kept in step with har
 LAST_LAYER = ("own", "grouped")  # kept in step with harvest.partition.LAST_LAYER (tested)
 OBJECTIVES = ("layer-mean", "amad", "max")  # kept in step with harvest.partition.OBJECTIVES (tested)
 TASKS = ("ioi", "greater-than", "sva")  # kept in step with analysis.tasks.GENERATORS (tested)
+HOOKPOINTS = ("resid_post", "resid_mid", "mlp_out", "attn_out")  # kept in step with ghsae.lm.HOOKPOINTS (tested)
 
 
 def runtime(default: Any) -> Any:
@@ -104,8 +105,14 @@ class HarvestConfig:
     """Seeds the layer draws and in-shard shuffles; shard s depends only on (config, seed, s)."""
     batch_size: int = runtime(16)
     """Contexts per forward pass."""
+    hookpoint: str = added_later("resid_post", before="resid_post")
+    """Which activation of each layer is harvested: resid_post (the block's output, the residual
+    stream), resid_mid (the residual after attention, before the MLP), mlp_out or attn_out (the MLP's or
+    the attention's output, before it is added to the residual). All but resid_post need a model family
+    whose modules ghsae knows (Llama, GPT-NeoX, GPT-2)."""
 
     def __post_init__(self) -> None:
+        _check_choice("harvest.hookpoint", self.hookpoint, HOOKPOINTS)
         for name in ("tokens", "probe_tokens", "shard_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"harvest.{name} is {getattr(self, name)}; expected a positive integer")

@@ -70,6 +70,10 @@ class LoadedModel:
         """Refuse to go on with a model other than the one a run was planned with; `fix` says what to do."""
         check_same_model(planned, self.identity, fix)
 
+    def sites(self, hookpoint: str) -> list[HookSite]:
+        """Where each layer's activation at `hookpoint` is read (hook_sites)."""
+        return hook_sites(self.model, self.blocks, hookpoint)
+
     @property
     def special_ids(self) -> list[int]:
         ids = set(getattr(self.tokenizer, "all_special_ids", []) or [])
@@ -318,3 +322,74 @@ def model_fingerprint(source: ModelSource, config_json: str) -> str:
     else:
         h.update(source.location.encode())  # a hub id: its revision is all we can name offline
     return h.hexdigest()[:16]
+
+
+# --- hookpoints: which module of a block holds each activation -------------------------------------
+
+HOOKPOINTS = ("resid_post", "resid_mid", "mlp_out", "attn_out")
+
+# config.model_type -> (family, attention, MLP, the norm whose input is resid_mid) inside a block,
+# read off each family's transformers source (LlamaDecoderLayer, GPTNeoXLayer, GPT2Block): each
+# block adds its attention's and its MLP's output to the residual as they are (dropout is off in
+# eval), and in a pre-LN block the residual after attention is what the second norm normalises.
+_FAMILIES: dict[str, tuple[str, str, str, str]] = {
+    "llama": ("Llama", "self_attn", "mlp", "post_attention_layernorm"),
+    "gpt_neox": ("GPT-NeoX", "attention", "mlp", "post_attention_layernorm"),
+    "gpt2": ("GPT-2", "attn", "mlp", "ln_2"),
+}
+
+
+@dataclass(frozen=True)
+class BlockParts:
+    """One decoder block's modules that the hookpoints other than resid_post read."""
+
+    attn: nn.Module  # output [0] (or the output): attn_out, what attention adds to the residual
+    mlp: nn.Module  # output: mlp_out
+    mid_norm: nn.Module  # first input: resid_mid, the residual between attention and MLP
+
+
+@dataclass(frozen=True)
+class HookSite:
+    """Where one layer's activation is read: `module`'s output (its first element when a tuple), or
+    with reads_input its first positional input."""
+
+    module: nn.Module
+    reads_input: bool = False
+
+
+def block_parts(model: nn.Module, blocks: nn.ModuleList, hookpoint: str) -> list[BlockParts]:
+    """Each block's attention, MLP and mid norm, for a hookpoint that needs them; a ModelError naming
+    the model's family when ghsae does not know its modules or the family has no such activation."""
+    model_type = str(getattr(model.config, "model_type", ""))
+    known = ", ".join(f for f, *_ in _FAMILIES.values())
+    if model_type not in _FAMILIES:
+        raise ModelError(
+            f"harvest.hookpoint {hookpoint} needs a model family whose modules ghsae knows ({known}); "
+            f"{type(model).__name__} is of family {model_type or '?'}: use harvest.hookpoint = resid_post"
+        )
+    family, attn, mlp, mid = _FAMILIES[model_type]
+    if hookpoint == "resid_mid" and getattr(model.config, "use_parallel_residual", False):
+        raise ModelError(
+            f"harvest.hookpoint resid_mid does not exist in {type(model).__name__}: with use_parallel_residual "
+            f"its attention and MLP read the same input and are added together; use resid_post, mlp_out or attn_out"
+        )
+    try:
+        return [BlockParts(getattr(b, attn), getattr(b, mlp), getattr(b, mid)) for b in blocks]
+    except AttributeError as e:
+        raise ModelError(
+            f"harvest.hookpoint {hookpoint}: a block of {type(model).__name__} ({family} family) lacks a module "
+            f"ghsae expects ({e}); use harvest.hookpoint = resid_post"
+        ) from None
+
+
+def hook_sites(model: nn.Module, blocks: nn.ModuleList, hookpoint: str) -> list[HookSite]:
+    """Per layer, where the activation at `hookpoint` is read. resid_post is every block's own output,
+    so it needs no family; the others are modules inside the block (block_parts)."""
+    if hookpoint not in HOOKPOINTS:
+        raise ModelError(f"unknown hookpoint {hookpoint!r}; expected one of {', '.join(HOOKPOINTS)}")
+    if hookpoint == "resid_post":
+        return [HookSite(b) for b in blocks]
+    parts = block_parts(model, blocks, hookpoint)
+    if hookpoint == "resid_mid":
+        return [HookSite(p.mid_norm, reads_input=True) for p in parts]
+    return [HookSite(p.mlp if hookpoint == "mlp_out" else p.attn) for p in parts]

@@ -40,6 +40,7 @@ from ghsae.layout import SAE_FORMAT
 RECORD_VERSION = 1
 STATS_FROM_STORED = "stored-rows"  # a plan's per-layer sums are of the rows as stored (since issue 13)
 STATS_FROM_MODEL = "model-output"  # ... of the model's output before the cast (plans made before)
+HOOKPOINT_DEFAULT = "resid_post"  # a plan or SAE record without a hookpoint stored the block outputs
 
 
 def _check_version(obj: Any, what: str) -> dict:
@@ -234,6 +235,7 @@ class Plan:
     probe_tokens: int
     seconds: float | None = None  # tokenise + probe + partition: part of the report's harvest cost A
     stats_from: str = STATS_FROM_MODEL  # what the shards' per-layer sums are taken of (absent: before issue 13)
+    hookpoint: str = HOOKPOINT_DEFAULT  # which activation of each layer is stored (harvest.hookpoint)
 
     @classmethod
     def from_json(cls, obj: Any) -> Plan:
@@ -258,6 +260,7 @@ class Plan:
             probe_tokens=int(obj.get("probe_tokens", 0)),
             seconds=obj.get("seconds"),
             stats_from=str(obj.get("stats_from", STATS_FROM_MODEL)),
+            hookpoint=str(obj.get("hookpoint", HOOKPOINT_DEFAULT)),
         )
 
     def to_json(self) -> dict:
@@ -284,6 +287,8 @@ class Plan:
             out["seconds"] = self.seconds
         if self.stats_from != STATS_FROM_MODEL:
             out["stats_from"] = self.stats_from
+        if self.hookpoint != HOOKPOINT_DEFAULT:  # absent: resid_post, as in every plan made before hookpoints
+            out["hookpoint"] = self.hookpoint
         return out
 
     # --- what the stages ask of it

@@ -68,6 +68,7 @@ def check_model_fits(cfg: PipelineConfig, lm: LoadedModel) -> list[int]:
             f"set data.context_length <= {lm.max_context}"
         )
     check_groups_fit(cfg.grouping.groups, layers, cfg.grouping.last_layer)
+    lm.sites(cfg.harvest.hookpoint)  # a family without that activation is refused before tokenising
     return layers
 
 
@@ -134,7 +135,7 @@ def plan_complete(layout: RunLayout) -> bool:
 
 
 # What a rebuilt plan must share with the damaged one for the shards already written to stay valid.
-_PLAN_FIELDS_THAT_MUST_MATCH = ("config_hash", "model", "dataset", "groups", "n_shards", "layers")
+_PLAN_FIELDS_THAT_MUST_MATCH = ("config_hash", "model", "dataset", "groups", "n_shards", "layers", "hookpoint")
 
 
 def _replace_damaged_plan(layout: RunLayout, staging) -> None:
@@ -189,7 +190,12 @@ def _build_plan(cfg: PipelineConfig, lm: LoadedModel, layers: list[int], staging
     probe = tokens[: math.ceil(min(hv.probe_tokens, hv.tokens) / ctx)]
     bar = tqdm(total=2 * probe.size, unit="tok", unit_scale=True, desc="probe", disable=not progress)
     sim = probe_similarity(
-        lm, lambda: context_batches(probe, hv.batch_size, lm.device), layers, bar, storage_dtype=cfg.storage.dtype
+        lm,
+        lambda: context_batches(probe, hv.batch_size, lm.device),
+        layers,
+        bar,
+        storage_dtype=cfg.storage.dtype,
+        hookpoint=hv.hookpoint,
     )
     bar.close()
     inputs = PlanInputs(
@@ -256,6 +262,7 @@ def write_plan(cfg: PipelineConfig, inputs: PlanInputs, staging: Path, t0: float
         probe_tokens=sim.tokens,
         seconds=time.perf_counter() - t0,  # tokenise + probe + partition: part of the report's harvest cost A
         stats_from=STATS_FROM,
+        hookpoint=hv.hookpoint,
     )
     save_record(staging / PLAN_FILE, plan)
     log.info(

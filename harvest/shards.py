@@ -159,7 +159,7 @@ class ShardProducer:
                 guard.track(self.layer_index[layer], rows)
                 acc.add(self.layer_index[layer], stored.float() if stored_rows else rows)
 
-            capture_layers(self.lm.model, self.lm.blocks, input_ids, self.plan.layers, on_layer)
+            capture_layers(self.lm.model, self.lm.blocks, input_ids, self.plan.layers, on_layer, self.plan.hookpoint)
             # before anything of the shard is written: inf/NaN, overflowing norms, float16's range
             guard.check(f"shard {shard}", self.storage_dtype, self.lm.dtype)
             if on_batch is not None:

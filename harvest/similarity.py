@@ -76,9 +76,15 @@ BatchIter = Callable[[], Iterator[torch.Tensor]]
 
 
 def probe_similarity(
-    lm: LoadedModel, batches: BatchIter, layers: list[int], progress=None, storage_dtype: str | None = None
+    lm: LoadedModel,
+    batches: BatchIter,
+    layers: list[int],
+    progress=None,
+    storage_dtype: str | None = None,
+    hookpoint: str = "resid_post",
 ) -> SimilarityResult:
-    """The probe's statistics and distances. Its activations are checked like a shard's (storage_dtype:
+    """The probe's statistics and distances of the layers' activations at `hookpoint`, the ones the
+    shards store. Its activations are checked like a shard's (storage_dtype:
     the store's, so a float16 overflow stops the harvest here already): a distance of inf/NaN rows
     would be recorded as a plausible number (unit vectors of inf rows are 0: AMAD 0.0)."""
     guard = ActivationGuard(layers, lm.device)
@@ -89,7 +95,7 @@ def probe_similarity(
     sum_sq = torch.zeros(n_layers, dtype=torch.float64, device=lm.device)
     dist_raw = torch.zeros(n_layers, n_layers, dtype=torch.float64, device=lm.device)
     count = 0
-    for stacked in _stacked_passes(lm, batches, layers, special, progress):
+    for stacked in _stacked_passes(lm, batches, layers, special, progress, hookpoint):
         x = stacked.float()
         for i in range(n_layers):
             guard.track(i, x[i])
@@ -104,7 +110,7 @@ def probe_similarity(
         raise ValueError("the probe saw no non-special tokens")
     mean = sum_x / count
     dist_centred = torch.zeros_like(dist_raw)
-    for stacked in _stacked_passes(lm, batches, layers, special, progress):
+    for stacked in _stacked_passes(lm, batches, layers, special, progress, hookpoint):
         dist_centred += _angular_distance_sums(stacked.float() - mean.float()[:, None, :])
     stats = LayerStats(
         layers=list(layers),
@@ -122,8 +128,10 @@ def probe_similarity(
     )
 
 
-def _stacked_passes(lm: LoadedModel, batches: BatchIter, layers: list[int], special: torch.Tensor, progress):
-    """Per batch, the listed layers' residuals at non-special positions, stacked [L, n, d]."""
+def _stacked_passes(
+    lm: LoadedModel, batches: BatchIter, layers: list[int], special: torch.Tensor, progress, hookpoint: str
+):
+    """Per batch, the listed layers' activations at non-special positions, stacked [L, n, d]."""
     index = {layer: i for i, layer in enumerate(layers)}
     for input_ids in batches():
         input_ids = input_ids.to(lm.device)
@@ -133,7 +141,7 @@ def _stacked_passes(lm: LoadedModel, batches: BatchIter, layers: list[int], spec
         def on_layer(layer: int, resid: torch.Tensor, out=out, keep=keep) -> None:
             out[index[layer]] = resid.reshape(-1, resid.shape[-1])[keep]
 
-        capture_layers(lm.model, lm.blocks, input_ids, layers, on_layer)
+        capture_layers(lm.model, lm.blocks, input_ids, layers, on_layer, hookpoint)
         if progress is not None:
             progress.update(input_ids.numel())
         yield out

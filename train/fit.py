@@ -28,7 +28,7 @@ from ghsae.errors import ConfigError, DamagedFileError, StoreError
 from ghsae.layers import layer_lookup_table, span
 from ghsae.layout import SAE_CONFIG, SAE_FILES, SAE_WEIGHTS
 from ghsae.locks import hold_run, wait_lock
-from ghsae.records import Provenance, SAERecord
+from ghsae.records import HOOKPOINT_DEFAULT, Provenance, SAERecord
 from ghsae.run import Run
 from ghsae.sae import (
     K_ARCHITECTURES,
@@ -254,6 +254,15 @@ def _outlier_norms(run: Run, fc: FitConfig, layers: list[int]) -> torch.Tensor:
     return torch.tensor([threshold[norms.layers.index(layer)] for layer in layers], dtype=torch.float32)
 
 
+def sae_extra(run: Run, group: str) -> dict:
+    """What an SAE's cfg.json says of where it comes from; the hookpoint only where it is not
+    resid_post, so the records of resid_post runs stay as they were."""
+    extra = {"run": str(run.root), "group": group, "config_hash": run.plan.config_hash}
+    if run.plan.hookpoint != HOOKPOINT_DEFAULT:
+        extra["hookpoint"] = run.plan.hookpoint
+    return extra
+
+
 def _train_group(
     run: Run,
     cfg: PipelineConfig,
@@ -282,7 +291,7 @@ def _train_group(
             aux_coef=fc.aux_coef,
             auxk_normalisation=fc.auxk_normalisation,
             sparsity_coef=fc.sparsity_coef,
-            extra={"run": str(run.root), "group": group, "config_hash": plan.config_hash},
+            extra=sae_extra(run, group),
         )
     )
     sae.set_normalisation(data.scale, data.mean)
