@@ -53,6 +53,7 @@ def measure(
     rc,
     seed: int,
     out_dir: Path,
+    hookpoint: str = "resid_post",
 ) -> CircuitReport:
     results = []
     for task in tasks:
@@ -67,6 +68,7 @@ def measure(
                 rc.task_batch,
                 seed,
                 log.info,
+                hookpoint,
             )
         )
     report = CircuitReport(

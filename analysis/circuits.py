@@ -38,6 +38,7 @@ import torch
 
 from ghsae.analysis.splice import Splicer
 from ghsae.analysis.tasks import TaskPrompts
+from ghsae.hooks import activation
 from ghsae.lm import LoadedModel
 from ghsae.sae import SparseAutoencoder, build_sae
 
@@ -132,38 +133,43 @@ class _Batch:
     ids: torch.Tensor  # [B, T]
     index: torch.Tensor  # [B] prompt indices
     keep: torch.Tensor  # [B, T] positions edited (non-special)
-    resid: dict[int, torch.Tensor]  # layer -> [B, T, D] clean block output
-    grad: dict[int, torch.Tensor]  # layer -> [B, T, D] d(sum of metric)/d(block output)
+    resid: dict[int, torch.Tensor]  # layer -> [B, T, D] clean activation at the hookpoint (resid_post: block output)
+    grad: dict[int, torch.Tensor]  # layer -> [B, T, D] d(sum of metric)/d(that activation)
     metric: torch.Tensor  # [B] clean metric
 
 
-def _residual(output: object) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value]
+def clean_with_grads(
+    lm: LoadedModel, task: TaskPrompts, index: torch.Tensor, layers: list[int], special, hookpoint: str = "resid_post"
+) -> _Batch:
+    """One clean forward and backward: every listed layer's activation at `hookpoint` and the metric's
+    gradient there.
 
-
-def clean_with_grads(lm: LoadedModel, task: TaskPrompts, index: torch.Tensor, layers: list[int], special) -> _Batch:
-    """One clean forward and backward: every listed block's output and the metric's gradient there.
-
-    Block 0's output is made a leaf that requires grad and later blocks keep their grads, so the
-    gradient at a layer includes every path through the blocks after it.
+    Block 0's input is made a leaf that requires grad (every hooked activation comes after it) and
+    the activations keep their grads, so the gradient at a layer includes every path through the
+    model after it.
     """
     ids = torch.tensor([task.ids[i] for i in index.tolist()], device=lm.device)
     outs: dict[int, torch.Tensor] = {}
-    handles = []
-    first = 0
+    sites = lm.sites(hookpoint)
 
-    def hook(module, args, output, layer):
-        resid = _residual(output)
-        if layer == first:
-            resid = resid.detach().requires_grad_(True)
-            output = (resid, *output[1:]) if isinstance(output, tuple) else resid
-        else:
-            resid.retain_grad()
-        outs[layer] = resid
-        return output
+    def leaf(module, args, kwargs):
+        if args:
+            return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
 
-    for layer in range(max(layers) + 1):
-        handles.append(lm.blocks[layer].register_forward_hook(lambda m, a, o, layer=layer: hook(m, a, o, layer)))
+    def keep(layer: int):
+        def hook(module, args, output=None):
+            x = activation(sites[layer], args, output)
+            x.retain_grad()
+            outs[layer] = x
+
+        return hook
+
+    handles = [lm.blocks[0].register_forward_pre_hook(leaf, with_kwargs=True)]
+    for layer in layers:
+        site = sites[layer]
+        register = site.module.register_forward_pre_hook if site.reads_input else site.module.register_forward_hook
+        handles.append(register(keep(layer)))
     try:
         with torch.enable_grad():
             logits = lm.model(input_ids=ids, use_cache=False).logits[:, -1]
@@ -172,11 +178,11 @@ def clean_with_grads(lm: LoadedModel, task: TaskPrompts, index: torch.Tensor, la
     finally:
         for h in handles:
             h.remove()
-    keep = ~torch.isin(ids, special)
+    keep_positions = ~torch.isin(ids, special)
     return _Batch(
         ids,
         index,
-        keep,
+        keep_positions,
         {layer: outs[layer].detach() for layer in layers},
         {layer: outs[layer].grad.detach() for layer in layers},  # type: ignore[union-attr]
         metric.detach(),
@@ -186,11 +192,15 @@ def clean_with_grads(lm: LoadedModel, task: TaskPrompts, index: torch.Tensor, la
 class TaskRunner:
     """A task's clean passes, kept so that every dictionary and layer reuses them."""
 
-    def __init__(self, lm: LoadedModel, task: TaskPrompts, layers: list[int], batch_prompts: int = 16):
+    def __init__(
+        self, lm: LoadedModel, task: TaskPrompts, layers: list[int], batch_prompts: int = 16, hookpoint: str = "resid_post"
+    ):
         self.lm, self.task, self.layers = lm, task, sorted(layers)
         special = torch.tensor(lm.special_ids or [-1], device=lm.device)
-        self.splicer = Splicer(lm)
-        self.batches = [clean_with_grads(lm, task, idx, self.layers, special) for idx in task.batches(batch_prompts)]
+        self.splicer = Splicer(lm, hookpoint)
+        self.batches = [
+            clean_with_grads(lm, task, idx, self.layers, special, hookpoint) for idx in task.batches(batch_prompts)
+        ]
         self.splicer.clean(self.batches[0].ids[:1])  # learns how the blocks pack their outputs
         self.n_prompts = len(task)
         self.clean_metric = float(torch.cat([b.metric for b in self.batches]).mean())
@@ -333,12 +343,14 @@ def run_task(
     batch_prompts: int = 16,
     seed: int = 0,
     log: Callable[[str], None] = lambda s: None,
+    hookpoint: str = "resid_post",
 ) -> TaskCircuits:
-    """The clean check, then (if solved) every target's curves at each of its layers, plus the controls."""
+    """The clean check, then (if solved) every target's curves at each of its layers, plus the controls;
+    the SAEs read, and the edits replace, each layer's activation at `hookpoint`."""
     t0 = time.perf_counter()
     served = sorted({x for t in targets for x in t.sae.cfg.layers})
     layers = served if layers is None else [x for x in layers if x in served]
-    runner = TaskRunner(lm, task, layers, batch_prompts)
+    runner = TaskRunner(lm, task, layers, batch_prompts, hookpoint)
     check = runner.check(min_accuracy)
     log(
         f"{task.task}: clean metric {check.mean_metric:.3f}, accuracy {check.accuracy:.2f} on {check.n_prompts} prompts"

@@ -476,7 +476,8 @@ def gather(
     if tasks:
         circuit_targets = [CircuitTarget(t.name, t.kind, t.sae) for t in targets]
         circuits = measure_circuits(
-            lm, tasks, circuit_targets, [list(g) for g in run.plan.groups], rc, seed, run.layout.report
+            lm, tasks, circuit_targets, [list(g) for g in run.plan.groups], rc, seed, run.layout.report,
+            run.plan.hookpoint,
         )
     return ReportData(
         side=side,

@@ -509,6 +509,7 @@ def info(run_dir, as_json):
     click.echo(f"run {data.run_dir} ({data.model}): {run.plan.grouping.describe(run.plan.layers)}")
     for name, g in zip(data.group_names, data.groups):
         click.echo(f"  {name}: layers {span(g)} ({len(g)}), {data.rows_per_group[name]:,} rows")
+    click.echo(f"  hookpoint {data.hookpoint}")
     click.echo(
         f"  shards {data.shards_done}/{data.shards_total} done"
         + (f", missing {data.shards_missing[:20]}" if data.shards_missing else "")

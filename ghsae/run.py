@@ -53,6 +53,7 @@ class RunInfo:
     saes_missing: list[str]
     layer_norm_stats: dict | None
     store_problems: list[str] = field(default_factory=list)  # lost metadata: no shard readable until repaired
+    hookpoint: str = "resid_post"  # which activation of each layer the store holds (plan.hookpoint)
 
     @property
     def complete(self) -> bool:
@@ -430,6 +431,7 @@ class Run:
             saes_missing=[g for g in plan.group_names if not self.sae_trained(g)],
             layer_norm_stats={str(k): v.to_json() for k, v in stats.layers.items()} if stats else None,
             store_problems=self.store_problems(),
+            hookpoint=plan.hookpoint,
         )
 
 

@@ -324,3 +324,92 @@ def test_resid_mid_is_refused_for_a_parallel_residual_neox(tiny_models):
         Splicer(lm, "resid_mid")
     with pytest.raises(ModelError, match="use resid_post, mlp_out or attn_out"):
         capture_layers(lm.model, lm.blocks, torch.ones(1, 4, dtype=torch.long), [0], lambda *a: None, "resid_mid")
+
+
+@pytest.mark.parametrize("hookpoint", ["mlp_out", "resid_mid"])
+def test_circuit_tasks_read_and_edit_the_hookpoint(tmp_path, hookpoint):
+    from circuit_fixtures import save_task_llama
+
+    from ghsae.analysis import tasks as T
+    from ghsae.analysis.circuits import Dictionary, TaskRunner
+    from ghsae.sae import SAEConfig, build_sae
+
+    lm = load_model(str(save_task_llama(tmp_path / "llama")), "cpu", "float32")
+    task = T.make_task("sva", lm.tokenizer, 8, 0)
+    runner = TaskRunner(lm, task, [1], batch_prompts=4, hookpoint=hookpoint)
+    # the activation and its gradient, from hooks and autograd written here
+    b = runner.batches[0]
+    acts: list[torch.Tensor] = []
+    block = lm.blocks[1]
+    attn, mlp = _attn_and_mlp(block)
+
+    def keep(m, a, out):
+        acts.append(_first(out))
+        acts[-1].retain_grad()
+
+    def keep_mid(m, args):
+        acts.append(args[0])
+        acts[-1].retain_grad()
+
+    if hookpoint == "mlp_out":
+        handle = mlp.register_forward_hook(keep)
+    else:
+        handle = block.post_attention_layernorm.register_forward_pre_hook(keep_mid)
+    embed = lm.model.get_input_embeddings()
+    leaf = embed.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True))
+    try:
+        with torch.enable_grad():
+            logits = lm.model(input_ids=b.ids, use_cache=False).logits[:, -1]
+            task.metric(logits, b.index).sum().backward()
+    finally:
+        handle.remove()
+        leaf.remove()
+    torch.testing.assert_close(b.resid[1], acts[0].detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(b.grad[1], acts[0].grad, rtol=1e-5, atol=1e-7)
+    # keeping every latent (and the error) is the clean model: the edit is spliced at the hookpoint
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig("topk", lm.d_model, 24, [1], k=6)).eval()
+    curves = {c.measure: c for c in runner.curves(Dictionary("s", "group", sae, 1, lm.d_model))}
+    assert curves["faithfulness"].value[-1] == pytest.approx(1.0, abs=1e-4)
+    assert curves["completeness"].value[0] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_the_config_and_the_model_layer_name_the_same_hookpoints():
+    from ghsae import config, lm
+
+    assert config.HOOKPOINTS == lm.HOOKPOINTS
+
+
+def test_a_run_derived_at_a_hookpoint_equals_a_direct_harvest_and_another_hookpoints_source_is_refused(
+    tiny_llama, text_dataset, tiny_lm, tmp_path
+):
+    from stored_run import run_digests
+
+    from ghsae.errors import ConfigError
+    from ghsae.harvest.derive import derive_run
+
+    attn = {"harvest.hookpoint": "attn_out", "harvest.tokens": 1024}
+    harvest(tiny_config(tiny_llama, text_dataset, **attn, **{"grouping.groups": "per-layer"}), tmp_path / "src", progress=False, lm=tiny_lm)
+    cfg = tiny_config(tiny_llama, text_dataset, **attn, **{"grouping.groups": [[0, 2], [3, 5]]})
+    derived = derive_run(tmp_path / "src", cfg, tmp_path / "derived", progress=False)
+    harvest(cfg, tmp_path / "direct", progress=False, lm=tiny_lm)
+    assert derived.plan.hookpoint == "attn_out"
+    got = {k: v for k, v in run_digests(derived.root).items() if k != "derived.json"}
+    assert got == run_digests(tmp_path / "direct")
+    mlp = tiny_config(tiny_llama, text_dataset, **{**attn, "harvest.hookpoint": "mlp_out"})
+    with pytest.raises(ConfigError, match="hookpoint"):
+        derive_run(tmp_path / "src", mlp, tmp_path / "other", progress=False)
+
+
+def test_a_sweep_at_a_hookpoint_evaluates_every_grouping_there(tiny_llama, text_dataset, tmp_path):
+    cfg = tiny_config(tiny_llama, text_dataset, **{**SMALL, "harvest.hookpoint": "mlp_out", "fit.checkpoint_tokens": 512})
+    args = ["sweep", "--config", write_config(tmp_path, cfg), "--run-dir", tmp_path / "sweep", "--no-progress"]
+    r = cli([*args, "--groups", "2,per-layer"])
+    assert r.exit_code == 0, r.output
+    for name in ("G2", "per-layer"):
+        run = Run.open(tmp_path / "sweep" / name)
+        assert run.plan.hookpoint == "mlp_out"
+        assert {run.sae_record(g).sae["extra"]["hookpoint"] for g in run.plan.group_names} == {"mlp_out"}
+    rows = pq.read_table(tmp_path / "sweep" / "report" / "metrics.parquet").to_pylist()
+    assert {r["grouping"] for r in rows} == {"G2", "per-layer"} and len(rows) == 2 * 6
+    assert all(np.isfinite(r["fvu"]) and np.isfinite(r["delta_ce"]) for r in rows)
