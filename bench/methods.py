@@ -12,7 +12,8 @@ standard error over eval contexts, and the paired difference against the first m
 
 ALL_LAYERS_RUN is a run harvested with --groups per-layer (`ghsae run` keeps one at RUN/per-layer).
 The grouped runs go to DIR (default: beside the source, <source>-methods/) as <method>-seed<s>;
-a second call resumes: derived shards and trained SAEs are reused.
+a second call resumes: derived shards and trained SAEs are reused. A sweep's G<n> of the same
+source (`cp -al SWEEP/G<n> DIR/<default method>-seed0`) is the default method's run.
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ def main() -> None:
             keys[m] = keys[twin]
             continue
         keys[m] = []
-        mcfg = dataclasses.replace(cfg, grouping=dataclasses.replace(cfg.grouping, groups=partitions[m]))
+        # G and the method, not the groups themselves: the run records how its partition was chosen (and
+        # the default method's run is then the same run as a sweep's G<n>, which can be linked in)
+        mcfg = dataclasses.replace(cfg, grouping=dataclasses.replace(cfg.grouping, groups=args.groups, method=m))
         for s in range(args.seeds):
             scfg = seed_config(mcfg, s)
             folder = out / f"{m}-seed{s}"

@@ -59,7 +59,8 @@ def test_a_sweep_builds_its_page_with_a_figure_per_metric_and_a_row_per_grouping
     sweep_dir, output = swept
     page = Page()
     page.feed((sweep_dir / "report" / "sweep.html").read_text())
-    for metric in ("FVU", "ΔCE %", "KL (nats)"):
+    # every figure over typical tokens and over all tokens
+    for metric in ("FVU (typical tokens)", "FVU (all tokens)", "ΔCE % (typical)", "ΔCE % (all)", "KL nats (typical)", "KL nats (all)"):
         assert f"{metric} against G and compute" in page.alts
         assert f"{metric} per layer" in page.alts
     assert "transfer G2" in page.alts
