@@ -26,6 +26,7 @@ METRICS = [
     ("kl_typical", "KL nats (typical)", "{:.3f}"),
     ("kl", "KL nats (all)", "{:.3f}"),
 ]
+BUDGET_FIGURE = "gap_budget"  # the relative gap against budget, beside the metrics' figures
 DIFF_FORMAT = {
     k: "{:.4f}" if k.startswith(("fvu", "kl")) else "{:.2f}" for k, _, _ in METRICS
 }  # paired differences are tighter
@@ -124,7 +125,8 @@ def budget_section(data: SweepData, figures: dict[str, bytes]) -> str:
         "added in quadrature). Transfer variants are measured against per-layer SAEs trained with transfer too: at "
         "equal total compute. Tokens per layer = tokens per SAE × G / L.</p>"
     )
-    return note + img(figures["gap_budget"], "relative gap against tokens") + table(heads, body, "wide budgets")
+    figure = img(figures[BUDGET_FIGURE], "relative gap against tokens") if BUDGET_FIGURE in figures else ""
+    return note + figure + table(heads, body, "wide budgets")
 
 
 def lr_section(data: SweepData) -> str:
@@ -211,7 +213,7 @@ def metric_figures(data: SweepData) -> dict[str, bytes]:
     view = data.at_budget(data.budgets[-1]) if data.budgets else data
     out = {key: metric_figure(view, key, label) for key, label, _ in present_metrics(view)}
     if data.budgets and budget_metrics(data):
-        out["gap_budget"] = budget_figure(data)
+        out[BUDGET_FIGURE] = budget_figure(data)
     return out
 
 

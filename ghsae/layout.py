@@ -348,7 +348,10 @@ REBUILT_WHOLE = (PLAN_DIR, ACTS_STORE)
 """Folders a harvest replaces whole by renaming a finished staging folder over them: a file of the
 user's left in one would be deleted with it or would block the rename, so --overwrite refuses instead."""
 
-SWEEP_FIGURES = ("fvu.png", "delta_ce_pct.png", "kl.png", "gap_budget.png")  # SweepLayout.figure of analysis/sweep_page.METRICS
+SWEEP_FIGURES = (
+    *(f"{m}{v}.png" for m in ("fvu", "delta_ce_pct", "kl") for v in ("_typical", "")),
+    "gap_budget.png",  # analysis/sweep_page.BUDGET_FIGURE
+)  # SweepLayout.figure of analysis/sweep_page.METRICS
 SWEEP_REPORT_TREE: OwnedTree = {
     **dict.fromkeys((SWEEP_PAGE, SWEEP_METRICS, SWEEP_SUMMARY, SWEEP_EVAL_CACHE, *SWEEP_FIGURES)),
     **_TEMPORARIES,
