@@ -48,10 +48,10 @@ def summary_rows(data: SweepData) -> list[dict]:
     contexts and across seeds (seeds.Estimate), the difference from the per-layer SAEs (paired by
     context and by seed), cost and storage."""
     layers = _span_layers(data)
-    base = data.per_layer
-    per_layer_total = data.total_seconds(base) if base else None
     rows = []
     for g in data.groupings:
+        base = data.arm_at(PER_LAYER, g.budget)  # speed-up and storage against the per-layer SAEs at its budget
+        per_layer_total = data.total_seconds(base) if base else None
         keys = data.keys_by_seed(g, layers)
         row: dict = {"grouping": g, "total": data.total_seconds(g)}
         ref = reference(data, g)
