@@ -174,3 +174,22 @@ def transfer_curves(scratch: dict[str, tuple], transfer: dict[str, tuple]) -> by
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _png(fig)
+
+
+def budget_gap(panels: list[tuple[str, dict[str, tuple[list, list, list, list]]]]) -> bytes:
+    """Per metric, the relative gap against tokens per SAE (left) and per layer (right), log x, one line
+    per grouping: name -> (tokens per SAE, tokens per layer, gap %, error %)."""
+    fig, axes = plt.subplots(len(panels), 2, figsize=(9.6, 3.2 * len(panels)), squeeze=False)
+    for (label, lines), (left, right) in zip(panels, axes):
+        for name, (x, xl, y, err) in lines.items():
+            for ax, xs in ((left, x), (right, xl)):
+                ax.errorbar(xs, y, yerr=err, fmt="o-", ms=4, capsize=3, label=name)
+        for ax, xlabel in ((left, "tokens per SAE"), (right, "tokens per layer")):
+            ax.set_xscale("log")
+            ax.axhline(0, color=BASE_COLOUR, ls="--", lw=1)
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+        left.set_ylabel(label, fontsize=8)
+        left.legend(fontsize=7)
+    fig.suptitle("relative gap to per-layer SAEs against training budget", fontsize=10)
+    return _png(fig)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from ghsae.layout import (
     seed_name,
 )
 from ghsae.lm import LoadedModel
+from ghsae.records import LrChoiceRecord
 from ghsae.run import Run
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,23 @@ class Grouping:
     bytes_per_token: float | None
     own_harvest_seconds: float | None  # its own store's harvest (a derived run's: the derivation)
     auto: bool = False  # the G the AMAD rule picks
+    arm: str = ""  # G<n>, per-layer or G<n>-transfer without the budget ("": the name itself)
+    budget: int | None = None  # tokens per SAE asked of this grouping (compare.budgets), None without budgets
+
+    @property
+    def base(self) -> str:
+        """The arm this grouping is, whatever its budget."""
+        return self.arm or self.name
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per SAE: the budget, or what the SAEs' records say without budgets."""
+        return self.budget if self.budget is not None else self.tokens_per_sae
+
+    @property
+    def tokens_per_layer(self) -> float:
+        """Tokens each layer sees: tokens per SAE over the layers per group."""
+        return self.tokens * self.n_groups / len(self.run.plan.layers)
 
     @property
     def run(self) -> Run:
@@ -77,7 +95,7 @@ class Grouping:
 
     @property
     def transfer(self) -> bool:
-        return self.name.endswith(TRANSFER_SUFFIX)
+        return self.base.endswith(TRANSFER_SUFFIX)
 
     @property
     def amad(self) -> float:
@@ -93,13 +111,36 @@ class SweepData:
     settings: ReportConfig
     curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     """grouping -> SAE name -> (training tokens, batch FVU): the transfer comparison's curves."""
+    lr_choice: LrChoiceRecord | None = None  # each arm's learning rate, when the sweep chose them
 
     def by_name(self, name: str) -> Grouping | None:
         return next((g for g in self.groupings if g.name == name), None)
 
+    def arm_at(self, arm: str, budget: int | None) -> Grouping | None:
+        return next((g for g in self.groupings if g.base == arm and g.budget == budget), None)
+
+    def scratch_of(self, g: Grouping) -> Grouping | None:
+        """The from-scratch grouping a transfer variant was trained beside."""
+        return self.arm_at(g.base.removesuffix(TRANSFER_SUFFIX), g.budget)
+
     @property
     def per_layer(self) -> Grouping | None:
-        return self.by_name(PER_LAYER)
+        """The per-layer SAEs (of the first budget present: a view at one budget has one)."""
+        return next((g for g in self.groupings if g.base == PER_LAYER), None)
+
+    @property
+    def budgets(self) -> list[int]:
+        return sorted({g.budget for g in self.groupings if g.budget is not None})
+
+    def at_budget(self, budget: int | None) -> SweepData:
+        """The sweep at one budget: what the page's G and compute figures show."""
+        return replace(self, groupings=[g for g in self.groupings if g.budget == budget])
+
+    def lr_of(self, g: Grouping) -> float | None:
+        """The learning rate the grouping's arm was chosen to train with (None: fit.lr, not chosen)."""
+        if self.lr_choice is None:
+            return None
+        return self.lr_choice.chosen.get(g.base.removesuffix(TRANSFER_SUFFIX))
 
     def keys(self, g: Grouping, layers: list[int], seed: int = 0) -> list[tuple[str, int]]:
         """(SAE name, layer) of every layer in `layers` that the grouping's SAEs of `seed` serve."""
@@ -134,7 +175,7 @@ class SweepData:
         return A + g.n_groups * g.fit_seconds if A is not None else None
 
 
-def load_grouping(name: str, runs: list[Run], auto: bool) -> Grouping:
+def load_grouping(name: str, runs: list[Run], auto: bool, arm: str = "", budget: int | None = None) -> Grouping:
     """A grouping's SAEs of every seed, named `<folder>/<group>` (seed 0's as before seeds existed) and
     all of kind `name`, so that the evaluation's rows of every seed carry their grouping."""
     targets_by_seed, seconds, tokens = [], [], []
@@ -163,6 +204,8 @@ def load_grouping(name: str, runs: list[Run], auto: bool) -> Grouping:
         info.bytes_per_token,
         run.harvest_seconds(),
         auto,
+        arm,
+        budget,
     )
 
 
@@ -175,25 +218,36 @@ def gather_sweep(
     source: Path | None,
     cache: Path | None = None,
     progress: bool = True,
+    arms: dict[str, tuple[str, int | None]] | None = None,
+    lr_choice: LrChoiceRecord | None = None,
 ) -> SweepData:
     """Evaluate every grouping's SAEs in one pass over the held-out tokens of the sweep's token stream
     (read back from `cache` when it holds the evaluation of exactly these SAEs and settings).
 
     source: the all-layers run every store was derived from (its harvest is A), or None when each
-    grouping was harvested directly (each has its own A). runs: each grouping's run of every seed, seed 0 first."""
-    groupings = [load_grouping(name, [Run.open(p) for p in paths], name == auto) for name, paths in runs.items()]
-    # G ascending, each transfer variant after its grouping, per-layer (the reference) last
-    groupings.sort(key=lambda g: (g.name == PER_LAYER, g.n_groups, g.transfer))
+    grouping was harvested directly (each has its own A). runs: each grouping's run of every seed, seed 0
+    first. arms: each name's (arm, budget) when the sweep has budgets. lr_choice: the learning rates
+    chosen on the validation split, whose contexts the evaluation leaves out."""
+    arms = arms or {}
+    groupings = []
+    for name, paths in runs.items():
+        arm, budget = arms.get(name, (name, None))
+        groupings.append(load_grouping(name, [Run.open(p) for p in paths], arm == auto, arm, budget))
+    # budget ascending; G ascending, each transfer variant after its grouping, per-layer (the reference) last
+    groupings.sort(key=lambda g: (g.budget or 0, g.base.startswith(PER_LAYER), g.n_groups, g.transfer))
     first = groupings[0].run
     for run in (r for g in groupings for r in g.runs):  # derived runs share the source's tokens: the same eval contexts
         if run.plan.eval_contexts != first.plan.eval_contexts or run.plan.dataset != first.plan.dataset:
             raise StoreError(f"{run.root} was not harvested from the same token stream as {first.root}")
     lm.check_matches(first.plan.model)
     contexts = first.eval_contexts()
+    if lr_choice is not None:  # the validation split's contexts are left out: the rates were picked on them
+        start, stop = lr_choice.eval_contexts
+        contexts = np.array(first.tokens()[start:stop])
     rc = cfg.report
     targets = [t for g in groupings for seed_targets in g.targets_by_seed for t in seed_targets]
     ce_contexts = -(-rc.ce_tokens // contexts.shape[1])
-    key = _evaluation_key(groupings, first, ce_contexts, rc.batch_contexts, cfg.fit.seed)
+    key = _evaluation_key(groupings, first, ce_contexts, rc.batch_contexts, cfg.fit.seed, lr_choice)
     result = _read_cache(cache, key)
     if result is None:
         result = evaluate(
@@ -218,12 +272,43 @@ def gather_sweep(
     curves = {
         g.name: {t.name: _curve(g.run, t.name.split("/")[-1]) for t in g.targets}
         for g in groupings
-        if g.transfer or any(h.name == g.name + TRANSFER_SUFFIX for h in groupings)
+        if g.transfer or any(h.base == g.base + TRANSFER_SUFFIX and h.budget == g.budget for h in groupings)
     }
-    return SweepData(groupings, result, list(first.plan.layers), A, rc, curves)
+    return SweepData(groupings, result, list(first.plan.layers), A, rc, curves, lr_choice)
 
 
-def _evaluation_key(groupings: list[Grouping], first: Run, ce_contexts: int, batch: int, seed: int) -> str:
+def validation_scores(
+    cfg: PipelineConfig, runs: dict[str, list[Path]], validation: tuple[int, int], *, source: Path | None, progress: bool
+) -> tuple[str, dict[str, tuple[float, ...]]]:
+    """Each arm's mean FVU (over its SAEs and layers) on the validation contexts, for each of its runs
+    (one per learning rate): typical-token FVU, all tokens' where the run has no outlier threshold."""
+    opened = {name: [Run.open(p) for p in paths] for name, paths in runs.items()}
+    first = next(iter(opened.values()))[0]
+    targets = [
+        EvalTarget(f"{name}/{i}/{g}", f"{name}/{i}", run.sae(g), spliced=False)
+        for name, rs in opened.items()
+        for i, run in enumerate(rs)
+        for g in run.plan.group_names
+    ]
+    start, stop = validation
+    lm = first.model(cfg.report.device, cfg.model.dtype)
+    result = evaluate(
+        lm, np.array(first.tokens()[start:stop]), targets, list(first.plan.tokenizer.special_ids), ce_contexts=0,
+        batch_contexts=cfg.report.batch_contexts, latents_sampled=1, examples_per_latent=1, seed=cfg.fit.seed,
+        progress=progress, zero_ablation=False, outlier_threshold=outlier_thresholds(Run.open(source) if source else first, cfg.report.outlier_factor),
+        hookpoint=first.plan.hookpoint,
+    )  # fmt: skip
+    metric = "fvu_typical" if all("fvu_typical" in r for r in result.rows) else "fvu"
+    scores = {
+        name: tuple(float(np.mean([r[metric] for r in result.rows if r["kind"] == f"{name}/{i}"])) for i in range(len(rs)))
+        for name, rs in opened.items()
+    }
+    return metric, scores
+
+
+def _evaluation_key(
+    groupings: list[Grouping], first: Run, ce_contexts: int, batch: int, seed: int, lr_choice: LrChoiceRecord | None
+) -> str:
     """What an evaluation depends on: every SAE's weights file (name, size, time written), the token
     stream and its eval split, and the eval settings."""
     saes = []
@@ -237,7 +322,7 @@ def _evaluation_key(groupings: list[Grouping], first: Run, ce_contexts: int, bat
         {
             "saes": saes,
             "tokens": first.plan.dataset.fingerprint,
-            "eval": list(first.plan.eval_contexts),
+            "eval": list(lr_choice.eval_contexts if lr_choice else first.plan.eval_contexts),
             "ce_contexts": ce_contexts,
             "batch": batch,
             "seed": seed,
@@ -308,6 +393,10 @@ def metric_rows(data: SweepData) -> list[dict]:
                 "auto": g.auto,
                 "group": r["sae"].split("/")[-1],
                 "tokens_per_sae": g.tokens_per_sae,
+                "tokens": g.tokens,
+                "tokens_per_layer": g.tokens_per_layer,
+                "arm": g.base,
+                "lr": data.lr_of(g),
                 "fit_seconds_per_sae": g.fit_seconds,
                 "total_seconds": data.total_seconds(g),
                 **{k: v for k, v in r.items() if k != "kind"},

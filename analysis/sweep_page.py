@@ -14,6 +14,7 @@ from ghsae.analysis.html import CSS, fmt, img, table
 from ghsae.analysis.stamp import stamp
 from ghsae.analysis.sweep import PAPER, Grouping, SweepData
 from ghsae.layers import spans
+from ghsae.layout import PER_LAYER_DIR as PER_LAYER
 from ghsae.layout import TRANSFER_SUFFIX
 
 # each figure over typical tokens (outliers left out of FVU, kept clean when spliced) and over all tokens
@@ -25,6 +26,7 @@ METRICS = [
     ("kl_typical", "KL nats (typical)", "{:.3f}"),
     ("kl", "KL nats (all)", "{:.3f}"),
 ]
+BUDGET_FIGURE = "gap_budget"  # the relative gap against budget, beside the metrics' figures
 DIFF_FORMAT = {
     k: "{:.4f}" if k.startswith(("fvu", "kl")) else "{:.2f}" for k, _, _ in METRICS
 }  # paired differences are tighter
@@ -46,20 +48,100 @@ def summary_rows(data: SweepData) -> list[dict]:
     contexts and across seeds (seeds.Estimate), the difference from the per-layer SAEs (paired by
     context and by seed), cost and storage."""
     layers = _span_layers(data)
-    base = data.per_layer
-    per_layer_total = data.total_seconds(base) if base else None
     rows = []
     for g in data.groupings:
+        base = data.arm_at(PER_LAYER, g.budget)  # speed-up and storage against the per-layer SAEs at its budget
+        per_layer_total = data.total_seconds(base) if base else None
         keys = data.keys_by_seed(g, layers)
         row: dict = {"grouping": g, "total": data.total_seconds(g)}
+        ref = reference(data, g)
         for k, _, _ in present_metrics(data):
             row[k] = seeds.arm(data.result, keys, k)
-            if base is not None and g is not base:
-                row[f"{k}_diff"] = seeds.gap(data.result, keys, data.keys_by_seed(base, layers), k)
+            if ref is not None and g is not ref:
+                row[f"{k}_diff"] = seeds.gap(data.result, keys, data.keys_by_seed(ref, layers), k)
         row["speedup"] = per_layer_total / row["total"] if per_layer_total and row["total"] else None
         row["storage_ratio"] = base.store_bytes / g.store_bytes if base and g.store_bytes else None
         rows.append(row)
     return rows
+
+
+def reference(data: SweepData, g: Grouping) -> Grouping | None:
+    """What a grouping is measured against at its budget: the per-layer SAEs, trained with transfer
+    when it was (equal total compute on both sides), else from scratch."""
+    if g.transfer:
+        return data.arm_at(PER_LAYER + TRANSFER_SUFFIX, g.budget) or data.arm_at(PER_LAYER, g.budget)
+    return data.arm_at(PER_LAYER, g.budget)
+
+
+def relative_gap(data: SweepData, g: Grouping, key: str) -> seeds.Estimate | None:
+    """(grouping − its reference) / reference over layers 0..L-2, both errors scaled alike."""
+    ref = reference(data, g)
+    if ref is None or ref is g:
+        return None
+    layers = _span_layers(data)
+    d = seeds.gap(data.result, data.keys_by_seed(g, layers), data.keys_by_seed(ref, layers), key)
+    r = abs(seeds.arm(data.result, data.keys_by_seed(ref, layers), key).mean) or float("nan")
+    return seeds.Estimate(d.mean / r, d.context_se / r, d.seed_se / r, d.n_seeds)
+
+
+def budget_metrics(data: SweepData) -> list[tuple[str, str, str]]:
+    """The budget figure's metrics: typical-token FVU, and ΔCE where the sweep spliced."""
+    return [m for m in present_metrics(data) if m[0] in ("fvu_typical", "delta_ce_pct_typical")]
+
+
+def budget_figure(data: SweepData) -> bytes:
+    """The relative gap against tokens per SAE and per layer, one line per grouping."""
+    panels = []
+    for key, label, _ in budget_metrics(data):
+        lines: dict[str, tuple[list[float], list[float], list[float], list[float]]] = {}
+        for g in data.groupings:
+            e = relative_gap(data, g, key)
+            if e is None:
+                continue
+            x, xl, y, err = lines.setdefault(g.base, ([], [], [], []))
+            x.append(g.tokens)
+            xl.append(g.tokens_per_layer)
+            y.append(100 * e.mean)
+            err.append(100 * float(np.hypot(np.nan_to_num(e.context_se), np.nan_to_num(e.seed_se))))
+        panels.append((f"{label}: gap to per-layer (%)", lines))
+    return plots.budget_gap(panels)
+
+
+def budget_section(data: SweepData, figures: dict[str, bytes]) -> str:
+    if not data.budgets:
+        return "<p>One budget (<code>ghsae sweep --budgets 131072,524288,2097152</code> trains every grouping at each).</p>"
+    metrics = budget_metrics(data)
+    heads = ["grouping", "tokens / SAE", "tokens / layer", "learning rate"] + [f"{label}: relative gap" for _, label, _ in metrics]
+    body = []
+    for g in data.groupings:
+        cells = [html.escape(g.base), f"{g.tokens:,}", f"{g.tokens_per_layer:,.0f}", fmt(data.lr_of(g), "{:g}")]
+        for key, _, _ in metrics:
+            e = relative_gap(data, g, key)
+            cells.append("reference" if e is None else seeds.show(seeds.Estimate(100 * e.mean, 100 * e.context_se, 100 * e.seed_se, e.n_seeds), "{:+.1f} %"))
+        body.append(cells)
+    note = (
+        "<p>Every grouping trained at each budget of tokens per SAE from the one harvest; the relative gap is "
+        "(grouping − per-layer) / per-layer over layers 0..L-2, paired by context and seed (error bars: both errors "
+        "added in quadrature). Transfer variants are measured against per-layer SAEs trained with transfer too: at "
+        "equal total compute. Tokens per layer = tokens per SAE × G / L.</p>"
+    )
+    figure = img(figures[BUDGET_FIGURE], "relative gap against tokens") if BUDGET_FIGURE in figures else ""
+    return note + figure + table(heads, body, "wide budgets")
+
+
+def lr_section(data: SweepData) -> str:
+    c = data.lr_choice
+    if c is None:
+        return "<p>Every arm at fit.lr (<code>ghsae sweep --lr-grid 1e-3,3e-3,1e-2</code> picks each arm's own).</p>"
+    heads = ["arm", *(f"{lr:g}" for lr in c.grid), "chosen"]
+    body = [[html.escape(arm), *(f"{v:.4f}" for v in c.scores[arm]), f"{c.chosen[arm]:g}"] for arm in c.scores]
+    note = (
+        f"<p>Each arm trained (seed 0) at every rate of the grid at {c.budget:,} tokens per SAE, scored by mean "
+        f"{c.metric} on validation contexts {c.validation_contexts[0]}..{c.validation_contexts[1] - 1} of the held-out "
+        f"tokens, disjoint from the evaluation's ({c.eval_contexts[0]}..{c.eval_contexts[1] - 1}); each arm then trains "
+        "at its own choice at every budget.</p>"
+    )
+    return note + table(heads, body)
 
 
 def _seeds_text(data: SweepData) -> str:
@@ -126,8 +208,13 @@ def metric_figure(data: SweepData, key: str, label: str) -> bytes:
 
 
 def metric_figures(data: SweepData) -> dict[str, bytes]:
-    """Every metric's figure (PNG bytes), rendered once for the page and the PNG files beside it."""
-    return {key: metric_figure(data, key, label) for key, label, _ in present_metrics(data)}
+    """Every metric's figure (PNG bytes), rendered once for the page and the PNG files beside it: at
+    the largest budget, and the relative gap against the budget when there are several."""
+    view = data.at_budget(data.budgets[-1]) if data.budgets else data
+    out = {key: metric_figure(view, key, label) for key, label, _ in present_metrics(view)}
+    if data.budgets and budget_metrics(data):
+        out[BUDGET_FIGURE] = budget_figure(data)
+    return out
 
 
 def _or_nan(value: float | None) -> float:
@@ -142,13 +229,13 @@ def figures_section(data: SweepData, figures: dict[str, bytes]) -> str:
         for g in data.groupings:
             if g.transfer:
                 continue
-            lines[g.name] = [data.layer_mean(g, x, k) for x in data.layers]  # over seeds
+            lines[g.base] = [data.layer_mean(g, x, k) for x in data.layers]  # over seeds
         parts.append(img(plots.sweep_per_layer(label, data.layers, lines), f"{label} per layer"))
     return "".join(parts)
 
 
 def transfer_section(data: SweepData) -> str:
-    pairs = [(g, data.by_name(g.name.removesuffix(TRANSFER_SUFFIX))) for g in data.groupings if g.transfer]
+    pairs = [(g, data.scratch_of(g)) for g in data.groupings if g.transfer]
     if not pairs:
         return (
             "<p>No transfer variant in this sweep (<code>ghsae sweep --transfer G5,...</code> trains each named "
@@ -161,6 +248,12 @@ def transfer_section(data: SweepData) -> str:
         "logged point where the transfer run's FVU (a running mean over 5 logged points) is at or below the "
         "from-scratch run's final FVU (the mean of its last 5).</p>"
     ]
+    if data.arm_at(PER_LAYER + TRANSFER_SUFFIX, pairs[0][0].budget) is not None:
+        parts.append(
+            "<p>The per-layer SAEs are trained with transfer too (each layer's from the previous layer's), and each "
+            "transfer variant's gap is taken against them: the comparison is <b>at equal total compute</b>, not at "
+            "equal tokens.</p>"
+        )
     rows = []
     for tr, scratch in pairs:
         if scratch is None:
@@ -203,7 +296,8 @@ def transfer_section(data: SweepData) -> str:
     return "".join(parts)
 
 
-def render_sweep_page(data: SweepData, figures: dict[str, bytes]) -> str:
+def render_sweep_page(full: SweepData, figures: dict[str, bytes]) -> str:
+    data = full.at_budget(full.budgets[-1]) if full.budgets else full  # G and compute: at the largest budget
     base = data.per_layer
     tokens = {g.tokens_per_sae for g in data.groupings}
     first = data.groupings[0].run
@@ -240,6 +334,8 @@ def render_sweep_page(data: SweepData, figures: dict[str, bytes]) -> str:
         ("table", "Quality, compute and storage at each G", intro + paper + table_section(data)),
         ("figures", "Against G and against compute; per layer", figures_section(data, figures)),
         ("transfer", "Transfer between neighbouring groups", transfer_section(data)),
+        ("budgets", "The gap against training budget", budget_section(full, figures)),
+        ("lr", "Learning rate per arm", lr_section(full)),
     ]
     body = "".join(f'<section id="{sid}"><h2>{html.escape(t)}</h2>{content}</section>' for sid, t, content in sections)
     return (
@@ -273,7 +369,7 @@ def render_sweep_summary(data: SweepData) -> str:
     lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in summary_rows(data):
         g = r["grouping"]
-        cells = [_name(g), str(g.n_groups), f"{g.tokens_per_sae:,}"]
+        cells = [_name(g), str(g.n_groups), f"{g.tokens:,}"]
         for k, _, spec in metrics:
             cells += [seeds.show(r[k], spec), _gap(r, k) if f"{k}_diff" in r else "–"]
         cells += [

@@ -391,7 +391,19 @@ def run_pipeline(
 @source_options
 @click.option("--tokens", type=int, help="Token positions to harvest (once, every layer).")
 @click.option("--fit-tokens", type=int, help="Training tokens per SAE, the same for every grouping (0: one pass).")
-@click.option("--transfer", default="", help="Groupings also trained with transfer from the previous group, e.g. G4,G8.")
+@click.option(
+    "--budgets",
+    help="Training tokens per SAE to train every grouping at (compare.budgets), e.g. 131072,524288: one harvest of "
+    "the largest; a budget trained before is kept.",
+)
+@click.option(
+    "--lr-grid", help="Learning rates to pick each arm's from on a validation split (compare.lr_grid), e.g. 1e-3,3e-3,1e-2."
+)
+@click.option(
+    "--transfer",
+    default="",
+    help="Groupings also trained with transfer from the previous group, e.g. G4,G8 (the per-layer SAEs then too).",
+)
 @click.option(
     "--seeds", type=int, help="Seeds per grouping (compare.seeds): each gap gets a standard error across seeds too."
 )
@@ -401,8 +413,8 @@ def run_pipeline(
 @progress_option
 @_user_errors
 def sweep(
-    config_path, run_dir, groupings, model, dataset, tokens, fit_tokens, transfer, seeds, device, overwrite, workers,
-    scheduler, no_progress,
+    config_path, run_dir, groupings, model, dataset, tokens, fit_tokens, budgets, lr_grid, transfer, seeds, device,
+    overwrite, workers, scheduler, no_progress,
 ):  # fmt: skip
     """Quality against compute: harvest every layer once, derive one run per G, train every grouping's SAEs
     at equal tokens per SAE, and write SWEEP/report/sweep.html (the paper's figure for this model)."""
@@ -413,7 +425,12 @@ def sweep(
 
     _quiet_libraries(no_progress)
     overrides = {**_every_stage_overrides(model, dataset, tokens, None, device), "fit.tokens": fit_tokens}
-    cfg = pipeline.settings_for(None, config_path, {**overrides, "compare.seeds": seeds})
+    compare = {
+        "compare.seeds": seeds,
+        "compare.budgets": sweeps.parse_budgets(budgets) if budgets else None,
+        "compare.lr_grid": sweeps.parse_lrs(lr_grid) if lr_grid else None,
+    }
+    cfg = pipeline.settings_for(None, config_path, {**overrides, **compare})
     _check_room(cfg, run_dir)
     names = sweeps.parse_groupings(groupings)
     _check_groupings_fit_model(cfg, names)

@@ -17,6 +17,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -216,6 +217,29 @@ def train_seeds(
         p_cfg = seed_config(per_layer_config(cfg), seed, layer_draw=False)
         for line in summary_lines(pipeline.fit(p_cfg, linked, executor, groups=groups, overwrite=overwrite, progress=progress)):
             say(f"seed {seed} per-layer {line}")
+
+
+class HeldOutSplit(NamedTuple):
+    """The held-out rows of tokens.npy cut in two: [start, stop) of each."""
+
+    eval: tuple[int, int]  # what the sweep evaluates on
+    validation: tuple[int, int]  # what a learning rate is chosen on (the end of the held-out rows)
+
+
+def held_out_split(plan: Plan, cfg: PipelineConfig) -> HeldOutSplit:
+    """Validation contexts from the end of the held-out split (compare.validation_tokens, or a quarter of
+    it), the rest for the evaluation: a learning rate picked on the contexts it is scored on would flatter
+    whichever arm it suits."""
+    start, stop = plan.eval_contexts
+    ctx = plan.context_length
+    tokens = cfg.compare.validation_tokens or (stop - start) * ctx // 4
+    n = max(1, -(-tokens // ctx))
+    if n >= stop - start:
+        raise ConfigError(
+            f"compare.validation_tokens needs {n} held-out contexts but the run holds {stop - start}; expected fewer "
+            "than that: raise harvest.eval_tokens or lower compare.validation_tokens"
+        )
+    return HeldOutSplit((start, stop - n), (stop - n, stop))
 
 
 _LINKED = (MARKER_FILE, DERIVED_FILE, PLAN_DIR, ACTS_STORE, MANIFEST_DIR)  # a run's harvest, config.json aside

@@ -372,9 +372,25 @@ class CompareConfig:
     Seed s adds s to fit.seed (initialisation, loader order) and, for grouped runs, to harvest.seed
     (the layer draw); seed 0 is the run itself, seeds 1.. go in RUN/seed<s>/ and SWEEP/<name>-seed<s>/.
     Every gap then gets a standard error across seeds beside the one across eval contexts."""
+    budgets: list[int] = field(default_factory=list)
+    """Training tokens per SAE at which `ghsae sweep` trains every grouping (--budgets), each budget's
+    SAEs in SWEEP/<grouping>-t<tokens>/, all from one harvest of the largest; empty: fit.tokens alone."""
+    lr_grid: list[float] = field(default_factory=list)
+    """Learning rates `ghsae sweep` tries for each arm at its smallest budget (--lr-grid); each arm then
+    trains at its own best on the validation split at every budget. Empty: fit.lr for every arm."""
+    validation_tokens: int = 0
+    """Held-out tokens (whole contexts, from the end of the held-out split) the learning-rate choice is
+    measured on, kept out of the sweep's evaluation; 0: a quarter of harvest.eval_tokens."""
 
     def __post_init__(self) -> None:
         _check_choice("compare.per_layer", self.per_layer, COMPARISONS)
+        if any(b < 1 for b in self.budgets):
+            raise ConfigError(f"compare.budgets is {self.budgets}; expected positive token counts, e.g. 2048,8192")
+        if any(lr <= 0 for lr in self.lr_grid) or self.validation_tokens < 0:
+            raise ConfigError(
+                f"compare.lr_grid ({self.lr_grid}) must hold positive learning rates, e.g. 1e-3,3e-3,1e-2, and "
+                f"compare.validation_tokens ({self.validation_tokens}) must not be negative"
+            )
         if self.seeds < 1:
             raise ConfigError(f"compare.seeds is {self.seeds}; expected 1 or more seeds per arm (--seeds N)")
         if self.max_source_bytes < 0 or any(layer < 0 for layer in self.spot_layers):

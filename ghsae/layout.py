@@ -258,6 +258,13 @@ SWEEP_METRICS = "metrics.parquet"  # one row per (grouping, seed, SAE, layer)
 SWEEP_SUMMARY = "summary.md"
 SWEEP_EVAL_CACHE = "evaluation.npz"
 TRANSFER_SUFFIX = "-transfer"  # SWEEP/G<n>-transfer: grouping G<n> trained again with fit.transfer
+SWEEP_LR_CHOICE = "lr-choice.json"
+LR_DIR = "lr-grid"  # SWEEP/lr-grid/<arm>-t<tokens>-lr<lr>/: each arm trained at each rate of compare.lr_grid
+
+
+def budget_name(name: str, tokens: int | None) -> str:
+    """A grouping's name at one budget of tokens per SAE (`<name>-t<tokens>`); without budgets, its own."""
+    return name if tokens is None else f"{name}-t{tokens}"
 
 
 @dataclass(frozen=True)
@@ -288,6 +295,14 @@ class SweepLayout:
     def figure(self, metric: str) -> Path:
         """A metric's figure against G and compute, as a PNG beside the page (for docs to quote)."""
         return self.report / f"{metric}.png"
+
+    @property
+    def lr_choice(self) -> Path:
+        return self.root / SWEEP_LR_CHOICE
+
+    def lr_run(self, name: str, tokens: int, lr: float) -> Path:
+        """SWEEP/lr-grid/<name>-t<tokens>-lr<lr>/: arm `name` trained at one rate of the grid."""
+        return self.root / LR_DIR / f"{budget_name(name, tokens)}-lr{lr:g}"
 
     @property
     def eval_cache(self) -> Path:
@@ -333,7 +348,10 @@ REBUILT_WHOLE = (PLAN_DIR, ACTS_STORE)
 """Folders a harvest replaces whole by renaming a finished staging folder over them: a file of the
 user's left in one would be deleted with it or would block the rename, so --overwrite refuses instead."""
 
-SWEEP_FIGURES = ("fvu.png", "delta_ce_pct.png", "kl.png")  # SweepLayout.figure of analysis/sweep_page.METRICS
+SWEEP_FIGURES = (
+    *(f"{m}{v}.png" for m in ("fvu", "delta_ce_pct", "kl") for v in ("_typical", "")),
+    "gap_budget.png",  # analysis/sweep_page.BUDGET_FIGURE
+)  # SweepLayout.figure of analysis/sweep_page.METRICS
 SWEEP_REPORT_TREE: OwnedTree = {
     **dict.fromkeys((SWEEP_PAGE, SWEEP_METRICS, SWEEP_SUMMARY, SWEEP_EVAL_CACHE, *SWEEP_FIGURES)),
     **_TEMPORARIES,

@@ -7,6 +7,7 @@
     manifest/stats.json       RunStats         per-layer normalisation statistics over every shard
     derived.json              DerivedFrom      the all-layers run a derived run was gathered from
     SWEEP/ghsae-sweep.json    SweepRecord      a sweep folder and its groupings
+    SWEEP/lr-choice.json      LrChoiceRecord   each arm's learning rate, from the validation split
     saes/fit.json             FitSettings      the [fit] settings the run's SAEs are trained with
     saes/<group>/cfg.json     SAERecord        one SAE: its config, the fit settings and store it came from,
                                                its weights file's size and SHA-256 (WeightsDigest)
@@ -675,6 +676,8 @@ class SweepRecord:
     config_hash: str  # the harvest identity of the sweep's config
     created: float
     fit_hash: str = ""  # the fit settings every grouping trains with ("": not recorded)
+    budgets: tuple[int, ...] = ()  # every tokens-per-SAE budget trained so far (--budgets), ascending
+    harvest_tokens: int = 0  # tokens the one harvest holds (with budgets: the largest at creation; 0: not recorded)
 
     @classmethod
     def from_json(cls, obj: Any) -> SweepRecord:
@@ -686,6 +689,8 @@ class SweepRecord:
             str(obj["config_hash"]),
             float(obj["created"]),
             str(obj.get("fit_hash", "")),
+            tuple(int(b) for b in obj.get("budgets", ())),
+            int(obj.get("harvest_tokens", 0)),
         )
 
     def to_json(self) -> dict:
@@ -696,6 +701,47 @@ class SweepRecord:
             "config_hash": self.config_hash,
             "created": self.created,
             "fit_hash": self.fit_hash,
+            "budgets": list(self.budgets),
+            "harvest_tokens": self.harvest_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class LrChoiceRecord:
+    """SWEEP/lr-choice.json: each arm's learning rate, picked on held-out contexts the evaluation never sees."""
+
+    grid: tuple[float, ...]
+    budget: int  # tokens per SAE the grid was trained at (the smallest budget)
+    validation_contexts: tuple[int, int]  # [start, stop) rows of tokens.npy the choice is measured on
+    eval_contexts: tuple[int, int]  # [start, stop) rows the sweep evaluates on (disjoint from the above)
+    metric: str  # what was minimised, averaged over each arm's SAEs and layers
+    scores: dict[str, tuple[float, ...]]  # arm -> its validation metric at each learning rate of the grid
+    chosen: dict[str, float]  # arm -> the learning rate it trains with at every budget
+
+    @classmethod
+    def from_json(cls, obj: Any) -> LrChoiceRecord:
+        obj = _check_version(obj, "lr-choice.json")
+        v0, v1 = obj["validation_contexts"]
+        e0, e1 = obj["eval_contexts"]
+        return cls(
+            tuple(float(x) for x in obj["grid"]),
+            int(obj["budget"]),
+            (int(v0), int(v1)),
+            (int(e0), int(e1)),
+            str(obj["metric"]),
+            {str(k): tuple(float(x) for x in v) for k, v in obj["scores"].items()},
+            {str(k): float(v) for k, v in obj["chosen"].items()},
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "grid": list(self.grid),
+            "budget": self.budget,
+            "validation_contexts": list(self.validation_contexts),
+            "eval_contexts": list(self.eval_contexts),
+            "metric": self.metric,
+            "scores": {k: list(v) for k, v in self.scores.items()},
+            "chosen": dict(self.chosen),
         }
 
 

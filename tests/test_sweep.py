@@ -65,7 +65,8 @@ def test_a_sweep_builds_its_page_with_a_figure_per_metric_and_a_row_per_grouping
         assert f"{metric} per layer" in page.alts
     assert "transfer G2" in page.alts
     # after the header row; the tiny model's probe makes the AMAD rule pick G = 2
-    assert page.rows[1:] == ["G2 ★ (AMAD rule)", "G2-transfer", "G3", "per-layer"], page.rows
+    # a transfer variant has per-layer SAEs trained with transfer beside it (equal total compute)
+    assert page.rows[1:] == ["G2 ★ (AMAD rule)", "G2-transfer", "G3", "per-layer", "per-layer-transfer"], page.rows
     assert "derived G2" in output and "derived G3" in output
     for key in ("fvu", "delta_ce_pct", "kl"):  # each figure also as a PNG beside the page, for docs to quote
         assert (sweep_dir / "report" / f"{key}.png").read_bytes()[:4] == b"\x89PNG"
@@ -75,8 +76,8 @@ def test_the_sweeps_parquet_holds_every_grouping_sae_and_layer(swept):
     sweep_dir, _ = swept
     rows = pq.read_table(sweep_dir / "report" / "metrics.parquet").to_pylist()
     keys = {(r["grouping"], r["group"], r["layer"]) for r in rows}
-    assert len(keys) == len(rows) == 4 * 6  # four groupings, each covering all 6 layers once
-    assert {r["grouping"] for r in rows} == {"G2", "G3", "G2-transfer", "per-layer"}
+    assert len(keys) == len(rows) == 5 * 6  # five groupings, each covering all 6 layers once
+    assert {r["grouping"] for r in rows} == {"G2", "G3", "G2-transfer", "per-layer", "per-layer-transfer"}
     assert {r["n_groups"] for r in rows if r["grouping"] == "per-layer"} == {6}
     assert all(r["fvu"] > 0 and r["total_seconds"] > 0 for r in rows)
 
