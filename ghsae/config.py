@@ -331,7 +331,10 @@ def _check_table(section: str, cls: type, table: Any, source: str) -> None:
             raise ConfigError(
                 f"{source}: {section}.{key} is {value!r} ({type(value).__name__}); expected {_type_name(hints[key])}"
             )
-    cls(**table)  # the options' own checks
+    try:
+        cls(**table)  # the options' own checks
+    except ValueError as e:
+        raise ConfigError(f"{source}: [{section}] {e}") from None
 
 
 def fit_tables(table: dict[str, Any], source: str) -> dict[str, Any]:

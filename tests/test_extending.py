@@ -13,7 +13,7 @@ import torch
 from ghsae.cache import dtypes
 from ghsae.config import ARCHITECTURES, STORAGE_DTYPES, FitConfig, PipelineConfig, config_from_dict, to_toml
 from ghsae.errors import ConfigError, GhsaeError
-from ghsae.sae import REGISTRY, RawLayer, SAELensLayer, SparseAutoencoder, register
+from ghsae.sae import REGISTRY, RawLayer, SAEConfig, SAELensLayer, SparseAutoencoder, register
 
 
 def test_every_configurable_storage_dtype_has_a_dtype_object():
@@ -152,3 +152,5 @@ def test_the_built_in_options_defaults_are_the_flat_fit_defaults():
         assert cls.flat_options
         for f in dataclasses.fields(cls.Options):
             assert getattr(fit, f.name) == f.default, (cls.architecture, f.name)
+    sae_cfg = SAEConfig("topk", 8, 32, [1], k=5, aux_coef=0.5)
+    assert sae_cfg.typed_options() == REGISTRY["topk"].Options(k=5, aux_coef=0.5)

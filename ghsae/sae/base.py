@@ -127,7 +127,10 @@ class SAEConfig:
 
     def typed_options(self) -> Any:
         """This SAE's options as its architecture's Options dataclass."""
-        return REGISTRY[self.architecture].Options(**self.options)
+        cls = REGISTRY[self.architecture]
+        if cls.flat_options:  # the built-in ones keep them in the flat fields above
+            return cls.Options(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls.Options)})
+        return cls.Options(**self.options)
 
 
 @dataclass(frozen=True)
