@@ -590,8 +590,21 @@ def load_config(
         if value is None:
             continue
         section, key = dotted.split(".", 1)
-        raw.setdefault(section, {})[key] = value
+        _override(raw.setdefault(section, {}), key, value)
     return config_from_dict(raw, source=source)
+
+
+def _override(table: dict[str, Any], key: str, value: Any) -> None:
+    """Set `key` ("k", or "topk.k" in the [fit.topk] table) where the file sets it: an override of a
+    flat key the file sets in an architecture's table ([fit.topk] k) replaces it there."""
+    if "." in key:
+        name, key = key.split(".", 1)
+        table = table.setdefault(name, {})
+    for sub in table.values():
+        if isinstance(sub, dict) and key in sub:
+            sub[key] = value
+            return
+    table[key] = value
 
 
 def read_toml(path: str | Path | None) -> tuple[dict[str, Any], str]:

@@ -154,3 +154,12 @@ def test_the_built_in_options_defaults_are_the_flat_fit_defaults():
             assert getattr(fit, f.name) == f.default, (cls.architecture, f.name)
     sae_cfg = SAEConfig("topk", 8, 32, [1], k=5, aux_coef=0.5)
     assert sae_cfg.typed_options() == REGISTRY["topk"].Options(k=5, aux_coef=0.5)
+
+
+def test_the_embedded_config_sets_options_in_tables_and_a_flat_override_replaces_them():
+    from ghsae.config import load_config, read_toml
+
+    raw, _ = read_toml(None)
+    assert raw["fit"]["topk"]["k"] == FitConfig().k and "k" not in raw["fit"]
+    assert load_config(None, {"fit.k": 4}).fit.k == 4
+    assert load_config(None, {"fit.topk.k": 5}).fit.k == 5
