@@ -326,7 +326,8 @@ def _check_table(section: str, cls: type, table: Any, source: str) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     for key, value in table.items():
         if key not in known:
-            raise ConfigError(f"{source}: unknown key {section}.{key}; expected one of {', '.join(sorted(known)) or 'none'}")
+            expected = ", ".join(sorted(known)) or "none"
+            raise ConfigError(f"{source}: unknown key {section}.{key}; expected one of {expected}")
         if not _matches(value, hints[key]):
             raise ConfigError(
                 f"{source}: {section}.{key} is {value!r} ({type(value).__name__}); expected {_type_name(hints[key])}"
