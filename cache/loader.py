@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ghsae.cache.dtypes import storage_dtype
 from ghsae.cache.store import ActivationStore
 from ghsae.errors import StoreError
 from ghsae.layers import layer_lookup_table
@@ -252,10 +253,7 @@ class ActivationLoader:
 
     def _device_step(self, raw: torch.Tensor, layer: torch.Tensor) -> LoaderBatch:
         """Widen to float32 and normalise each row by its layer's factors, on the device."""
-        if self.logical_dtype == "bfloat16":
-            x = raw.view(torch.bfloat16).float()  # the stored uint16 are bfloat16 bits
-        else:
-            x = raw.float()
+        x = storage_dtype(self.logical_dtype).widen(raw)
         pos = self.layer_lookup[layer]
         if self.outliers != "keep":
             x, layer, pos = self._handle_outliers(x, layer, pos)
@@ -278,7 +276,8 @@ class ActivationLoader:
 
     def _cuda_batches(self, host: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[LoaderBatch]:
         d = self.reader.geometry.d_model
-        storage = torch.int16 if self.logical_dtype == "bfloat16" else torch.float16
+        dtype = storage_dtype(self.logical_dtype)
+        storage = dtype.physical_torch
         staging = [torch.empty((self.batch_size, d), dtype=storage, pin_memory=True) for _ in range(2)]
         staging_layer = [torch.empty((self.batch_size,), dtype=torch.long, pin_memory=True) for _ in range(2)]
         copied = [torch.cuda.Event(), torch.cuda.Event()]
@@ -288,9 +287,7 @@ class ActivationLoader:
         for i, (x, layer) in enumerate(host):
             slot, n = i % 2, len(x)
             copied[slot].synchronize()  # the copy that last read this staging buffer has finished
-            staging[slot][:n].copy_(
-                torch.from_numpy(np.ascontiguousarray(x).view(np.int16 if storage == torch.int16 else np.float16))
-            )
+            staging[slot][:n].copy_(dtype.as_physical_torch(x))
             staging_layer[slot][:n].copy_(torch.from_numpy(layer.astype(np.int64)))
             with torch.cuda.stream(stream):
                 dev_x = staging[slot][:n].to(self.device, non_blocking=True)

@@ -27,6 +27,7 @@ import torch
 import zarr
 
 from ghsae.atomic import write_bytes_atomic
+from ghsae.cache.dtypes import storage_dtype
 from ghsae.errors import StoreError
 
 ROW_FIELDS = {"layer": np.int16, "token": np.int32, "seq": np.int32, "pos": np.int32}
@@ -46,7 +47,7 @@ class StoreGeometry:
 
     @property
     def physical_dtype(self) -> np.dtype:
-        return np.dtype(np.float16 if self.dtype == "float16" else np.uint16)
+        return storage_dtype(self.dtype).physical
 
     @property
     def act_bytes_per_row(self) -> int:
@@ -79,23 +80,18 @@ def checksum(arr: np.ndarray) -> str:
 
 def to_storage(acts: torch.Tensor, dtype: str) -> np.ndarray:
     """float activations -> the stored physical array (bfloat16 bits as uint16)."""
-    if dtype == "float16":
-        return acts.to(torch.float16).cpu().numpy()
-    return acts.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+    return storage_dtype(dtype).encode(acts)
 
 
 def to_float32(acts: np.ndarray, dtype: str) -> np.ndarray:
     """Stored physical array -> float32, whatever the logical dtype."""
-    if dtype == "float16":
-        return acts.astype(np.float32)
-    return (acts.astype(np.uint32) << 16).view(np.float32)
+    return storage_dtype(dtype).decode(acts)
 
 
 def count_nonfinite(acts: np.ndarray, dtype: str) -> int:
     """inf/NaN values among stored activations (physical dtype), read from their bits: an all-ones
     exponent (float16: 0x7C00, bfloat16: 0x7F80). Integer work only, no widening."""
-    mask = np.uint16(0x7C00 if dtype == "float16" else 0x7F80)
-    return int(np.count_nonzero((acts.view(np.uint16) & mask) == mask))
+    return storage_dtype(dtype).count_nonfinite(acts)
 
 
 def _compressors(name: str):

@@ -191,7 +191,7 @@ class StorageConfig:
             raise ConfigError(f"storage.chunk_rows is {self.chunk_rows}; expected a positive integer")
 
 
-ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")  # kept in step with ghsae.sae.REGISTRY (tested)
+ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")  # the built-in ones of ghsae.sae.REGISTRY (tested)
 LR_DECAYS = ("none", "linear", "cosine")
 AUXK_NORMALISATIONS = ("total-variance", "error-variance")  # kept in step with ghsae.sae (tested)
 TRANSFERS = ("none", "previous-group")
@@ -201,12 +201,19 @@ TRACKERS = ("tensorboard", "wandb")  # train/tracking.py
 
 @dataclass
 class FitConfig:
+    """[fit]: the training settings every architecture shares, and the architecture's own options.
+
+    An architecture's options are its [fit.<architecture>] table (its Options dataclass in
+    ghsae/sae/<file>.py). The built-in architectures' options (k, aux_coef, auxk_normalisation,
+    sparsity_coef) are also read, and always stored, as flat [fit] keys, as their runs always were.
+    """
+
     architecture: str = "topk"
-    """SAE architecture: topk (the Group-SAE reference), batchtopk, jumprelu or relu."""
+    """SAE architecture: topk (the Group-SAE reference), batchtopk, jumprelu, relu, or any registered one."""
     expansion: int = 16
     """Latents per residual dimension: m = expansion * d."""
     k: int = 128
-    """Active latents per token (topk, batchtopk)."""
+    """Active latents per token (topk, batchtopk; [fit.topk] k)."""
     tokens: int = 0
     """Training tokens per SAE (T); 0 means one pass over the group's stored rows."""
     batch_size: int = 512
@@ -226,7 +233,7 @@ class FitConfig:
     grad_clip: float = 1.0
     """Clip the gradient norm to this (0: no clipping)."""
     aux_coef: float = 0.03125
-    """AuxK loss weight (topk, batchtopk)."""
+    """AuxK loss weight (topk, batchtopk; [fit.topk] aux_coef)."""
     auxk_normalisation: str = "total-variance"
     """How the AuxK loss is scaled (topk, batchtopk). total-variance (the Group-SAE reference and
     sparsify): the dead latents' squared error on the residual over the total variance of x, times
@@ -239,7 +246,7 @@ class FitConfig:
     ~1B-token runs). The report's dead % is another window: latents never active on the held-out
     tokens (8,192 a layer by default, about the auto window of the default run)."""
     sparsity_coef: float = 0.001
-    """L0 (jumprelu) or L1 (relu) weight."""
+    """L0 (jumprelu) or L1 (relu) weight ([fit.jumprelu] / [fit.relu] sparsity_coef)."""
     centre: bool = False
     """Also subtract each layer's mean before scaling (the scale alone is the paper's normalisation)."""
     checkpoint_tokens: int = 1_048_576
@@ -264,6 +271,9 @@ class FitConfig:
     """Experiment trackers that also get the training metrics: any of tensorboard (RUN/tensorboard/)
     and wandb (RUN/wandb/, offline unless WANDB_MODE is set); empty: metrics.parquet only. Optional
     packages: pip install 'ghsae[tracking]'. A runtime setting: it changes no SAE."""
+    options: dict = field(default_factory=dict, metadata={"tables": True})
+    """The [fit.<architecture>] tables of architectures whose options are not flat [fit] keys, by
+    name; stored as those tables (nothing, for the built-in architectures)."""
 
     def __post_init__(self) -> None:
         _check_finite(self, "fit")
@@ -271,7 +281,8 @@ class FitConfig:
         if unknown or len(set(self.log)) < len(self.log):
             raise ConfigError(f"fit.log is {self.log}; expected distinct names among {', '.join(TRACKERS)}")
         _check_device("fit.device", self.device)
-        _check_choice("fit.architecture", self.architecture, ARCHITECTURES)
+        if self.architecture not in ARCHITECTURES or self.options:
+            _check_architecture(self.architecture, self.options)
         _check_choice("fit.decay", self.decay, LR_DECAYS)
         _check_choice("fit.auxk_normalisation", self.auxk_normalisation, AUXK_NORMALISATIONS)
         _check_choice("fit.transfer", self.transfer, TRANSFERS)
@@ -291,6 +302,84 @@ class FitConfig:
         if not 0.0 <= self.decay_fraction <= 1.0:
             raise ConfigError(f"fit.decay_fraction is {self.decay_fraction}; expected a value in [0, 1]")
         _check_seed("fit.seed", self.seed)
+
+
+def _check_architecture(architecture: str, tables: dict[str, Any]) -> None:
+    """A registered architecture, and tables each of a registered architecture that keeps its options
+    in a table. Only other architectures than the built-in ones import the registry (and torch)."""
+    from ghsae.sae import REGISTRY
+
+    if architecture not in REGISTRY:
+        raise ConfigError(f"fit.architecture is {architecture!r}; expected one of {', '.join(REGISTRY)}")
+    for name, table in tables.items():
+        cls = REGISTRY.get(name)
+        if cls is None or cls.flat_options:
+            raise ConfigError(f"[fit.{name}] is no architecture's table; expected one of {', '.join(REGISTRY)}")
+        _check_table(f"fit.{name}", cls.Options, table, "the config")
+
+
+def _check_table(section: str, cls: type, table: Any, source: str) -> None:
+    """A table that builds `cls` (an options dataclass): every key one of its fields, of its type."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [{section}] must be a table, found {type(table).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key, value in table.items():
+        if key not in known:
+            expected = ", ".join(sorted(known)) or "none"
+            raise ConfigError(f"{source}: unknown key {section}.{key}; expected one of {expected}")
+        if not _matches(value, hints[key]):
+            raise ConfigError(
+                f"{source}: {section}.{key} is {value!r} ({type(value).__name__}); expected {_type_name(hints[key])}"
+            )
+    try:
+        cls(**table)  # the options' own checks
+    except ValueError as e:
+        raise ConfigError(f"{source}: [{section}] {e}") from None
+
+
+def fit_tables(table: dict[str, Any], source: str) -> dict[str, Any]:
+    """[fit] as read (flat keys and [fit.<architecture>] tables) -> FitConfig's keyword arguments: a
+    built-in architecture's table goes to its flat keys (the form its runs are stored in), any other
+    architecture's stays a table, in `options`."""
+    flat = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in table.items() if isinstance(v, dict)}
+    if not tables:
+        return flat
+    from ghsae.sae import REGISTRY
+
+    options: dict[str, Any] = {}
+    for name, values in tables.items():
+        cls = REGISTRY.get(name)
+        if cls is None:
+            raise ConfigError(f"{source}: unknown table [fit.{name}]; expected an architecture: {', '.join(REGISTRY)}")
+        _check_table(f"fit.{name}", cls.Options, values, source)
+        if not cls.flat_options:
+            options[name] = dict(values)
+            continue
+        for key, value in values.items():
+            if key in table and table[key] != value:
+                raise ConfigError(
+                    f"{source}: fit.{key} is {table[key]!r} and fit.{name}.{key} is {value!r}; set it in [fit.{name}] only"
+                )
+            flat[key] = value
+    if options:
+        flat["options"] = options
+    return flat
+
+
+def _stored(section: Any, names: list[str]) -> dict[str, Any]:
+    """A section's fields `names` as stored: a field of tables (fit.options) is stored as its tables."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(section):
+        if f.name not in names:
+            continue
+        value = getattr(section, f.name)
+        if f.metadata.get("tables"):
+            out.update(dataclasses.asdict(section)[f.name])
+        else:
+            out[f.name] = value
+    return out
 
 
 @dataclass
@@ -425,7 +514,9 @@ class PipelineConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["fit"] = {k: v for k, v in out["fit"].items() if k != "options"} | dict(out["fit"]["options"])
+        return out
 
     def identity(
         self, sections: tuple[str, ...] = ("model", "data", "harvest", "grouping", "storage")
@@ -440,12 +531,13 @@ class PipelineConfig:
             if section.name not in sections:
                 continue
             obj = getattr(self, section.name)
-            out[section.name] = {
-                f.name: getattr(obj, f.name)
+            names = [
+                f.name
                 for f in dataclasses.fields(obj)
                 if not f.metadata.get("runtime")
                 and not ("before" in f.metadata and getattr(obj, f.name) == f.metadata["before"])
-            }
+            ]
+            out[section.name] = _stored(obj, names)
         return out
 
     def identity_hash(self) -> str:
@@ -515,8 +607,21 @@ def load_config(
         if value is None:
             continue
         section, key = dotted.split(".", 1)
-        raw.setdefault(section, {})[key] = value
+        _override(raw.setdefault(section, {}), key, value)
     return config_from_dict(raw, source=source)
+
+
+def _override(table: dict[str, Any], key: str, value: Any) -> None:
+    """Set `key` ("k", or "topk.k" in the [fit.topk] table) where the file sets it: an override of a
+    flat key the file sets in an architecture's table ([fit.topk] k) replaces it there."""
+    if "." in key:
+        name, key = key.split(".", 1)
+        table = table.setdefault(name, {})
+    for sub in table.values():
+        if isinstance(sub, dict) and key in sub:
+            sub[key] = value
+            return
+    table[key] = value
 
 
 def read_toml(path: str | Path | None) -> tuple[dict[str, Any], str]:
@@ -543,6 +648,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> PipelineCon
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: [{name}] must be a table, found {type(table).__name__}")
         cls = typing.get_type_hints(PipelineConfig)[name]
+        if cls is FitConfig:
+            table = fit_tables(table, source)
         kwargs[name] = _build_section(cls, name, table, source)
     return PipelineConfig(**kwargs)
 
@@ -602,6 +709,9 @@ def to_toml(cfg: PipelineConfig) -> str:
     lines: list[str] = []
     for section, table in cfg.to_dict().items():
         lines.append(f"[{section}]")
-        lines.extend(f"{key} = {json.dumps(value)}" for key, value in table.items())
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in table.items() if not isinstance(value, dict))
         lines.append("")
+        for name, sub in table.items():  # an architecture's own table: [fit.<architecture>]
+            if isinstance(sub, dict):
+                lines.extend([f"[{section}.{name}]", *(f"{k} = {json.dumps(v)}" for k, v in sub.items()), ""])
     return "\n".join(lines)

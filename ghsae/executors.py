@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from tqdm.auto import tqdm
 
@@ -26,6 +26,36 @@ log = logging.getLogger(__name__)
 
 SCHEDULER_TIMEOUT_S = 20  # connecting to --scheduler; a dead address fails after this
 TASK_RETRIES = 3  # attempts after a task's own failure; a dying worker is covered by dask's allowed-failures
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Where a stage's tasks run. A new executor (a process pool, a job queue) implements these five
+    members; ghsae.pipeline needs nothing else of it."""
+
+    in_process: bool
+    """Tasks run in the caller's process (they may share its memory and show their own bars)."""
+
+    @property
+    def workers(self) -> int:
+        """Workers that run tasks now (1 in process)."""
+        ...
+
+    def call(self, fn: Callable, *args: Any) -> Any:
+        """fn(*args) as one task; its result."""
+        ...
+
+    def map(self, fn: Callable, items: Sequence, *args: Any, desc: str = "", unit: str = "task") -> list:
+        """fn(item, *args) for each item, each an idempotent task; the results in the order of items."""
+        ...
+
+    def split(self, items: list) -> list[list]:
+        """items cut into the units one task handles."""
+        ...
+
+    def task_progress(self, progress: bool) -> bool:
+        """Whether a task should draw its own progress bars."""
+        ...
 
 
 class InProcess:
@@ -98,8 +128,6 @@ class DaskCluster:
     def task_progress(self, progress: bool) -> bool:
         return False  # a worker's bars would interleave; the client shows one bar over the tasks
 
-
-Executor = InProcess | DaskCluster
 
 
 def _key(item: Any) -> str:

@@ -8,7 +8,7 @@ batches and every shard's batches pass through a guard):
 - rows whose norm is past NORM_LIMIT: the statistics, fit and report square norms in float32,
   so such a row's square overflows to inf whatever the storage dtype (an embedding scaled by
   1e37 stores in bfloat16 but gives mean_norm = inf and scale = 0);
-- values past float16's range when the store is float16 (bfloat16 has float32's range).
+- values past the storage dtype's range (float16's 65504; bfloat16 has float32's range).
 
 The message names the layer and where (probe or shard), the largest finite row norm seen, and
 the fix: bfloat16 storage for a float16 overflow, a float32 compute dtype when the model ran in
@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ghsae.cache.dtypes import storage_dtype as dtype_named
 from ghsae.errors import HarvestError
 
-FLOAT16_MAX = 65504.0
 NORM_LIMIT = 1e16
 """Largest row norm a harvest accepts: 1e16 squared and added up over a million rows is 1e38, still
 below float32's 3.4e38 (the statistics, fit and report compute squared norms in float32)."""
@@ -80,9 +80,10 @@ def _problem(
             "dtype of the statistics, fit and report) whatever storage.dtype is, so no storage dtype can hold it. "
             + MODEL_ITSELF
         )
-    if storage_dtype == "float16" and peak_abs > FLOAT16_MAX:
+    stored = dtype_named(storage_dtype) if storage_dtype is not None else None
+    if stored is not None and peak_abs > stored.max_finite:
         return (
-            f"an activation of magnitude {peak_abs:.4g} does not fit float16 (max {FLOAT16_MAX:g}; {seen}); "
+            f"an activation of magnitude {peak_abs:.4g} does not fit {stored.name} (max {stored.max_finite:g}; {seen}); "
             'set storage.dtype = "bfloat16" in pipeline.toml (float32\'s range) and re-run `ghsae harvest` with '
             "--config pipeline.toml --overwrite"
         )

@@ -18,6 +18,7 @@ import torch
 
 from ghsae import faults
 from ghsae.atomic import save_npz_atomic
+from ghsae.cache.dtypes import storage_dtype as dtype_named
 from ghsae.cache.norms import NormCounter
 from ghsae.cache.store import ActivationStore, ShardRows, to_storage
 from ghsae.harvest.finite import ActivationGuard
@@ -129,7 +130,7 @@ class ShardProducer:
         self.seed = seed
         self.batch_size = batch_size
         self.storage_dtype = storage_dtype
-        self.torch_storage = torch.float16 if storage_dtype == "float16" else torch.bfloat16
+        self.torch_storage = dtype_named(storage_dtype).logical
         self.layer_index = {layer: i for i, layer in enumerate(plan.layers)}
         self.group_of = {layer: gi for gi, g in enumerate(plan.groups) for layer in g}
 

@@ -22,7 +22,6 @@ is scaled alike: the same latents fire (TopK picks the same k) and the reconstru
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ from ghsae.layout import (
     export_folder,
 )
 from ghsae.run import Run
-from ghsae.sae import BatchTopKSAE, JumpReLUSAE, SparseAutoencoder
+from ghsae.sae import RawLayer, SparseAutoencoder
 from ghsae.train.model_card import ExportedLayer, ExportFacts, eval_figures, model_card
 
 FORMATS = ("saelens", "sparsify")
@@ -92,49 +91,14 @@ def run_hookpoint(run: Run) -> str:
     return str(getattr(run.plan, "hookpoint", "resid_post"))
 
 
-# --- one layer's weights in raw units -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RawLayer:
-    """One layer of a group SAE on raw activations: pre = (x - b_dec) W_enc + b_enc, recon = z W_dec + b_dec."""
-
-    W_enc: torch.Tensor  # [d, m]
-    b_enc: torch.Tensor  # [m]
-    W_dec: torch.Tensor  # [m, d]
-    b_dec: torch.Tensor  # [d]
-    latent_scale: float  # these latents are ghsae's times this (1, or 1/s with unit_decoder)
+# --- one layer's weights in raw units, as each library holds them ------------------------------------
+# Each architecture says how SAELens holds it (SparseAutoencoder.saelens, in its own file) and whether
+# sparsify can (sparsify_activation); nothing here names an architecture.
 
 
 def raw_layer(sae: SparseAutoencoder, layer: int, unit_decoder: bool = False) -> RawLayer:
-    """Fold `layer`'s normalisation into the weights (module docstring), in float64, stored as float32."""
-    pos = sae.cfg.layers.index(layer)
-    s = float(sae.norm_scale[pos])
-    mu = sae.norm_mean[pos].detach().double()
-    w_enc, w_dec = sae.W_enc.detach().double(), sae.W_dec.detach().double()
-    b_enc, b_dec = sae.b_enc.detach().double(), sae.b_dec.detach().double()
-    c = 1 / s if unit_decoder else 1.0  # latents' factor; decoder rows get 1 / (s c)
-    return RawLayer(
-        W_enc=(w_enc * (s * c)).float(),
-        b_enc=(b_enc * c).float(),
-        W_dec=(w_dec / (s * c)).float(),
-        b_dec=(mu + b_dec / s).float(),
-        latent_scale=c,
-    )
-
-
-def inference_threshold(sae: SparseAutoencoder) -> torch.Tensor:
-    """[m] thresholds of a JumpReLU or BatchTopK SAE at inference (both fire where pre > t, t > 0)."""
-    if isinstance(sae, JumpReLUSAE):
-        return sae.log_threshold.detach().double().exp()
-    if isinstance(sae, BatchTopKSAE):
-        if float(sae.threshold) <= 0:
-            raise ConfigError("this batchtopk SAE has no inference threshold yet (it was never trained); fit it first")
-        return torch.full((sae.cfg.n_latents,), float(sae.threshold), dtype=torch.float64)
-    raise ConfigError(f"no export for architecture {sae.cfg.architecture!r}")
-
-
-# --- SAELens ----------------------------------------------------------------------------------------
+    """Fold `layer`'s normalisation into the weights (module docstring)."""
+    return sae.raw_layer(layer, unit_decoder)
 
 
 def saelens_state(
@@ -142,16 +106,8 @@ def saelens_state(
 ) -> tuple[str, dict[str, torch.Tensor], dict]:
     """The SAELens architecture name, state dict and architecture-specific cfg fields for one layer."""
     raw = raw_layer(sae, layer, unit_decoder)
-    state = {"W_enc": raw.W_enc, "b_enc": raw.b_enc, "W_dec": raw.W_dec, "b_dec": raw.b_dec}
-    arch = sae.cfg.architecture
-    if arch == "topk":
-        return "topk", state, {"k": sae.cfg.k, "rescale_acts_by_decoder_norm": False}
-    if arch == "relu":
-        return "standard", state, {}
-    # JumpReLU and BatchTopK at inference are both `pre * (pre > t)` with t > 0: SAELens's JumpReLU
-    # (relu(pre) * (pre > t)) is the same function. BatchTopK has one threshold for all latents.
-    state["threshold"] = (inference_threshold(sae) * raw.latent_scale).float()
-    return "jumprelu", state, {}
+    held = sae.saelens(raw)
+    return held.architecture, {**raw.state(), **held.state}, dict(held.cfg)
 
 
 def write_saelens_folder(
@@ -202,8 +158,8 @@ def write_saelens_folder(
 
 def sparsify_state(sae: SparseAutoencoder, layer: int, unit_decoder: bool = False) -> dict[str, torch.Tensor]:
     """sparsify's SparseCoder tensors for one layer: it computes topk(relu(x - b_dec) W^T + b) and
-    decodes z W_dec + b_dec, which is ghsae's TopK (its ReLU after the top k: the same reconstruction)."""
-    if sae.cfg.architecture != "topk":
+    decodes z W_dec + b_dec; an architecture says whether that is its own (sparsify_activation)."""
+    if sae.sparsify_activation is None:
         raise ConfigError(
             f"sparsify's SparseCoder has TopK latents only, and this run's SAEs are {sae.cfg.architecture}; "
             "export it with --format saelens"
@@ -219,7 +175,7 @@ def write_sparsify_folder(
     state = sparsify_state(sae, layer, unit_decoder)
     d, m = sae.cfg.d_model, sae.cfg.n_latents
     cfg = {
-        "activation": "topk",
+        "activation": sae.sparsify_activation,
         "expansion_factor": max(1, m // d),
         "normalize_decoder": unit_decoder,  # whether the rows are unit norm (sparsify trains them so)
         "num_latents": m,  # decides the width; expansion_factor is only read when this is 0

@@ -31,7 +31,7 @@ from ghsae.locks import hold_run, wait_lock
 from ghsae.records import HOOKPOINT_DEFAULT, Provenance, SAERecord
 from ghsae.run import Run
 from ghsae.sae import (
-    K_ARCHITECTURES,
+    REGISTRY,
     SAEConfig,
     SAELoadError,
     SparseAutoencoder,
@@ -187,7 +187,7 @@ def check_k(fc: FitConfig, d_model: int) -> None:
     """Refuse a TopK-family k above the dictionary size before any work: an SAE cannot keep more
     latents a token than it has, and a k it does not use must not be recorded as its setting."""
     m = fc.expansion * d_model
-    if fc.architecture in K_ARCHITECTURES and fc.k > m:
+    if REGISTRY[fc.architecture].keeps_k and fc.k > m:
         raise ConfigError(
             f"fit.k is {fc.k} but this run's SAEs have {m} latents (fit.expansion {fc.expansion} x d_model {d_model}); "
             f"expected fit.k from 1 to {m}: lower [fit] k or raise [fit] expansion in the --config file"
@@ -287,10 +287,7 @@ def _train_group(
             d_model=d,
             n_latents=fc.expansion * d,
             layers=layers,
-            k=fc.k,
-            aux_coef=fc.aux_coef,
-            auxk_normalisation=fc.auxk_normalisation,
-            sparsity_coef=fc.sparsity_coef,
+            **REGISTRY[fc.architecture].config_fields(fc),
             extra=sae_extra(run, group),
         )
     )

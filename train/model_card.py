@@ -13,6 +13,7 @@ from ghsae.errors import DamagedFileError
 from ghsae.layers import span
 from ghsae.layout import REPORT_METRICS
 from ghsae.run import Run
+from ghsae.sae import REGISTRY
 
 # (metrics.parquet column, heading, format): the report's figures a card shows, where present
 CARD_METRICS = (
@@ -144,7 +145,8 @@ def _folders(layers: list[ExportedLayer]) -> str:
 
 
 def _architecture(e: ExportedLayer) -> str:
-    k = f", k = {e.k}" if e.architecture in ("topk", "batchtopk") else ""
+    keeps_k = e.architecture in REGISTRY and REGISTRY[e.architecture].keeps_k
+    k = f", k = {e.k}" if keeps_k else ""
     return f"{e.architecture}{k}, d_in = {e.d_in}, d_sae = {e.d_sae}"
 
 

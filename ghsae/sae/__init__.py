@@ -7,9 +7,10 @@ public API load it, so it sits beside the other ground services rather than insi
 from ghsae.sae.architectures import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE, build_sae
 from ghsae.sae.base import (
     AUXK_NORMALISATIONS,
-    K_ARCHITECTURES,
     REGISTRY,
+    RawLayer,
     SAEConfig,
+    SAELensLayer,
     SAEOutput,
     SparseAutoencoder,
     dead_window,
@@ -20,8 +21,9 @@ from ghsae.sae.io import SAELoadError, load_sae, read_sae, save_sae
 
 __all__ = [
     "AUXK_NORMALISATIONS",
-    "K_ARCHITECTURES",
     "REGISTRY",
+    "RawLayer",
+    "SAELensLayer",
     "BatchTopKSAE",
     "JumpReLUSAE",
     "ReLUSAE",

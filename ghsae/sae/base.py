@@ -10,6 +10,10 @@ on the device).
 
 Shapes: x [n, d], latents [n, m], W_enc [d, m], W_dec [m, d].
 
+Each architecture is one file (topk.py, jumprelu.py, relu.py) holding its class, registered by
+name, with its own fit options (a dataclass: the [fit.<name>] table), its SAELens mapping and
+whether sparsify holds it. Adding one is a new file that subclasses SparseAutoencoder (below).
+
 Training TopK and BatchTopK never builds the [n, m] latents: `forward` keeps them as
 (values, indices) (sparse.py) and decodes by gathering k decoder rows per token, so only the
 encoder's product is dense. `encode` and `decode` keep their dense signatures for callers.
@@ -19,16 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ghsae.errors import ConfigError
 from ghsae.layers import layer_lookup_table
 from ghsae.sae.sparse import SparseCodes
 
 AUXK_NORMALISATIONS = ("total-variance", "error-variance")
-K_ARCHITECTURES = ("topk", "batchtopk")  # the architectures that keep k latents a token
 DEAD_TOKENS_CAP = 10_000_000  # the reference's dead window (sparsify's dead_feature_threshold)
 DEAD_FRACTION = 0.1  # auto window: this share of the SAE's training tokens, capped at the reference's
 
@@ -93,11 +97,14 @@ class SAEConfig:
     """Initial JumpReLU threshold."""
     extra: dict = field(default_factory=dict)
     """Free-form provenance (run, group, config hash); saved, never interpreted."""
+    options: dict = field(default_factory=dict)
+    """The options of an architecture that keeps them in a table of its own (its Options' fields);
+    the built-in architectures' options are the flat fields above, as their SAEs always stored them."""
 
     def __post_init__(self) -> None:
         if self.architecture not in REGISTRY:
             raise ValueError(f"unknown SAE architecture {self.architecture!r}; expected one of {', '.join(REGISTRY)}")
-        if self.k < 1 or (self.architecture in K_ARCHITECTURES and self.k > self.n_latents):
+        if self.k < 1 or (REGISTRY[self.architecture].keeps_k and self.k > self.n_latents):
             raise ValueError(f"k is {self.k}; expected 1..n_latents ({self.n_latents})")
         if not self.layers:
             raise ValueError("an SAE must serve at least one layer")
@@ -113,7 +120,46 @@ class SAEConfig:
         return min(self.aux_k or self.d_model // 2, self.n_latents)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not out["options"]:
+            del out["options"]  # the built-in architectures' records stay as they always were
+        return out
+
+    def typed_options(self) -> Any:
+        """This SAE's options as its architecture's Options dataclass."""
+        cls = REGISTRY[self.architecture]
+        if cls.flat_options:  # the built-in ones keep them in the flat fields above
+            return cls.Options(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls.Options)})
+        return cls.Options(**self.options)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """An architecture without options of its own."""
+
+
+@dataclass(frozen=True)
+class RawLayer:
+    """One layer of a group SAE on raw activations: pre = (x - b_dec) W_enc + b_enc, recon = z W_dec + b_dec."""
+
+    W_enc: torch.Tensor  # [d, m]
+    b_enc: torch.Tensor  # [m]
+    W_dec: torch.Tensor  # [m, d]
+    b_dec: torch.Tensor  # [d]
+    latent_scale: float  # these latents are ghsae's times this (1, or 1/s with unit_decoder)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+
+
+@dataclass(frozen=True)
+class SAELensLayer:
+    """What SAELens needs of one layer beyond the raw weights: its architecture name, extra tensors
+    (a threshold) and the architecture's own cfg.json fields."""
+
+    architecture: str
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    cfg: dict[str, Any] = field(default_factory=dict)
 
 
 # Without a graph (evaluation), sparse latents decode by summing their active decoder rows: for TopK
@@ -177,7 +223,20 @@ def fvu(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
 
 
 class SparseAutoencoder(nn.Module):
+    """The base of every architecture. A subclass sets `activate` and `loss_terms` (or `forward`),
+    and where it differs from these defaults: Options, keeps_k, flat_options, saelens,
+    sparsify_activation. Registering it by name (@register) is all the rest of ghsae needs."""
+
     architecture: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    """The architecture's own fit options, read from [fit.<name>]: a dataclass, a docstring a field."""
+    keeps_k: ClassVar[bool] = False
+    """Keeps k latents a token (fit refuses a k above the dictionary size)."""
+    flat_options: ClassVar[bool] = False
+    """Its options are stored flat in [fit] and in SAEConfig's own fields (the built-in architectures,
+    as their runs always stored them); otherwise under [fit.<name>] and SAEConfig.options."""
+    sparsify_activation: ClassVar[str | None] = None
+    """sparsify's SparseCoder activation of this architecture; None: sparsify cannot hold it."""
     # buffers (registered in __init__), declared for the type checker
     norm_layers: torch.Tensor
     norm_scale: torch.Tensor
@@ -230,6 +289,40 @@ class SparseAutoencoder(nn.Module):
     def denormalise(self, x: torch.Tensor, layer: int | torch.Tensor) -> torch.Tensor:
         pos = self.layer_positions(layer, x.shape[0])
         return x / self.norm_scale[pos, None] + self.norm_mean[pos]
+
+    # --- what an architecture declares ----------------------------------------------------
+
+    @classmethod
+    def config_fields(cls, fit: Any) -> dict[str, Any]:
+        """SAEConfig's keyword arguments for this architecture's options, from a FitConfig."""
+        if cls.flat_options:  # every built-in records the same four, whichever it is (stored as before)
+            return {
+                "k": fit.k,
+                "aux_coef": fit.aux_coef,
+                "auxk_normalisation": fit.auxk_normalisation,
+                "sparsity_coef": fit.sparsity_coef,
+            }
+        return {"options": dataclasses.asdict(cls.Options(**fit.options.get(cls.architecture, {})))}
+
+    def saelens(self, raw: RawLayer) -> SAELensLayer:
+        """How SAELens holds one layer of this SAE (raw: the layer's weights in raw units)."""
+        raise ConfigError(f"SAE architecture {self.architecture!r} has no SAELens export; it defines none")
+
+    def raw_layer(self, layer: int, unit_decoder: bool = False) -> RawLayer:
+        """Fold `layer`'s normalisation into the weights (train/export.py), in float64, stored as float32."""
+        pos = self.cfg.layers.index(layer)
+        s = float(self.norm_scale[pos])
+        mu = self.norm_mean[pos].detach().double()
+        w_enc, w_dec = self.W_enc.detach().double(), self.W_dec.detach().double()
+        b_enc, b_dec = self.b_enc.detach().double(), self.b_dec.detach().double()
+        c = 1 / s if unit_decoder else 1.0  # latents' factor; decoder rows get 1 / (s c)
+        return RawLayer(
+            W_enc=(w_enc * (s * c)).float(),
+            b_enc=(b_enc * c).float(),
+            W_dec=(w_dec / (s * c)).float(),
+            b_dec=(mu + b_dec / s).float(),
+            latent_scale=c,
+        )
 
     # --- the public interface ------------------------------------------------------------
 
