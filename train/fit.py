@@ -227,7 +227,7 @@ def group_loader(
         centring = ActivationLoader(reader, 4096, 0, torch.device("cpu"), layers, torch.ones(len(layers)), mean)
         scale = centred_scale(centring, layers, d)
     reader = GroupReader(run.store, group, rows, verify=verifier)
-    outlier_norm = _outlier_norms(run, fc, layers) if fc.outliers != "keep" else None
+    outlier_norm = _outlier_norms(run, fc, layers, shards) if fc.outliers != "keep" else None
     loader = ActivationLoader(
         reader,
         batch_size or fc.batch_size,
@@ -242,9 +242,11 @@ def group_loader(
     return GroupLoader(layers, scale, mean, loader)
 
 
-def _outlier_norms(run: Run, fc: FitConfig, layers: list[int]) -> torch.Tensor:
-    """[len(layers)] each layer's outlier norm in raw units: fc.outlier_factor x its median norm."""
-    norms = run.norm_distribution()
+def _outlier_norms(run: Run, fc: FitConfig, layers: list[int], shards: list[int]) -> torch.Tensor:
+    """[len(layers)] each layer's outlier norm in raw units: fc.outlier_factor x its median norm, over
+    the shards trained on (the harvest's statistics file once it is complete; --allow-partial adds up
+    the done shards' histograms)."""
+    norms = run.norm_distribution() if run.complete() else run.norm_stats(shards).norms
     if norms is None:
         raise StoreError(
             f"fit.outliers is {fc.outliers!r} but {run.root} records no token-norm distribution (harvested "
