@@ -104,7 +104,8 @@ def test_fit_outliers_changes_what_the_sae_trains_on(planted_run, handling, tmp_
     from ghsae.train.fit import group_loader
 
     group = run.plan.group_names[0]
-    keep = group_loader(run, cfg.fit, group, run.done_shards(), torch.device("cpu"))
+    keep_fit = dataclasses.replace(cfg.fit, outliers="keep")  # the default clips: keep is the contrast
+    keep = group_loader(run, keep_fit, group, run.done_shards(), torch.device("cpu"))
     other_fit = dataclasses.replace(cfg.fit, outliers=handling)
     other = group_loader(run, other_fit, group, run.done_shards(), torch.device("cpu"))
     kept_rows = sum(b.x.shape[0] for b in keep.loader.batches(0))
