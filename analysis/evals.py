@@ -114,6 +114,11 @@ with each layer's outliers (norm above outlier_factor x its median: the massive 
 out of FVU and kept clean, as BOS is, when the reconstruction is spliced in."""
 
 
+def _add_at(out: np.ndarray, ctx: np.ndarray, values: torch.Tensor) -> None:
+    """out[ctx[i]] += values[i] for every row i, in place: np.add.at's sums (its loop is slow on [N, d])."""
+    torch.from_numpy(out).index_add_(0, torch.from_numpy(ctx).long(), values)
+
+
 @dataclass
 class _PerContext:
     """Sums per eval context for one layer (x statistics) or one (SAE, layer) (errors, CE, KL)."""
@@ -139,16 +144,16 @@ class _PerContext:
         self.kl_typ = np.zeros(c)
 
     def add_rows(self, ctx: np.ndarray, x: torch.Tensor, outlier: np.ndarray) -> None:
-        xd = x.double().cpu().numpy()
+        xd = x.double().cpu()
         sq = (xd**2).sum(1)
-        np.add.at(self.rows, ctx, 1.0)
-        np.add.at(self.x_sq, ctx, sq)
-        np.add.at(self.x_sum, ctx, xd)
-        np.add.at(self.outliers, ctx, outlier.astype(np.float64))
         typ = ~outlier
-        np.add.at(self.rows_typ, ctx[typ], 1.0)
-        np.add.at(self.x_sq_typ, ctx[typ], sq[typ])
-        np.add.at(self.x_sum_typ, ctx[typ], xd[typ])
+        _add_at(self.rows, ctx, torch.ones(len(ctx), dtype=torch.float64))
+        _add_at(self.x_sq, ctx, sq)
+        _add_at(self.x_sum, ctx, xd)
+        _add_at(self.outliers, ctx, torch.from_numpy(outlier.astype(np.float64)))
+        _add_at(self.rows_typ, ctx[typ], torch.ones(int(typ.sum()), dtype=torch.float64))
+        _add_at(self.x_sq_typ, ctx[typ], sq[typ])
+        _add_at(self.x_sum_typ, ctx[typ], xd[typ])
 
     def store(self, view: str, ctx: np.ndarray, ce: np.ndarray, kl: np.ndarray) -> None:
         """One spliced view's per-context sums: "all" tokens, "typical" (outliers kept clean), or both."""
@@ -158,9 +163,9 @@ class _PerContext:
             self.ce_typ[ctx], self.kl_typ[ctx] = ce, kl
 
     def add_errors(self, ctx: np.ndarray, x: torch.Tensor, recon: torch.Tensor, outlier: np.ndarray) -> None:
-        err = (x.double() - recon.double()).pow(2).sum(1).cpu().numpy()
-        np.add.at(self.sq_err, ctx, err)
-        np.add.at(self.sq_err_typ, ctx[~outlier], err[~outlier])
+        err = (x.double() - recon.double()).pow(2).sum(1).cpu()
+        _add_at(self.sq_err, ctx, err)
+        _add_at(self.sq_err_typ, ctx[~outlier], err[~outlier])
 
     def total_var(self, typical: bool = False) -> np.ndarray:
         """Per context, sum ||x - m||^2 with m the mean over every context (m taken as known);

@@ -106,3 +106,44 @@ def test_spliced_ce_is_measured_at_the_chosen_layers_only_with_the_same_values(t
         for metric in ("delta_ce", "delta_ce_typical", "kl", "kl_typical", "ce_score", "delta_ce_se"):
             assert chosen[key][metric] == pytest.approx(every[key][metric], rel=1e-5, abs=1e-7), (key, metric)
     assert np.isfinite(chosen[("group", 2)]["ce_score"])
+
+
+def _sides(group_layers, spot):
+    from types import SimpleNamespace
+
+    from ghsae.analysis.report import SeedSides
+
+    def target(name, layers):
+        return EvalTarget(name, "x", SimpleNamespace(cfg=SimpleNamespace(layers=layers)))  # type: ignore[arg-type]
+
+    side = SimpleNamespace(targets=[target("group", group_layers)])
+    base = SimpleNamespace(targets=[target(f"per-layer {x}", [x]) for x in spot]) if spot else None
+    return [SeedSides(0, side, base)]  # type: ignore[arg-type]
+
+
+def test_ce_layers_auto_splices_group_saes_at_the_spot_layers_only_when_they_are_the_runs_own():
+    from ghsae.analysis.report import choose_ce_layers
+    from ghsae.config import ReportConfig
+
+    sides = _sides([0, 1, 2, 3], [0, 3])
+    choose_ce_layers(ReportConfig(), sides, spot_checks=True, layers=[0, 1, 2, 3])
+    assert sides[0].side.targets[0].ce_layers == {0, 3}
+    assert all(t.ce_layers is None for t in sides[0].base.targets)  # per-layer SAEs: at their own layer
+    sides = _sides([0, 1, 2, 3], [0, 3])
+    choose_ce_layers(ReportConfig(), sides, spot_checks=False, layers=[0, 1, 2, 3])  # an outside baseline: all
+    assert sides[0].side.targets[0].ce_layers is None
+    choose_ce_layers(ReportConfig(ce_layers=[1, 2]), sides, spot_checks=True, layers=[0, 1, 2, 3])
+    assert all(t.ce_layers == {1, 2} for t in sides[0].targets)
+
+
+def test_ce_layers_that_cannot_be_met_are_refused_with_the_fix():
+    from ghsae.analysis.report import choose_ce_layers
+    from ghsae.config import ReportConfig
+    from ghsae.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r'report.ce_layers is "spot".*ce_layers = "all"'):
+        choose_ce_layers(ReportConfig(ce_layers="spot"), _sides([0, 1], []), spot_checks=False, layers=[0, 1])
+    with pytest.raises(ConfigError, match=r"layers \[7\].*layers 0..1"):
+        choose_ce_layers(ReportConfig(ce_layers=[1, 7]), _sides([0, 1], []), spot_checks=False, layers=[0, 1])
+    with pytest.raises(ConfigError, match=r"report.ce_layers is 'some'; expected auto, all, spot"):
+        ReportConfig(ce_layers="some")
