@@ -28,7 +28,6 @@ from ghsae.analysis.metrics import (
     ce_loss_score,
     ratio_influence,
     standard_error,
-    token_ce_and_kl,
 )
 from ghsae.analysis.splice import Splicer
 from ghsae.layers import span
@@ -53,6 +52,10 @@ class EvalTarget:
     kind: str
     sae: SparseAutoencoder
     spliced: bool = True  # also splice its reconstruction in for CE and KL (a pass of the later blocks per layer)
+    ce_layers: frozenset[int] | None = None  # the layers it is spliced at (None: every layer it serves)
+
+    def splices(self, layer: int) -> bool:
+        return self.spliced and (self.ce_layers is None or layer in self.ce_layers)
 
 
 @dataclass
@@ -111,6 +114,11 @@ with each layer's outliers (norm above outlier_factor x its median: the massive 
 out of FVU and kept clean, as BOS is, when the reconstruction is spliced in."""
 
 
+def _add_at(out: np.ndarray, ctx: np.ndarray, values: torch.Tensor) -> None:
+    """out[ctx[i]] += values[i] for every row i, in place: np.add.at's sums (its loop is slow on [N, d])."""
+    torch.from_numpy(out).index_add_(0, torch.from_numpy(ctx).long(), values)
+
+
 @dataclass
 class _PerContext:
     """Sums per eval context for one layer (x statistics) or one (SAE, layer) (errors, CE, KL)."""
@@ -136,21 +144,28 @@ class _PerContext:
         self.kl_typ = np.zeros(c)
 
     def add_rows(self, ctx: np.ndarray, x: torch.Tensor, outlier: np.ndarray) -> None:
-        xd = x.double().cpu().numpy()
+        xd = x.double().cpu()
         sq = (xd**2).sum(1)
-        np.add.at(self.rows, ctx, 1.0)
-        np.add.at(self.x_sq, ctx, sq)
-        np.add.at(self.x_sum, ctx, xd)
-        np.add.at(self.outliers, ctx, outlier.astype(np.float64))
         typ = ~outlier
-        np.add.at(self.rows_typ, ctx[typ], 1.0)
-        np.add.at(self.x_sq_typ, ctx[typ], sq[typ])
-        np.add.at(self.x_sum_typ, ctx[typ], xd[typ])
+        _add_at(self.rows, ctx, torch.ones(len(ctx), dtype=torch.float64))
+        _add_at(self.x_sq, ctx, sq)
+        _add_at(self.x_sum, ctx, xd)
+        _add_at(self.outliers, ctx, torch.from_numpy(outlier.astype(np.float64)))
+        _add_at(self.rows_typ, ctx[typ], torch.ones(int(typ.sum()), dtype=torch.float64))
+        _add_at(self.x_sq_typ, ctx[typ], sq[typ])
+        _add_at(self.x_sum_typ, ctx[typ], xd[typ])
+
+    def store(self, view: str, ctx: np.ndarray, ce: np.ndarray, kl: np.ndarray) -> None:
+        """One spliced view's per-context sums: "all" tokens, "typical" (outliers kept clean), or both."""
+        if view in ("all", "both", "zero"):
+            self.ce[ctx], self.kl[ctx] = ce, kl
+        if view in ("typical", "both"):
+            self.ce_typ[ctx], self.kl_typ[ctx] = ce, kl
 
     def add_errors(self, ctx: np.ndarray, x: torch.Tensor, recon: torch.Tensor, outlier: np.ndarray) -> None:
-        err = (x.double() - recon.double()).pow(2).sum(1).cpu().numpy()
-        np.add.at(self.sq_err, ctx, err)
-        np.add.at(self.sq_err_typ, ctx[~outlier], err[~outlier])
+        err = (x.double() - recon.double()).pow(2).sum(1).cpu()
+        _add_at(self.sq_err, ctx, err)
+        _add_at(self.sq_err_typ, ctx[~outlier], err[~outlier])
 
     def total_var(self, typical: bool = False) -> np.ndarray:
         """Per context, sum ||x - m||^2 with m the mean over every context (m taken as known);
@@ -160,31 +175,66 @@ class _PerContext:
         return x_sq - 2.0 * x_sum @ m + rows * float(m @ m)
 
 
+SPLICE_PREDICTIONS = 4096
+"""Predictions per stacked spliced pass at most: bounds its [predictions, vocabulary] logits (800 MB
+in float32 at a 49K vocabulary) while stacking the edits of one layer into few passes."""
+
+
 class _CleanBatch:
-    """One batch's clean pass, and CE / KL sums of passes with one layer's kept positions replaced."""
+    """One batch's clean pass, and CE / KL sums of passes with one layer's kept positions replaced.
+
+    CE and KL come from each spliced pass's log-sum-exp over the vocabulary and one product with the
+    clean distribution (KL = sum p (clean - spliced logits) + lse - clean lse), not from its full
+    log-softmax: the same figures with fewer passes over [predictions, vocabulary]."""
 
     def __init__(self, splicer: Splicer, ids, resid: dict[int, torch.Tensor], logits, keep):
         self.splicer, self.ids, self.resid, self.keep = splicer, ids, resid, keep
         self.targets = ids[:, 1:].reshape(-1)
         self.n_predictions = self.targets.numel()
-        clean = logits[:, :-1].reshape(self.n_predictions, -1)
-        self.clean_logprobs = torch.log_softmax(clean.float(), dim=-1)
-        self.clean_probs = self.clean_logprobs.exp()  # shared by every spliced pass of the batch
-        # the clean CE from the same log-softmax the KLs use, not a second one over the vocabulary
-        self.clean_ce_sum = -float(self.clean_logprobs.gather(-1, self.targets[:, None]).sum())
+        self.clean_logits = logits[:, :-1].reshape(self.n_predictions, -1).float()
+        self.clean_lse = torch.logsumexp(self.clean_logits, dim=-1)
+        self.clean_probs = torch.exp(self.clean_logits - self.clean_lse[:, None])  # shared by every spliced pass
+        self.clean_ce = self.clean_lse - self.clean_logits.gather(-1, self.targets[:, None])[:, 0]
+        self.clean_ce_sum = float(self.clean_ce.sum())
 
     def clean_ce_per_context(self) -> np.ndarray:
-        ce = -self.clean_logprobs.gather(-1, self.targets[:, None])[:, 0]
-        return ce.view(self.ids.shape[0], -1).sum(1).double().cpu().numpy()
+        return self._per_context(self.clean_ce)
+
+    def _per_context(self, per_prediction: torch.Tensor) -> np.ndarray:
+        return per_prediction.view(self.ids.shape[0], -1).sum(1).double().cpu().numpy()
+
+    def _ce_and_kl(self, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        out = logits[:, :-1].reshape(self.n_predictions, -1).float()
+        lse = torch.logsumexp(out, dim=-1)
+        ce = lse - out.gather(-1, self.targets[:, None])[:, 0]
+        kl = torch.linalg.vecdot(self.clean_probs, self.clean_logits - out) + lse - self.clean_lse
+        return self._per_context(ce), self._per_context(kl)
 
     def spliced(self, layer: int, values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Per context of the batch, (sum of CE, sum of KL) with `values` at layer's kept positions."""
-        new = self.resid[layer].clone()
-        new[self.keep] = values.to(new.dtype)
-        out = self.splicer.spliced(self.ids, layer, new)[:, :-1].reshape(self.n_predictions, -1)
-        ce, kl = token_ce_and_kl(self.clean_logprobs, out, self.targets, self.clean_probs)
-        b = self.ids.shape[0]
-        return ce.view(b, -1).sum(1).double().cpu().numpy(), kl.view(b, -1).sum(1).double().cpu().numpy()
+        return self.spliced_many(layer, [values])[0]
+
+    def spliced_many(self, layer: int, edits: list[torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """spliced() for each of several values at the same layer, stacked along the batch: one pass
+        of the later blocks per SPLICE_PREDICTIONS predictions instead of one per edit."""
+        per = max(1, SPLICE_PREDICTIONS // max(self.n_predictions, 1))
+        b, out = self.ids.shape[0], []
+        for s in range(0, len(edits), per):
+            chunk = edits[s : s + per]
+            k = len(chunk)
+            new = self.resid[layer].repeat(k, 1, 1)
+            new[self.keep.repeat(k, 1)] = torch.cat(chunk).to(new.dtype)
+            logits = self.splicer.spliced(self.ids, layer, new, repeats=k)
+            out += [self._ce_and_kl(logits[i * b : (i + 1) * b]) for i in range(k)]
+        return out
+
+
+def _edits(to: _PerContext, x: torch.Tensor, recon: torch.Tensor, outlier: torch.Tensor) -> list:
+    """The spliced views of one (SAE, layer) on the CE rows: the reconstruction everywhere, and, where
+    some of those rows are outliers, the reconstruction with the outliers kept clean (as BOS is)."""
+    if not bool(outlier.any()):
+        return [(recon, to, "both")]  # the typical view is the same pass
+    return [(recon, to, "all"), (torch.where(outlier[:, None], x, recon), to, "typical")]
 
 
 @dataclass
@@ -268,14 +318,14 @@ def evaluate(
     bar = tqdm(total=contexts.shape[0], unit="ctx", desc="eval", disable=not progress)
     for start in range(0, contexts.shape[0], batch_contexts):
         ids = torch.from_numpy(np.array(contexts[start : start + batch_contexts])).long().to(device)
+        # exactly the first ce_contexts contexts are spliced: a prefix of this batch, and of its kept rows
+        n_ce = max(0, min(ids.shape[0], ce_contexts - start))
         with torch.inference_mode():
-            resid, logits = splicer.clean(ids)
+            resid, logits = splicer.clean(ids, logits_to_keep=0 if n_ce else 1)
             keep = ~torch.isin(ids, special)
             coords = keep.nonzero()  # [N, 2] (context in batch, position)
             coords_global = coords.cpu() + torch.tensor([start, 0])
             row_ctx = coords_global[:, 0].numpy()  # each kept row's context
-            # exactly the first ce_contexts contexts are spliced: a prefix of this batch, and of its kept rows
-            n_ce = max(0, min(ids.shape[0], ce_contexts - start))
             batch_ctx = np.arange(start, start + n_ce)
             ce_rows = int(keep[:n_ce].sum())
             ce = (
@@ -292,10 +342,8 @@ def evaluate(
                 x = resid[layer][keep].float()
                 outlier_t = x.norm(dim=1) > thresholds.get(layer, float("inf"))
                 outlier = outlier_t.cpu().numpy()
-                ce_outliers = bool(outlier[:ce_rows].any())
                 per_layer[layer].add_rows(row_ctx, x, outlier)
-                if ce is not None and zero_ablation:
-                    per_layer[layer].ce[batch_ctx] = ce.spliced(layer, torch.zeros_like(x[:ce_rows]))[0]
+                edits: list[tuple[torch.Tensor, _PerContext, str]] = []  # (values, where its sums go, view)
                 for t in targets:
                     if layer not in t.sae.cfg.layers:
                         continue
@@ -305,13 +353,13 @@ def evaluate(
                     ps = per_sae[(t.name, layer)]
                     ps.add_errors(row_ctx, x, recon, outlier)
                     examples[t.name].add(z, coords_global, layer)
-                    if ce is not None and t.spliced:
-                        ps.ce[batch_ctx], ps.kl[batch_ctx] = ce.spliced(layer, recon[:ce_rows])
-                        if ce_outliers:  # outliers kept clean, as BOS is: one more pass
-                            clean_out = torch.where(outlier_t[:ce_rows, None], x[:ce_rows], recon[:ce_rows])
-                            ps.ce_typ[batch_ctx], ps.kl_typ[batch_ctx] = ce.spliced(layer, clean_out)
-                        else:
-                            ps.ce_typ[batch_ctx], ps.kl_typ[batch_ctx] = ps.ce[batch_ctx], ps.kl[batch_ctx]
+                    if ce is not None and t.splices(layer):
+                        edits += _edits(ps, x[:ce_rows], recon[:ce_rows], outlier_t[:ce_rows])
+                if edits and zero_ablation:
+                    edits.append((torch.zeros_like(x[:ce_rows]), per_layer[layer], "zero"))
+                if ce is not None and edits:
+                    for (_, to, view), (ce_sums, kl_sums) in zip(edits, ce.spliced_many(layer, [e[0] for e in edits])):
+                        to.store(view, batch_ctx, ce_sums, kl_sums)
         bar.update(ids.shape[0])
     bar.close()
 
@@ -339,7 +387,7 @@ def evaluate(
                 outliers=int(pl.outliers.sum()),
                 outlier_threshold=float(thresholds.get(layer, float("inf"))),
             )
-            if ce_tokens and t.spliced:
+            if ce_tokens and t.splices(layer):
                 sae_ce = float(ps.ce.sum()) / ce_tokens
                 z_ce = float(pl.ce.sum()) / ce_tokens
                 c = slice(0, n_ce_ctx)

@@ -31,7 +31,7 @@ from ghsae.analysis.rate import Score, load_scores
 from ghsae.analysis.seeds import add_seed_columns
 from ghsae.atomic import write_parquet_atomic, write_text_atomic
 from ghsae.config import PipelineConfig, ReportConfig
-from ghsae.errors import StoreError
+from ghsae.errors import ConfigError, StoreError
 from ghsae.harvest import DISTANCES, amad, canonical_distance, complete_linkage, distance_matrix, solve
 from ghsae.layout import (
     CIRCUITS,
@@ -353,6 +353,34 @@ def load_seed_sides(run: Run, own_baseline: bool, allow_partial: bool) -> list[S
     return out
 
 
+def choose_ce_layers(rc: ReportConfig, sides: list[SeedSides], spot_checks: bool, layers: list[int]) -> None:
+    """Set each SAE's spliced layers from report.ce_layers: every spliced (SAE, layer) costs a pass of
+    the later blocks, and the gap needs the group SAEs' CE only where a per-layer SAE has one."""
+    choice = rc.ce_layers
+    if choice == "auto":
+        choice = "spot" if spot_checks else "all"
+    if choice == "all":
+        return
+    if isinstance(choice, list):
+        unknown = sorted(set(choice) - set(layers))
+        if unknown:
+            raise ConfigError(
+                f"report.ce_layers names layers {unknown}, which the run does not have (layers {layers[0]}..{layers[-1]}); "
+                "list some of those in [report] ce_layers, or set it to \"all\""
+            )
+        for t in (t for s in sides for t in s.targets):
+            t.ce_layers = frozenset(choice)
+        return
+    spot = frozenset(x for s in sides if s.base for t in s.base.targets for x in t.sae.cfg.layers)
+    if not spot:
+        raise ConfigError(
+            'report.ce_layers is "spot", but the report has no per-layer SAEs to pair with; set ce_layers = "all" '
+            "in [report], or report with per-layer SAEs (`ghsae report --baseline BASE_RUN`)"
+        )
+    for t in (t for s in sides for t in s.side.targets):
+        t.ce_layers = spot
+
+
 def tag_seeds(result: EvalResult, sides: list[SeedSides]) -> None:
     """Each row's seed, and each metric's standard error across the seeds of its kind at its layer."""
     seed_of = {t.name: s.seed for s in sides for t in s.targets}
@@ -456,6 +484,7 @@ def gather(
     seeds = [SeedSides(0, side, base), *load_seed_sides(run, base is not None and spot_checks, allow_partial)]
     tasks = make_tasks(rc.tasks, lm.tokenizer, rc.task_prompts, seed)  # before the slow evals: fails early
     special = list(run.plan.tokenizer.special_ids)
+    choose_ce_layers(rc, seeds, spot_checks, list(run.plan.layers))
     result = evaluate(
         lm,
         contexts,

@@ -68,8 +68,12 @@ class Splicer:
         self._block_out: dict[int, torch.Tensor] = {}  # the last clean pass's block outputs (not resid_post)
 
     @torch.inference_mode()
-    def clean(self, input_ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """Logits [B, T, V] and every layer's activation {layer: [B, T, D]} for one batch of contexts."""
+    def clean(self, input_ids: torch.Tensor, logits_to_keep: int = 0) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Logits [B, T, V] and every layer's activation {layer: [B, T, D]} for one batch of contexts.
+
+        logits_to_keep > 0: logits of the last that many positions only (a batch whose logits are not
+        read skips most of the unembedding, a large share of a small model's pass)."""
+        extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         acts: dict[int, torch.Tensor] = {}
         block_out: dict[int, torch.Tensor] = {}
         with ExitStack() as stack:
@@ -77,7 +81,7 @@ class Splicer:
                 stack.enter_context(_hook(block.register_forward_hook(self._block_hook(layer, block_out))))
                 if self.hookpoint != "resid_post":
                     stack.enter_context(_hook(self._site_hook(layer, acts)))
-            logits = self.lm.model(input_ids=input_ids, use_cache=False).logits
+            logits = self.lm.model(input_ids=input_ids, use_cache=False, **extra).logits
         if self.hookpoint == "resid_post":
             return block_out, logits
         self._clean_ids, self._block_out = input_ids, block_out
@@ -104,26 +108,30 @@ class Splicer:
 
     @torch.inference_mode()
     def spliced(
-        self, input_ids: torch.Tensor, layer: int, new_resid: torch.Tensor, logits_to_keep: int = 0
+        self, input_ids: torch.Tensor, layer: int, new_resid: torch.Tensor, logits_to_keep: int = 0, repeats: int = 1
     ) -> torch.Tensor:
         """Logits when layer `layer`'s activation at the hookpoint is new_resid [B, T, D].
 
         logits_to_keep > 0: only the last that many positions go through the unembedding (the
         circuit tasks read the last position only, and the unembedding is a large share of a small model).
+        repeats > 1: new_resid [repeats * B, T, D] stacks that many edits of input_ids's rows along the
+        batch, run in one pass (logits [repeats * B, ...]); the clean prefix is still reused.
         """
         if layer not in self._templates:
             raise RuntimeError("call clean() on a batch before splicing, so the blocks' output format is known")
         extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
         new = new_resid.to(self.lm.dtype)
+        ids = input_ids.repeat(repeats, 1) if repeats > 1 else input_ids
         with ExitStack() as stack:
             if self.hookpoint == "resid_post":
                 stack.enter_context(self._stand_ins(layer + 1, new))
             else:
                 if layer > 0 and self._rows_of_clean_pass(input_ids):
-                    stack.enter_context(self._stand_ins(layer, self._block_out[layer - 1][: input_ids.shape[0]]))
+                    prev = self._block_out[layer - 1][: input_ids.shape[0]]
+                    stack.enter_context(self._stand_ins(layer, prev.repeat(repeats, 1, 1) if repeats > 1 else prev))
                 for handle in self._replace_in_block(layer, new):
                     stack.enter_context(_hook(handle))
-            return self.lm.model(input_ids=input_ids, use_cache=False, **extra).logits
+            return self.lm.model(input_ids=ids, use_cache=False, **extra).logits
 
     def _rows_of_clean_pass(self, input_ids: torch.Tensor) -> bool:
         """input_ids are the first rows of the last clean pass: their block inputs are its block outputs

@@ -30,6 +30,7 @@ DISTANCES = ("raw", "layer-centred", "centred")  # harvest.similarity's names pl
 GROUPING_METHODS = ("agglomerative", "dp", "reference")  # kept in step with harvest.partition.METHODS (tested)
 LAST_LAYER = ("own", "grouped")  # kept in step with harvest.partition.LAST_LAYER (tested)
 OBJECTIVES = ("layer-mean", "amad", "max")  # kept in step with harvest.partition.OBJECTIVES (tested)
+CE_LAYERS = ("auto", "all", "spot")  # report.ce_layers' named choices (else a list of layers)
 TASKS = ("ioi", "greater-than", "sva")  # kept in step with analysis.tasks.GENERATORS (tested)
 HOOKPOINTS = ("resid_post", "resid_mid", "mlp_out", "attn_out")  # kept in step with ghsae.lm.HOOKPOINTS (tested)
 
@@ -389,6 +390,12 @@ class ReportConfig:
     are measured; every (SAE, layer) costs one pass of the blocks after its layer over them. On the
     default run's SAEs, 2,048 tokens (8 contexts) gave mean delta CE % 4.66 +- 0.75 (16 %); 6,144
     (24 contexts) projects to 9.3 % by 1/sqrt(contexts) (not yet re-measured)."""
+    ce_layers: str | list[int] = "auto"
+    """Where each SAE's reconstruction is spliced in for delta CE and KL (one pass of the later blocks
+    per layer; FVU is measured at every layer regardless): all (every layer an SAE serves), spot (group
+    SAEs at the layers that have a per-layer SAE, so the gap is paired; per-layer SAEs at theirs), a
+    list of layers, or auto (spot when the report compares with the run's own spot checks, as
+    `ghsae run` does by default; all otherwise)."""
     latents_shown: int = 8
     """Latents per SAE shown with the contexts where they fire hardest."""
     examples_per_latent: int = 5
@@ -436,6 +443,13 @@ class ReportConfig:
                 raise ConfigError(f"report.{name} is {getattr(self, name)}; expected a positive integer")
         if not self.outlier_factor > 1.0:  # also refuses nan
             raise ConfigError(f"report.outlier_factor is {self.outlier_factor}; expected a number above 1 (10 is usual)")
+        if isinstance(self.ce_layers, str) and self.ce_layers not in CE_LAYERS:
+            raise ConfigError(
+                f"report.ce_layers is {self.ce_layers!r}; expected {', '.join(CE_LAYERS)} or a list of layers, "
+                'e.g. ce_layers = "all" in [report]'
+            )
+        if isinstance(self.ce_layers, list) and (not self.ce_layers or any(x < 0 for x in self.ce_layers)):
+            raise ConfigError(f"report.ce_layers is {self.ce_layers}; expected a non-empty list of layers (0 or more)")
         if self.ce_tokens < 0:
             raise ConfigError(f"report.ce_tokens is {self.ce_tokens}; expected 0 (no CE evals) or more")
 

@@ -179,7 +179,8 @@ def test_a_mismatched_baseline_is_refused_with_the_reason(fitted_runs, tmp_path,
 
 def test_ghsae_run_chains_harvest_fit_and_report(tiny_llama, text_dataset, tmp_path):
     config = tmp_path / "pipeline.toml"
-    config.write_text(to_toml(tiny_config(tiny_llama, text_dataset, **{"grouping.groups": 2, **FIT, **REPORT})))
+    settings = {"grouping.groups": 2, "compare.spot_layers": [0, 4], **FIT, **REPORT}
+    config.write_text(to_toml(tiny_config(tiny_llama, text_dataset, **settings)))
     run = tmp_path / "run"
     result = CliRunner().invoke(main, ["run", "--config", str(config), "--run-dir", str(run), "--no-progress"])
     assert result.exit_code == 0, result.output
@@ -187,6 +188,11 @@ def test_ghsae_run_chains_harvest_fit_and_report(tiny_llama, text_dataset, tmp_p
     starts = [line.split(" ")[0] for line in lines]
     assert starts.index("harvested") < starts.index("group_00") < starts.index("group_01") < starts.index("report:")
     assert (run / "report" / "report.html").is_file() and (run / "saes" / "group_01" / "sae.safetensors").is_file()
+    # report.ce_layers = auto: the group SAEs are spliced where a per-layer spot check pairs them, only
+    rows = pq.read_table(run / "report" / "metrics.parquet").to_pylist()
+    spot = {r["layer"] for r in rows if r["kind"] == "baseline"}
+    spliced = {r["layer"] for r in rows if r["kind"] == "group" and r.get("delta_ce") is not None}
+    assert spot == {0, 4} and spliced == spot
     # a second run resumes everything: nothing harvested or trained again
     again = CliRunner().invoke(main, ["run", "--config", str(config), "--run-dir", str(run), "--no-progress"])
     assert again.exit_code == 0 and "in 0 shards" in again.output
