@@ -1,8 +1,10 @@
 """Verification on use: a shard's bytes are checked against its completion record before anything trusts them.
 
-Each reader of the store (the training loader, `ghsae report`, `ghsae verify`, a `ghsae harvest`
-re-run) calls `verify_shard` the first time a process opens a (group, shard); the result is kept
-per process, keyed by the record's checksums, so a rewritten shard is checked again. The checks,
+Each reader of the store (the training loader, a derivation, a `ghsae harvest` re-run) calls
+`verify_once` the first time a process opens a (group, shard); the result is kept per process,
+keyed by the record's checksums, so a rewritten shard is checked again and `ghsae run` hashes each
+shard once. `ghsae verify` always checks (verify_shard). The report reads no activation: it checks
+the records and SAEs it reads instead. The checks,
 cheapest first:
 
   - the Zarr shard file of every array exists and has the size the record wrote down;
@@ -12,7 +14,7 @@ cheapest first:
     inf/NaN and overflowing rows; a store written before that check may hold them);
   - the blake2b-128 checksum of each array's valid rows equals the record's.
 
-blake2b runs at about a GB/s on one core (README: measured cost against the loader), so one pass
+blake2b runs at about a GB/s on one core (docs/benchmarks.md: measured against the loader), so one pass
 over a shard costs far less than training on it. A mismatch names group, shard and array, and the
 command that repairs it (a harvest re-run rewrites any shard that fails these checks).
 """
@@ -34,6 +36,16 @@ _VERIFIED: set[tuple[str, str, int, str]] = set()
 _LOCK = threading.Lock()  # the loader reads (and so verifies) in a background thread
 
 
+def nonfinite_sums(record: ShardRecord, layers) -> str | None:
+    """What is wrong with a record's per-layer norm sums for `layers` (None: all finite). A harvest
+    refuses overflowing rows; a store written before that check may record inf."""
+    for layer in layers:
+        sums = record.layer_stats.get(layer)
+        if sums is not None and not np.isfinite([sums.sum_norm, sums.sum_sq_norm]).all():
+            return f"its record's norm sums for layer {layer} are not finite ({sums.sum_norm}): the rows' norms overflowed"
+    return None
+
+
 def verify_shard(store: ActivationStore, plan: Plan, group: str, shard: int, record: ShardRecord) -> None:
     """Raise StoreError unless (group, shard) on disk is exactly what its record describes."""
     entry = record.groups.get(group)
@@ -42,13 +54,9 @@ def verify_shard(store: ActivationStore, plan: Plan, group: str, shard: int, rec
     if entry is None:
         raise StoreError(f"{where}: its record lists no such group; {repair}")
     rewrite = f"{repair} (the harvest then stops with the cause and its fix)"
-    for layer in plan.group_layers(group):
-        sums = record.layer_stats.get(layer)
-        if sums is not None and not np.isfinite([sums.sum_norm, sums.sum_sq_norm]).all():
-            raise StoreError(
-                f"{where}: its record's norm sums for layer {layer} are not finite ({sums.sum_norm}): the rows' "
-                f"norms overflowed; {rewrite}"
-            )
+    problem = nonfinite_sums(record, plan.group_layers(group))
+    if problem:
+        raise StoreError(f"{where}: {problem}; {rewrite}")
     sizes = entry.files  # empty in records written before sizes were recorded
     for name in ARRAYS:
         path = store.shard_file(group, name, shard)
@@ -85,6 +93,20 @@ def verify_shard(store: ActivationStore, plan: Plan, group: str, shard: int, rec
         raise StoreError(f"{where} is corrupt: checksum mismatch in array {', '.join(bad)}; {repair}")
 
 
+def verify_once(store: ActivationStore, plan: Plan, group: str, shard: int, record: ShardRecord) -> None:
+    """verify_shard, unless this process has verified the same (store, group, shard, checksums): every
+    reader of one process (a harvest's re-check, the loader, a derivation) hashes a shard's bytes once."""
+    entry = record.groups.get(group)
+    sums = "".join(entry.checksums.values()) if entry is not None else ""
+    key = (str(Path(store.path).resolve()), group, shard, sums)
+    if key in _VERIFIED:
+        return
+    with _LOCK:
+        if key not in _VERIFIED:
+            verify_shard(store, plan, group, shard, record)
+            _VERIFIED.add(key)
+
+
 class ShardVerifier:
     """Checks each (group, shard) of one store the first time this process reads it.
 
@@ -100,15 +122,5 @@ class ShardVerifier:
     def __call__(self, group: str, shard: int) -> None:
         if (group, shard) in self._seen:
             return
-        record = self.record_of(shard)
-        entry = record.groups.get(group)
-        sums = "".join(entry.checksums.values()) if entry is not None else ""
-        key = (str(Path(self.store.path).resolve()), group, shard, sums)
-        if key in _VERIFIED:  # checked by another reader of this process
-            self._seen.add((group, shard))
-            return
-        with _LOCK:
-            if key not in _VERIFIED:
-                verify_shard(self.store, self.plan, group, shard, record)
-                _VERIFIED.add(key)
+        verify_once(self.store, self.plan, group, shard, self.record_of(shard))
         self._seen.add((group, shard))

@@ -70,3 +70,9 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'ghsae' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public names and the stage modules, for dir() and tab completion (the lazy exports are
+    not in the module's namespace until first used)."""
+    return sorted({*globals(), *__all__, *_MODULES})

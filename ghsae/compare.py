@@ -1,4 +1,4 @@
-"""Group SAEs measured against per-layer SAEs from one model pass (issue 13).
+"""Group SAEs measured against per-layer SAEs from one model pass.
 
 Every layer is harvested once into an all-layers run; each grouping's store is derived from it
 (harvest/derive.py, byte for byte what a direct harvest would store), and per-layer SAEs train on
@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -27,10 +26,8 @@ from ghsae.config import GroupsSpec, PipelineConfig
 from ghsae.errors import ConfigError
 from ghsae.executors import Executor
 from ghsae.harvest import canonical_distance, distance_matrix, solve_grouping
-from ghsae.harvest.derive import derive_run
 from ghsae.harvest.partition import partition_scope
-from ghsae.harvest.rundir import claim_run_dir, prepare_run_dir
-from ghsae.harvest.steps import summary_line
+from ghsae.harvest.steps import plan_run
 from ghsae.layers import span
 from ghsae.layout import ACTS_STORE, DERIVED_FILE, MANIFEST_DIR, MARKER_FILE, PLAN_DIR, RunLayout
 from ghsae.records import Plan
@@ -120,10 +117,7 @@ def plan_all_layers(
 ) -> SourceSize:
     """Plan the all-layers run (the model's probe, no shards yet) and size what it and the stores
     of the `derived` groupings would take on disk."""
-    from ghsae import pipeline
-
-    pipeline.harvest(per_layer_config(cfg), source_dir, executor, plan_only=True, progress=progress)
-    source = Run.open(source_dir)
+    source = plan_run(per_layer_config(cfg), source_dir, executor, progress=progress)
     plan = source.plan
     groups = sum(stored_groups(source, cfg, spec) for spec in derived)
     needed = all_layers_bytes(plan) * (len(plan.layers) + groups) // len(plan.layers)
@@ -131,45 +125,6 @@ def plan_all_layers(
         return SourceSize(needed, cfg.compare.max_source_bytes, "compare.max_source_bytes")
     done = source.info().bytes_on_disk  # a resumed harvest already holds part of it
     return SourceSize(needed, free_bytes(source_dir) + done, "the free disk")
-
-
-def harvest_once(
-    cfg: PipelineConfig,
-    run_dir: str | Path,
-    executor: Executor,
-    *,
-    overwrite: bool,
-    progress: bool,
-    say: Callable[[str], None],
-) -> Run | None:
-    """Harvest every layer into RUN/per-layer and derive RUN's grouped store from it. Returns the
-    all-layers run, or None when its store would be too large (RUN is then harvested directly, and
-    the report has no per-layer comparison)."""
-    from ghsae import pipeline
-
-    layout = RunLayout(Path(run_dir))
-    prepare_run_dir(layout, cfg, overwrite)
-    with claim_run_dir(layout, cfg, overwrite):
-        pass  # the marker first (and --overwrite's clean-up), so that RUN/per-layer may live inside
-    # harvested directly before (an older run, or one made with compare.per_layer = "none"): kept,
-    # and its comparison takes a second model pass
-    direct = layout.plan.is_file() and not layout.derived_from.is_file()
-    derived = ([] if direct else [cfg.grouping.groups]) + [cfg.grouping.groups] * (cfg.compare.seeds - 1)
-    size = plan_all_layers(cfg, layout.per_layer, executor, derived=derived, progress=progress)
-    if not size.fits:
-        say(f"no per-layer comparison: {size.refusal()}; harvesting the grouped run alone")
-        shutil.rmtree(layout.per_layer)
-        say(summary_line(pipeline.harvest(cfg, run_dir, executor, progress=progress)))
-        return None
-    say(summary_line(pipeline.harvest(per_layer_config(cfg), layout.per_layer, executor, progress=progress)))
-    if direct:
-        say(f"{run_dir} was harvested directly before: kept (the per-layer run above is a second model pass)")
-        say(summary_line(pipeline.harvest(cfg, run_dir, executor, progress=progress)))
-        return Run.open(layout.per_layer)
-    derived = derive_run(layout.per_layer, cfg, layout.root, progress=progress)
-    groups = ", ".join(span(g) for g in derived.plan.groups)
-    say(f"derived {run_dir} ({len(derived.plan.groups)} groups: {groups}) from {layout.per_layer}, without the model")
-    return Run.open(layout.per_layer)
 
 
 def per_layer_groups(source: Run, grouped: Run, cfg: PipelineConfig) -> list[str]:
@@ -181,42 +136,6 @@ def per_layer_groups(source: Run, grouped: Run, cfg: PipelineConfig) -> list[str
     if unknown:
         raise ConfigError(f"compare.spot_layers {unknown} are not harvested; the run has layers {span(source.plan.layers)}")
     return [source.plan.group_of_layer(x) for x in layers]
-
-
-def train_seeds(
-    cfg: PipelineConfig,
-    run_dir: str | Path,
-    source: Run | None,
-    executor: Executor,
-    *,
-    overwrite: bool,
-    progress: bool,
-    say: Callable[[str], None],
-) -> None:
-    """Seeds 1..compare.seeds-1 of `ghsae run`'s comparison, each in RUN/seed<s>/: its grouped store
-    derived from the all-layers run with the seed's layer draw (a direct harvest, a model pass each,
-    when there is none), its group SAEs, and, with per-layer SAEs, the same spot checks trained with the
-    seed on RUN/seed<s>/per-layer (hard links to the all-layers store: no layer draw to vary)."""
-    from ghsae import pipeline
-    from ghsae.train.fit import summary_lines
-
-    layout = RunLayout(Path(run_dir))
-    for seed in range(1, cfg.compare.seeds):
-        s_cfg, path = seed_config(cfg, seed), layout.seed_run(seed)
-        if source is not None:
-            derive_run(source.root, s_cfg, path, progress=progress)
-        else:
-            say(summary_line(pipeline.harvest(s_cfg, path, executor, overwrite=overwrite, progress=progress)))
-        for line in summary_lines(pipeline.fit(s_cfg, path, executor, overwrite=overwrite, progress=progress)):
-            say(f"seed {seed} {line}")
-        if source is None:
-            continue
-        linked = RunLayout(path).per_layer
-        link_run(source.root, linked)
-        groups = per_layer_groups(source, Run.open(path), cfg)
-        p_cfg = seed_config(per_layer_config(cfg), seed, layer_draw=False)
-        for line in summary_lines(pipeline.fit(p_cfg, linked, executor, groups=groups, overwrite=overwrite, progress=progress)):
-            say(f"seed {seed} per-layer {line}")
 
 
 class HeldOutSplit(NamedTuple):

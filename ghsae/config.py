@@ -222,9 +222,8 @@ class FitConfig:
     512 gives the embedded default's short CPU run (about 100K rows per group) enough steps."""
     lr: float = 0.003
     """Adam learning rate; 0 means 2e-4 / sqrt(m / 2^14), the reference's scaling for long runs.
-    The default suits the embedded default's ~200 steps: on group_01 of the default run (98K rows,
-    x16, k=128, batch 512) the final batch FVU was 0.160 with 3e-3 and linear decay, 0.163 with
-    2e-3, 0.169 with 4e-3 and 0.191 with 1e-3."""
+    The default suits the embedded default's short fit (docs/results.md: the learning rate of the
+    default fit)."""
     warmup_tokens: int = 0
     """Linear learning-rate warm-up over this many tokens."""
     decay: str = "linear"
@@ -245,7 +244,7 @@ class FitConfig:
     training log's dead % is the share of such latents. 0 = auto: min(10M, a tenth of the tokens the
     SAE trains on), so short runs find and revive dead latents too (the reference's 10M assumes
     ~1B-token runs). The report's dead % is another window: latents never active on the held-out
-    tokens (8,192 a layer by default, about the auto window of the default run)."""
+    tokens (harvest.eval_tokens)."""
     sparsity_coef: float = 0.001
     """L0 (jumprelu) or L1 (relu) weight ([fit.jumprelu] / [fit.relu] sparsity_coef)."""
     centre: bool = False
@@ -408,7 +407,7 @@ class ReportConfig:
     """auto (CUDA when present), cpu, cuda or cuda:N."""
     tasks: list[str] = field(default_factory=list)
     """Circuit tasks measured per layer (ioi, greater-than, sva); empty: none. They cost many
-    partial forward passes per layer and SAE (README: measured), so the default run leaves them off."""
+    partial forward passes per layer and SAE (docs/benchmarks.md: measured), so the default run leaves them off."""
     task_prompts: int = 32
     """Prompts generated per circuit task (fixed seed)."""
     task_layers: list[int] = field(default_factory=list)

@@ -7,7 +7,7 @@
   enospc  raise OSError(ENOSPC) (a full disk);  erofs: raise OSError(EROFS) (a read-only folder)
 
 Points are strings such as `shard-00003/before-record` (see harvest/shards.py and
-train/trainer.py). Timing-based kills are flaky on a loaded machine (issue 9, item 11); a named
+train/trainer.py). Timing-based kills are flaky on a loaded machine; a named
 point is reached on every run, so a test built on one is deterministic. Unset, this costs one
 dictionary lookup per point.
 """

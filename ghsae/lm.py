@@ -268,8 +268,8 @@ def check_causal_lm(config, source: ModelSource) -> None:
     """Refuse a model whose saved weights are not a causal LM's.
 
     AutoModelForCausalLM loads a BertModel folder as BertLMHeadModel with a randomly initialised
-    head, and nothing fails: harvest, fit and report then run on a model that predicts noise
-    (issue 9). The saved class names in config.json say what the weights were trained as.
+    head, and nothing fails: harvest, fit and report then run on a model that predicts noise.
+    The saved class names in config.json say what the weights were trained as.
     """
     saved = list(getattr(config, "architectures", None) or [])
     if saved and not any(name.endswith(_CAUSAL_SUFFIXES) for name in saved):

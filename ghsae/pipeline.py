@@ -2,7 +2,7 @@
 
     harvest(cfg, run_dir, executor)    check, plan (one task), shards (tasks), then the statistics
     fit(cfg, run_dir, executor)        check, record the fit settings, one task per group
-    report(cfg, run_dir, executor)     check the store, then one task that writes RUN/report/
+    report(cfg, run_dir, executor)     check the records, then one task that writes RUN/report/
     run_all(cfg, run_dir, executor)    the three, the model loaded once per process
 
 The CLI and the dask path are the same code: an InProcess executor runs the tasks here, a
@@ -13,24 +13,35 @@ tasks are module-level functions (dask pickles them by name) that rebuild the co
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ghsae import compare
 from ghsae.cache.stats import NormStats
 from ghsae.config import PipelineConfig, config_from_dict, load_config
 from ghsae.device import pick_device
-from ghsae.errors import ConfigError, DamagedFileError, StoreError
+from ghsae.errors import ConfigError, DamagedFileError
 from ghsae.executors import Executor, InProcess, worker_index
-from ghsae.harvest.rundir import prepare_run_dir
-from ghsae.harvest.steps import HarvestSummary, ShardSlice, Written, plan_step, recheck_done_shards, write_shards
-from ghsae.harvest.text import resolve_files
+from ghsae.harvest.derive import derive_run
+from ghsae.harvest.rundir import claim_run_dir, prepare_run_dir
+from ghsae.harvest.steps import (
+    HarvestSummary,
+    ShardSlice,
+    Written,
+    plan_run,
+    recheck_done_shards,
+    summary_line,
+    write_shards,
+)
+from ghsae.layers import span
 from ghsae.layout import RunLayout
 from ghsae.lm import LoadedModel, cached_model
 from ghsae.locks import hold_run
 from ghsae.run import Run
-from ghsae.train.fit import FitResult, check_fit_settings, fit_group, selected_groups, shards_to_fit
+from ghsae.train.fit import FitResult, check_fit_settings, fit_group, selected_groups, shards_to_fit, summary_lines
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +114,9 @@ def harvest(
     `shard_task`: the shard task to submit (tests inject faults with it)."""
     executor = executor or InProcess()
     layout = RunLayout(Path(run_dir))
-    prepare_run_dir(layout, cfg, overwrite)  # read-only: a refused folder is refused before the slow load
-    resolve_files(cfg.data.dataset)  # a missing dataset fails before the (slow) model load
+    run = plan_run(cfg, run_dir, executor, overwrite=overwrite, progress=progress, lm=lm)
     here = lm if executor.in_process else None
     progress_in_tasks = executor.task_progress(progress)
-    executor.call(plan_task, cfg.to_dict(), str(run_dir), overwrite, progress_in_tasks, here)
-    run = Run.open(layout.root)
     selected = (shards or ShardSlice()).select(run.plan.n_shards)
     recheck_done_shards(run, selected)
     if plan_only:
@@ -130,12 +138,6 @@ def harvest(
     after = Run.open(layout.root)  # the tasks wrote records this Run has not read
     after.finish(wrote=bool(written))
     return HarvestSummary(str(layout.root), len(written), sum(r.tokens for r in results), seconds, after.info())
-
-
-def plan_task(cfg_dict: dict, run_dir: str, overwrite: bool, progress: bool, lm: LoadedModel | None = None) -> int:
-    """Claim the folder and plan the run (once, on one worker). Returns the shard count."""
-    cfg = config_from_dict(cfg_dict)
-    return plan_step(cfg, RunLayout(Path(run_dir)), _model(cfg, lm), overwrite, progress).plan.n_shards
 
 
 def shards_task(
@@ -173,8 +175,9 @@ def fit(
     if check_fit_settings(run, cfg, overwrite) or run.fit_settings() is None:
         run.save_fit_settings(cfg)  # checked against the run's SAEs first, so never a refused fit's settings
     with hold_run(run.layout):  # no --overwrite between the statistics and the fits that use them
-        # In one process every group's SAE takes its layers' rows of the same statistics: add them up
-        # once (over every shard's record and sums), not once per group. A cluster's tasks add up their own.
+        # In one process every group's SAE takes its layers' rows of the same statistics: read them once
+        # (the harvest's statistics file; added up from the records and sums with --allow-partial), not
+        # once per group. A cluster's tasks read their own.
         shared = (shards, run.norm_stats(shards)) if executor.in_process else None
         args = (cfg.to_dict(), str(run_dir), allow_partial, overwrite, executor.task_progress(progress), shared)
         if cfg.fit.transfer != "none":  # each group starts from the previous one's SAE: one after another
@@ -224,16 +227,10 @@ def fit_task(
 
 
 def check_report_inputs(run: Run) -> None:
-    """What `report` trusts, checked before the model load: config.json, tokens.npy, and every shard
-    verified against its record (the SAEs were trained on those rows)."""
-    run.config  # noqa: B018 - reading it raises DamagedFileError for a damaged config.json
-    run.tokens()
-    problems, _ = run.verify()
-    if problems:
-        raise StoreError(
-            problems[0]
-            + (f" (and {len(problems) - 1} more problems: see `ghsae verify {run.root}`)" if len(problems) > 1 else "")
-        )
+    """What `report` reads, checked before the model load: config.json, tokens.npy and the shard
+    records (Run.check_records); the SAEs are checked as they load. The report reads no activation,
+    so it neither needs nor hashes the store (`ghsae verify` and fit do)."""
+    run.check_records()
 
 
 def report(
@@ -316,6 +313,79 @@ def report_task(
     return str(write_report(data, cfg))
 
 
+# --- the per-layer comparison and its seeds -----------------------------------------------------
+
+
+def harvest_once(
+    cfg: PipelineConfig,
+    run_dir: str | Path,
+    executor: Executor,
+    *,
+    overwrite: bool,
+    progress: bool,
+    say: Callable[[str], None],
+) -> Run | None:
+    """Harvest every layer into RUN/per-layer and derive RUN's grouped store from it. Returns the
+    all-layers run, or None when its store would be too large (RUN is then harvested directly, and
+    the report has no per-layer comparison)."""
+    layout = RunLayout(Path(run_dir))
+    prepare_run_dir(layout, cfg, overwrite)
+    with claim_run_dir(layout, cfg, overwrite):
+        pass  # the marker first (and --overwrite's clean-up), so that RUN/per-layer may live inside
+    # harvested directly before (an older run, or one made with compare.per_layer = "none"): kept,
+    # and its comparison takes a second model pass
+    direct = layout.plan.is_file() and not layout.derived_from.is_file()
+    derived = ([] if direct else [cfg.grouping.groups]) + [cfg.grouping.groups] * (cfg.compare.seeds - 1)
+    size = compare.plan_all_layers(cfg, layout.per_layer, executor, derived=derived, progress=progress)
+    if not size.fits:
+        say(f"no per-layer comparison: {size.refusal()}; harvesting the grouped run alone")
+        shutil.rmtree(layout.per_layer)
+        say(summary_line(harvest(cfg, run_dir, executor, progress=progress)))
+        return None
+    say(summary_line(harvest(compare.per_layer_config(cfg), layout.per_layer, executor, progress=progress)))
+    if direct:
+        say(f"{run_dir} was harvested directly before: kept (the per-layer run above is a second model pass)")
+        say(summary_line(harvest(cfg, run_dir, executor, progress=progress)))
+        return Run.open(layout.per_layer)
+    derived = derive_run(layout.per_layer, cfg, layout.root, progress=progress)
+    groups = ", ".join(span(g) for g in derived.plan.groups)
+    say(f"derived {run_dir} ({len(derived.plan.groups)} groups: {groups}) from {layout.per_layer}, without the model")
+    return Run.open(layout.per_layer)
+
+
+def train_seeds(
+    cfg: PipelineConfig,
+    run_dir: str | Path,
+    source: Run | None,
+    executor: Executor,
+    *,
+    overwrite: bool,
+    progress: bool,
+    say: Callable[[str], None],
+) -> None:
+    """Seeds 1..compare.seeds-1 of `ghsae run`'s comparison, each in RUN/seed<s>/: its grouped store
+    derived from the all-layers run with the seed's layer draw (a direct harvest, a model pass each,
+    when there is none), its group SAEs, and, with per-layer SAEs, the same spot checks trained with the
+    seed on RUN/seed<s>/per-layer (hard links to the all-layers store: no layer draw to vary)."""
+    layout = RunLayout(Path(run_dir))
+    for seed in range(1, cfg.compare.seeds):
+        s_cfg, path = compare.seed_config(cfg, seed), layout.seed_run(seed)
+        if source is not None:
+            derive_run(source.root, s_cfg, path, progress=progress)
+        else:
+            say(summary_line(harvest(s_cfg, path, executor, overwrite=overwrite, progress=progress)))
+        for line in summary_lines(fit(s_cfg, path, executor, overwrite=overwrite, progress=progress)):
+            say(f"seed {seed} {line}")
+        if source is None:
+            continue
+        linked = RunLayout(path).per_layer
+        compare.link_run(source.root, linked)
+        groups = compare.per_layer_groups(source, Run.open(path), cfg)
+        p_cfg = compare.seed_config(compare.per_layer_config(cfg), seed, layer_draw=False)
+        for line in summary_lines(fit(p_cfg, linked, executor, groups=groups, overwrite=overwrite, progress=progress)):
+            say(f"seed {seed} per-layer {line}")
+
+
 # --- the whole pipeline -----------------------------------------------------------------------
 
 
@@ -337,14 +407,10 @@ def run_all(
     spot layers (or all), and the report sets them beside the group SAEs (ghsae/compare.py). With
     compare.seeds = N, seeds 1..N-1 of both are trained in RUN/seed<s>/ and the report gives every
     gap a standard error across seeds."""
-    from ghsae import compare
-    from ghsae.harvest.steps import summary_line
-    from ghsae.train.fit import summary_lines
-
     executor = executor or InProcess()
     source = None
     if cfg.compare.per_layer != "none" and baseline is None:
-        source = compare.harvest_once(cfg, run_dir, executor, overwrite=overwrite, progress=progress, say=say)
+        source = harvest_once(cfg, run_dir, executor, overwrite=overwrite, progress=progress, say=say)
     else:
         say(summary_line(harvest(cfg, run_dir, executor, overwrite=overwrite, progress=progress)))
     for line in summary_lines(fit(cfg, run_dir, executor, overwrite=overwrite, progress=progress)):
@@ -355,6 +421,6 @@ def run_all(
         for line in summary_lines(fit(source_cfg, source.root, executor, groups=groups, overwrite=overwrite, progress=progress)):
             say(f"per-layer {line}")
     if baseline is None:  # seeds of a given baseline are the user's to train
-        compare.train_seeds(cfg, run_dir, source, executor, overwrite=overwrite, progress=progress, say=say)
+        train_seeds(cfg, run_dir, source, executor, overwrite=overwrite, progress=progress, say=say)
     return report(cfg, run_dir, executor, baseline=baseline, progress=progress)
 

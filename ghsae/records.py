@@ -39,8 +39,8 @@ from ghsae.errors import DamagedFileError
 from ghsae.layout import SAE_FORMAT
 
 RECORD_VERSION = 1
-STATS_FROM_STORED = "stored-rows"  # a plan's per-layer sums are of the rows as stored (since issue 13)
-STATS_FROM_MODEL = "model-output"  # ... of the model's output before the cast (plans made before)
+STATS_FROM_STORED = "stored-rows"  # a plan's per-layer sums are of the rows as stored (a derived run reproduces them)
+STATS_FROM_MODEL = "model-output"  # ... of the model's output before the cast (older plans)
 HOOKPOINT_DEFAULT = "resid_post"  # a plan or SAE record without a hookpoint stored the block outputs
 
 
@@ -235,7 +235,7 @@ class Plan:
     grouping: GroupingRecord
     probe_tokens: int
     seconds: float | None = None  # tokenise + probe + partition: part of the report's harvest cost A
-    stats_from: str = STATS_FROM_MODEL  # what the shards' per-layer sums are taken of (absent: before issue 13)
+    stats_from: str = STATS_FROM_MODEL  # what the shards' per-layer sums are taken of (absent: an older plan, model-output)
     hookpoint: str = HOOKPOINT_DEFAULT  # which activation of each layer is stored (harvest.hookpoint)
 
     @classmethod

@@ -218,6 +218,8 @@ class Run:
     def forget_shard(self, shard: int) -> None:
         """Drop a shard's record (and sums) so the next harvest writes the shard again."""
         self._records.pop(shard, None)
+        self.layout.stats.unlink(missing_ok=True)  # over every shard: no longer this run's until rewritten
+        self.layout.stats_arrays.unlink(missing_ok=True)
         self.layout.shard_record(shard).unlink(missing_ok=True)
         self.layout.shard_sums(shard).unlink(missing_ok=True)
 
@@ -241,10 +243,40 @@ class Run:
         return ActivationStore.open(self.layout.acts)
 
     def norm_stats(self, shards: list[int] | None = None) -> NormStats:
-        """Per-layer statistics added up over `shards` (default: every done shard)."""
+        """Per-layer statistics over `shards` (default: every done shard): the harvest's statistics
+        file when they are every shard of the run, else added up from their records and sums."""
         shards = self.done_shards() if shards is None else shards
+        if sorted(shards) == list(range(self.plan.n_shards)):
+            saved = self.saved_stats()
+            if saved is not None:
+                return saved
+        return self.add_up_stats(shards)
+
+    def add_up_stats(self, shards: list[int]) -> NormStats:
+        """Per-layer statistics added up over `shards`' records and sums files."""
         records = [self.shard_record(s) for s in shards]
         return add_up(self.plan.layers, records, [self.layout.shard_sums(s) for s in shards])
+
+    def saved_stats(self) -> NormStats | None:
+        """The statistics manifest/stats.json and stats.npz hold (what write_stats added up over every
+        shard), or None where they are absent or from another config."""
+        stats = self.run_stats() if self.layout.stats_arrays.is_file() else None
+        if stats is None or stats.config_hash != self.plan.config_hash or not self.complete():
+            return None
+        layers = list(self.plan.layers)
+        rows = [stats.layers[layer] for layer in layers]
+        with np.load(self.layout.stats_arrays) as z:
+            if [int(x) for x in z["layers"]] != layers:
+                return None
+            mean = np.array(z["mean"])
+        return NormStats(
+            layers,
+            np.array([float(r.count) for r in rows]),
+            np.array([r.mean_norm for r in rows], dtype=np.float64),
+            np.array([r.mean_sq_norm for r in rows], dtype=np.float64),
+            mean,
+            self.norm_distribution(),
+        )
 
     def finish(self, wrote: bool) -> None:
         """The one ending of a harvest or derivation: once every shard is done, the per-layer
@@ -256,7 +288,7 @@ class Run:
         """manifest/stats.json (+ .npz with the means and scales), over every shard."""
         from ghsae.atomic import save_npz_atomic
 
-        stats = self.norm_stats(list(range(self.plan.n_shards)))
+        stats = self.add_up_stats(list(range(self.plan.n_shards)))
         d = self.plan.d_model
         norms = {} if stats.norms is None else {"norm_hist": stats.norms.hist, "max_norm": stats.norms.max_norm}
         save_npz_atomic(
@@ -284,10 +316,12 @@ class Run:
 
         return ShardVerifier(self.store, self.plan, self.shard_record)
 
-    def failing_shards(self, shards: list[int]) -> dict[int, str]:
-        """shard -> the first problem found, for those of `shards` (all recorded done) that fail verification."""
-        from ghsae.cache.verify import verify_shard
+    def failing_shards(self, shards: list[int], *, once: bool = False) -> dict[int, str]:
+        """shard -> the first problem found, for those of `shards` (all recorded done) that fail verification.
+        `once`: skip the shards this process has verified already (cache.verify.verify_once)."""
+        from ghsae.cache.verify import verify_once, verify_shard
 
+        check = verify_once if once else verify_shard
         bad: dict[int, str] = {}
         for s in shards:
             try:
@@ -295,10 +329,26 @@ class Run:
                 if not self.layout.shard_sums(s).is_file():
                     raise StoreError(f"{self.layout.shard_sums(s)} is missing")
                 for group in self.plan.group_names:
-                    verify_shard(self.store, self.plan, group, s, record)
+                    check(self.store, self.plan, group, s, record)
             except (StoreError, DamagedFileError) as e:
                 bad[s] = str(e)
         return bad
+
+    def check_records(self) -> None:
+        """Raise unless what a reader of the records (not of the store) relies on holds: config.json,
+        tokens.npy, and every done shard's record (readable, this run's, finite norm sums). Reads no
+        activation, so it holds with acts.zarr gone; `verify` checks the store's bytes."""
+        from ghsae.cache.verify import nonfinite_sums
+
+        self.config  # noqa: B018 - reading it raises DamagedFileError for a damaged config.json
+        self.tokens()
+        for s in self.done_shards():
+            problem = nonfinite_sums(self.shard_record(s), self.plan.layers)
+            if problem:
+                raise StoreError(
+                    f"shard {s} of {self.root}: {problem}; re-run `ghsae harvest --run-dir {self.root}` (same config) "
+                    "to rewrite it (the harvest then stops with the cause and its fix)"
+                )
 
     def store_problems(self) -> list[str]:
         """The store's missing or damaged metadata (zarr.json of the root, a group or an array): without

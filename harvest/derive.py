@@ -1,4 +1,4 @@
-"""A grouped run derived from an all-layers run, without running the model (issue 13).
+"""A grouped run derived from an all-layers run, without running the model.
 
 An all-layers run (harvested with `--groups per-layer`) stores every harvested layer's residual
 for every token. A grouped run stores, per token and group, the one layer its draw picked. Both

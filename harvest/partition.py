@@ -26,7 +26,7 @@ the methods see layers 0..L-2 only and layer L-1 gets an SAE of its own (`solve_
   All share best[g][j] = agg(best[g-1][i], cost(i, j-1)) over split points i: O(L^3).
 
 Which method's partitions give the better SAEs at equal G and tokens is measured, not assumed
-(ARCHITECTURE.md, "Grouping").
+(docs/decisions.md#grouping).
 """
 
 from __future__ import annotations

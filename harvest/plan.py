@@ -142,7 +142,7 @@ def _replace_damaged_plan(layout: RunLayout, staging) -> None:
     """A file of plan/ was deleted: the rebuilt plan replaces it if it equals what is left of the old one."""
     if layout.plan.is_file():
         old, new = load_record(Plan, layout.plan), load_record(Plan, staging / PLAN_FILE)
-        if old.stats_from != new.stats_from:  # a run from before issue 13 keeps summing as its shards did
+        if old.stats_from != new.stats_from:  # an older model-output plan keeps summing as its shards did
             new = dataclasses.replace(new, stats_from=old.stats_from)
             save_record(staging / PLAN_FILE, new)
         differ = [k for k in _PLAN_FIELDS_THAT_MUST_MATCH if getattr(old, k) != getattr(new, k)]

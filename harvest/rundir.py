@@ -2,7 +2,7 @@
 
 A run folder is recognised by RUN/ghsae-run.json, a marker ghsae writes (with its format
 version) before anything else, never by a generic name such as config.json: a transformers
-model folder has a config.json too, and `--overwrite` once deleted one (issue 9). Folders made
+model folder has a config.json too, and `--overwrite` once deleted one. Folders made
 before the marker existed are recognised by their config.json holding ghsae's own keys next to
 plan/plan.json, and get the marker when next claimed.
 

@@ -59,7 +59,7 @@ class LayerSumsAccumulator:
     """Per-layer sums of one shard's stored rows (count, sum x, sum ||x||, sum ||x||^2), in float64
     on the harvest's device (the rows are checked first by a harvest.finite.ActivationGuard).
 
-    A plan with stats_from = "stored-rows" (every plan since issue 13) sums the rows as stored
+    A plan with stats_from = "stored-rows" (every new plan) sums the rows as stored
     (after the cast to the storage dtype), so a store derived from an all-layers harvest
     (harvest/derive.py) reproduces them exactly; older plans summed the model's output before the
     cast ("model-output"). Rows are added per batch and layer, in the same order either way.

@@ -33,13 +33,14 @@ from ghsae.cache.store import (
     repair_hint,
     restore_metadata,
 )
-from ghsae.config import PipelineConfig
+from ghsae.config import PipelineConfig, config_from_dict
 from ghsae.errors import ConfigError, DamagedFileError, RunDirError, StoreError
 from ghsae.harvest.plan import PlanBuilder, check_model_fits, ensure_plan, model_plan_builder
-from ghsae.harvest.rundir import claim_run_dir
+from ghsae.harvest.rundir import claim_run_dir, prepare_run_dir
 from ghsae.harvest.shards import ShardProducer, commit_shard
+from ghsae.harvest.text import resolve_files
 from ghsae.layout import STAGING_PREFIX, RunLayout
-from ghsae.lm import LoadedModel, check_same_model
+from ghsae.lm import LoadedModel, cached_model, check_same_model
 from ghsae.locks import FileLock, hold_run, try_lock, wait_lock
 from ghsae.records import ModelIdentity, Plan, RunConfig, load_record, save_record
 from ghsae.run import Run, RunInfo
@@ -185,6 +186,27 @@ def check_plan_matches(layout: RunLayout, plan: Plan, cfg: PipelineConfig, model
     check_same_model(plan.model, model)
 
 
+def plan_run(
+    cfg: PipelineConfig, run_dir: str | Path, executor, *, overwrite: bool = False, progress: bool = True,
+    lm: LoadedModel | None = None,
+) -> Run:
+    """Check the folder and the dataset (read-only, before the slow model load), then plan the run
+    once: one task of `executor` (a ghsae.executors.Executor). Returns the planned run."""
+    layout = RunLayout(Path(run_dir))
+    prepare_run_dir(layout, cfg, overwrite)
+    resolve_files(cfg.data.dataset)
+    here = lm if executor.in_process else None
+    executor.call(plan_task, cfg.to_dict(), str(run_dir), overwrite, executor.task_progress(progress), here)
+    return Run.open(layout.root)
+
+
+def plan_task(cfg_dict: dict, run_dir: str, overwrite: bool, progress: bool, lm: LoadedModel | None = None) -> int:
+    """Claim the folder and plan the run (once, on one worker). Returns the shard count."""
+    cfg = config_from_dict(cfg_dict)
+    model = lm if lm is not None else cached_model(cfg.model.path, cfg.model.device, cfg.model.dtype)
+    return plan_step(cfg, RunLayout(Path(run_dir)), model, overwrite, progress).plan.n_shards
+
+
 def recheck_done_shards(run: Run, shards: list[int]) -> list[int]:
     """Verify the done shards among `shards` against their records; forget those that fail, so they are
     written again (a flipped byte, a truncated file or a damaged record is repaired by re-running harvest)."""
@@ -197,7 +219,7 @@ def recheck_done_shards(run: Run, shards: list[int]) -> list[int]:
         if lock is None:
             continue  # another process is on this shard; it verifies or writes it
         with lock:
-            problem = run.failing_shards([s]).get(s)
+            problem = run.failing_shards([s], once=True).get(s)
             if problem is not None:
                 log.warning("shard %d fails verification (%s); writing it again", s, problem)
                 run.forget_shard(s)

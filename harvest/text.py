@@ -201,7 +201,7 @@ def _txt_documents(path: Path) -> Iterator[Document]:
     Neither a long paragraph nor a long line is held whole: lines arrive at most MAX_PIECE_CHARS at
     a time, and a paragraph that grows past that is cut at its last whitespace into a piece marked
     `joined` (no EOS after it). A 20 MB single-line file peaked at 3.3 GB in the tokenizer when
-    read whole (issue 9). The whitespace starts the next piece, as a BPE tokenizer expects.
+    read whole. The whitespace starts the next piece, as a BPE tokenizer expects.
     """
     warn_if_not_text(path)
     parts: list[str] = []

@@ -72,3 +72,17 @@ def test_importing_ghsae_loads_neither_torch_nor_the_stages():
     code = "import sys, ghsae; print(sorted(m for m in ('torch', 'ghsae.run', 'ghsae.harvest') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_dir_of_ghsae_lists_every_public_name_before_any_is_used():
+    """Tab completion reads dir(): the lazy exports must be listed before their first use, and each
+    listed name must resolve."""
+    import subprocess
+    import sys
+
+    code = "import ghsae; print(' '.join(dir(ghsae)))"
+    listed = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert set(ghsae.__all__) <= listed
+    assert {"open_run", "load_sae", "Run", "pipeline", "records"} <= listed
+    for name in ghsae.__all__:
+        assert getattr(ghsae, name) is not None

@@ -6,7 +6,7 @@ normalises each row by the factor of the layer it was drawn from.
 
 With fit.centre, each layer's mean is subtracted first and the factor is sqrt(d) / E||x - mean||,
 so the centred rows have E||x - mean|| = sqrt(d) (the factor of the uncentred norm would leave
-them 0.62-1.13 of that on SmolLM2, issue 10). The shard records' sums give E||x - mean||^2
+them off that target by the size of the mean, which differs per layer). The shard records' sums give E||x - mean||^2
 exactly (E||x||^2 - ||mean||^2) but not E||x - mean||, which differs from that RMS by the spread
 of the centred norms; so E||x - mean|| is measured in one pass over the group's stored rows (the
 rows the SAE trains on, one layer's rows being exactly those stored for it).

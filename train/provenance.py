@@ -4,7 +4,7 @@ A checkpoint (and the finished SAE's cfg.json) records both. A re-fit compares t
 current command's and refuses to continue on any difference, listing the differing keys, unless
 asked to start over (`ghsae fit --overwrite`). Before this record existed a re-run with another
 lr kept the old weights and wrote the new lr into cfg.json, and a fit begun with --allow-partial
-was continued on the completed store with the partial store's normalisation (issue 9).
+was continued on the completed store with the partial store's normalisation.
 """
 
 from __future__ import annotations

@@ -298,7 +298,7 @@ class Trainer:
 
     def _read_checkpoint(self) -> dict:
         # weights_only: a checkpoint is data (tensors, numbers, strings); a run folder received from
-        # someone else must not be able to run code on resume (issue 9, item 12)
+        # someone else must not be able to run code on resume
         try:
             payload = torch.load(self.checkpoint_path, map_location=self.loader.device, weights_only=True)
         except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
