@@ -1,4 +1,4 @@
-"""`ghsae sweep`: the quality-versus-compute trade-off over G, against per-layer SAEs (issue 13).
+"""`ghsae sweep`: the quality-versus-compute trade-off over G, against per-layer SAEs.
 
     SWEEP/ghsae-sweep.json   the sweep's record: its groupings and settings (what resumes it)
     SWEEP/per-layer/         every layer harvested once (the one model pass), its per-layer SAEs
