@@ -133,7 +133,7 @@ def summary_section(data: ReportData) -> str:
         + "</p>"
     ]
     if base:
-        parts.insert(0, gap_paragraph(data))  # the answer the page exists for, above the table it summarises
+        parts.insert(1, gap_paragraph(data))  # the answer the page exists for, right under the headline table
     missing = [g for g in plan.group_names if g not in data.side.names]
     if missing:
         parts.append(f'<p class="warn">Partial report: no SAE for {", ".join(missing)}.</p>')
