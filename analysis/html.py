@@ -35,6 +35,11 @@ def table(headers: list[str], rows: list[list[str]], cls: str = "") -> str:
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
+def figures(images: list[str]) -> str:
+    """Figures side by side in a grid: two or three to a row on a wide screen, one on a narrow one."""
+    return f'<div class="figures">{"".join(images)}</div>' if images else ""
+
+
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
 table{border-collapse:collapse;margin:.8em 0;font-size:.85em}
@@ -43,6 +48,8 @@ th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
 table.wide{font-size:.75em}
 .gap{background:#f6f8fa;border-left:4px solid #1f77b4;padding:.5em .8em}
 img{max-width:100%;display:block;margin:.5em 0}
+.figures{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:.6em 1em;align-items:start}
+.figures img{width:100%;margin:0}
 section{border-top:2px solid #ddd;margin-top:2em}
 .small{color:#777;font-size:.85em} .warn{color:#a00}
 mark{background:#ffd54f;font-weight:bold}

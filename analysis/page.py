@@ -13,7 +13,7 @@ from ghsae.analysis import plots, seeds
 from ghsae.analysis.circuit_report import render_section as circuit_section
 from ghsae.analysis.dashboards import report_block
 from ghsae.analysis.evals import WITH_SE
-from ghsae.analysis.html import CSS, fmt, img, pm, table
+from ghsae.analysis.html import CSS, figures, fmt, img, pm, table
 from ghsae.analysis.rate import ratings_section
 from ghsae.analysis.report import ReportData, SAEKind
 from ghsae.analysis.seeds import Estimate
@@ -115,7 +115,9 @@ def _cells(r: dict) -> list[str]:
 
 def summary_section(data: ReportData) -> str:
     run, base, result, plan = data.side.run, data.base, data.result, data.plan
+    heads = ["SAEs", "over"] + [h for _, h, _ in METRICS]
     parts = [
+        table(heads, [[r["saes"], r["over"]] + _cells(r) for r in headline(data)], "wide"),
         f"<p>Run <code>{html.escape(str(run.root))}</code>: model <b>{html.escape(plan.model.source)}</b>, "
         f"{len(plan.layers)} layers in <b>{len(plan.groups)} groups</b> ({spans(plan.groups)}). "
         f"Evals on {result.eval_tokens:,} held-out tokens in {result.eval_contexts:,} contexts (harvest never stored "
@@ -131,9 +133,7 @@ def summary_section(data: ReportData) -> str:
         + "</p>"
     ]
     if base:
-        parts.append(gap_paragraph(data))
-    heads = ["SAEs", "over"] + [h for _, h, _ in METRICS]
-    parts.append(table(heads, [[r["saes"], r["over"]] + _cells(r) for r in headline(data)], "wide"))
+        parts.insert(1, gap_paragraph(data))  # the answer the page exists for, right under the headline table
     missing = [g for g in plan.group_names if g not in data.side.names]
     if missing:
         parts.append(f'<p class="warn">Partial report: no SAE for {", ".join(missing)}.</p>')
@@ -234,19 +234,44 @@ def evals_section(data: ReportData) -> str:
     ]
     rows = [[str(layer), ours[layer]["sae"]] + _cells(ours[layer]) for layer in layers if layer in ours]
     parts.append(table(["layer", "SAE"] + [h for _, h, _ in METRICS], rows, "wide"))
+    images, notes = [], []
     for key in PLOTTED:
         if not any(key in r for r in ours.values()):
             continue
         heading = HEADING[key]
-        png = plots.per_layer_metric(
-            layers,
-            [ours.get(x, {}).get(key, np.nan) for x in layers],
-            groups,
-            heading,
-            [theirs.get(x, {}).get(key, np.nan) for x in layers] if theirs else None,
-        )
-        parts.append(img(png, f"{heading} per layer"))
+        mine = [ours.get(x, {}).get(key, np.nan) for x in layers]
+        base = [theirs.get(x, {}).get(key, np.nan) for x in layers] if theirs else None
+        note = _unplotted(data, key, mine + (base or []))
+        if note:
+            notes.append(note)
+            continue
+        png = plots.per_layer_metric(layers, mine, groups, heading, base)
+        images.append(img(png, f"{heading} per layer"))
+    parts.append(figures(images))
+    if notes:
+        parts.append(f"<p class='small'>Not plotted: {'; '.join(notes)}.</p>")
     return "".join(parts)
+
+
+def _topk_k(data: ReportData) -> int | None:
+    """k when every SAE on the page is a TopK SAE with the same k (at most k active latents per token)."""
+    cfgs = [t.sae.cfg for side in data.sides for t in side.targets]
+    ks = {c.k for c in cfgs if c.architecture == "topk"}
+    return ks.pop() if cfgs and len(ks) == 1 and all(c.architecture == "topk" for c in cfgs) else None
+
+
+def _unplotted(data: ReportData, key: str, values: list[float]) -> str:
+    """Why a per-layer metric gets a sentence instead of a plot ("" when it is plotted): a TopK SAE's
+    L0 is k by construction, and a line flat to 0.1 % carries nothing a number does not."""
+    finite = [v for v in values if np.isfinite(v)]
+    lo, hi = (fmt(min(finite), FORMAT[key]), fmt(max(finite), FORMAT[key])) if finite else ("–", "–")
+    shown = lo if lo == hi else f"{lo}–{hi}"
+    k = _topk_k(data) if key == "l0" else None
+    if k is not None:
+        return f"L0 = k = {k} for every token (TopK keeps at most k latents; measured {shown})"
+    if plots.is_flat(values):
+        return f"{HEADING[key]} is {shown} at every layer"
+    return ""
 
 
 def baseline_section(data: ReportData) -> str:
@@ -380,10 +405,11 @@ def outliers_section(data: ReportData) -> str:
 
 def density_section(data: ReportData) -> str:
     dens = data.result.densities
-    parts = []
+    images = []
     for side in data.sides:
         side_d = {t.name: dens[t.name] for t in side.targets}
-        parts.append(img(plots.density_histogram(side_d, side.kind.label), f"latent density, {side.kind.label}"))
+        images.append(img(plots.density_histogram(side_d, side.kind.label), f"latent density, {side.kind.label}"))
+    parts = [figures(images)]
     drows = [
         [
             html.escape(t.name),
@@ -410,9 +436,11 @@ def clustering_section(data: ReportData) -> str:
         f"with G the smallest whose AMAD is below {cl.threshold:g}: {html.escape(cl.summary)} (AMAD "
         f"{cl.chosen_amad:.3f}). White squares: the groups.</p>"
     ]
-    for d, matrix in cl.matrices.items():
-        parts.append(img(plots.distance_heatmap(matrix, cl.layers, groups, f"{d} angular distance"), f"{d} heatmap"))
-    parts.append(img(plots.amad_curve(cl.curves, cl.threshold, cl.g), "AMAD curves"))
+    images = [
+        img(plots.distance_heatmap(matrix, cl.layers, groups, f"{d} angular distance"), f"{d} heatmap")
+        for d, matrix in cl.matrices.items()
+    ]
+    parts.append(figures([*images, img(plots.amad_curve(cl.curves, cl.threshold, cl.g), "AMAD curves")]))
     parts.append(f"<p>Each method's partition at this run's G = {cl.g} ({html.escape(cl.distance)} distances):</p>")
     parts.append(
         table(

@@ -9,15 +9,39 @@ import matplotlib
 matplotlib.use("Agg")  # no display on cluster nodes; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import FuncFormatter, ScalarFormatter  # noqa: E402
 
 GROUP_COLOUR, BASE_COLOUR = "#1f77b4", "#d62728"
 
 
 def _png(fig) -> bytes:
+    _plain_numbers(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+def _tick(value: float, _pos=None) -> str:
+    return f"{value:.6g}"
+
+
+def _plain_numbers(fig) -> None:
+    """Every linear axis labels its ticks with the numbers themselves: matplotlib's default moves a
+    shared offset or power of ten into a corner (`+1.279e2`), which a reader misses or misreads."""
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if isinstance(axis.get_major_formatter(), ScalarFormatter):
+                axis.set_major_formatter(FuncFormatter(_tick))
+
+
+def is_flat(values: list[float], rel: float = 1e-3) -> bool:
+    """Whether a line of these values (nan: missing) would be flat: every finite value within `rel`
+    of the largest magnitude, so a plot would show only noise (or nothing)."""
+    finite = np.asarray([v for v in values if np.isfinite(v)], dtype=float)
+    if finite.size == 0:
+        return True
+    return bool(np.ptp(finite) <= rel * max(float(np.abs(finite).max()), 1e-30))
 
 
 def _shade_groups(ax, groups: list[list[int]]) -> None:

@@ -18,6 +18,20 @@ import torch
 pytest_plugins = ("runs",)
 
 
+TIERS = ("unit", "integration")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its tier, the folder under tests/ it sits in, so `-m unit` selects by folder.
+
+    A file not yet filed under a tier counts as integration: the fast tier stays fast."""
+    tests = Path(__file__).resolve().parent
+    for item in items:
+        folder = Path(item.path).resolve().relative_to(tests).parts[0]
+        item.add_marker(folder if folder in TIERS else "integration")
+
+
 def needs_module(module: str, install: str):
     """Skip a test whose optional dependency is absent, except where GHSAE_REQUIRE_OPTIONAL is set.
 

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import tiny_config
+from ghsae.analysis import plots
 from ghsae.analysis.evals import EvalTarget, evaluate
 from ghsae.analysis.page import SECTIONS
 from ghsae.cli import main
@@ -60,15 +61,26 @@ class _Page(HTMLParser):
         self.text.append(data)
 
 
-def test_report_with_a_baseline_holds_every_section_and_figure(fitted_runs, tiny_lm):
+def test_report_with_a_baseline_holds_every_section_and_figure(fitted_runs, tiny_lm, monkeypatch):
     cfg, run = fitted_runs["grouped"]
     _, base = fitted_runs["per_layer"]
+    drawn: list = []  # every figure of the page, kept open to read its axes (plots closes each after saving)
+    monkeypatch.setattr(plots.plt, "close", drawn.append)
     out = write_report(cfg, run, baseline=base, progress=False, lm=tiny_lm)
+    html = (out / "report.html").read_text()
     page = _Page()
-    page.feed((out / "report.html").read_text())
+    page.feed(html)
     assert list(page.sections) == [sid for sid, _ in SECTIONS]
     images = page.sections
-    assert images["evals"] >= 8 and images["baseline"] == 1 and images["latents-density"] == 2
+    assert images["evals"] >= 5 and images["baseline"] == 1 and images["latents-density"] == 2
+    # figures in grids, the headline table first, no offset text on any axis, no L0 line for TopK SAEs
+    summary_html = html.split('<section id="summary">')[1]
+    assert summary_html.index("<table") < summary_html.index("<p")
+    assert html.count('<div class="figures">') >= 3 and 'alt="L0 per layer"' not in html
+    assert "L0 = k = 4 for every token" in html
+    assert drawn and all(
+        not axis.get_offset_text().get_text() for fig in drawn for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)
+    )
     assert images["clustering"] == 3 and images["training"] == 1
     text = " ".join(page.text)
     assert "complete linkage" in text and "A + G·T" in text and "latent " in text
@@ -89,6 +101,9 @@ def test_report_with_a_baseline_holds_every_section_and_figure(fitted_runs, tiny
             assert r[f"{k}_se"] > 0 and r[f"{k}_se"] < float("inf")
     summary = (out / "summary.md").read_text()
     assert "per-layer SAEs" in summary and "A + G·T" in summary
+    monkeypatch.undo()
+    for fig in drawn:
+        plots.plt.close(fig)
 
 
 def test_delta_ce_is_zero_for_an_exact_reconstruction_and_large_for_zero(tiny_llama):

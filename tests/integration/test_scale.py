@@ -22,7 +22,7 @@ from ghsae.pipeline import fit, harvest
 from ghsae.run import Run
 from ghsae.sae import load_sae
 
-TESTS = str(Path(__file__).parent)
+TESTS = str(Path(__file__).resolve().parents[1])
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ tests/stored_run.py for what is exact and what is compared within a tolerance, a
 that means to alter what is stored records a new reference, says so in its commit, and bumps the
 run format where old runs would be misread:
 
-    GHSAE_RECORD_STORED_RUN=1 .venv/bin/python -m pytest tests/test_stored_run.py
+    GHSAE_RECORD_STORED_RUN=1 .venv/bin/python -m pytest tests/integration/test_stored_run.py
 
 The tiny model is built from numpy's generator (conftest.portable_init), so every machine starts
 from the same weights and only the float kernels differ. Paths are relative (the run is built
@@ -29,7 +29,8 @@ from runs import small_config
 
 from conftest import generate_documents, save_tiny_model
 
-ASSETS = Path(__file__).parent / "assets"
+TESTS = Path(__file__).resolve().parents[1]
+ASSETS = TESTS / "assets"
 REFERENCE = "stored-run"
 # Runs planned before plans recorded stats_from: their statistics come from the model's pass.
 REFERENCE_MODEL_STATS = "stored-run-model-stats"
@@ -81,7 +82,7 @@ def test_a_run_planned_before_stats_from_keeps_its_statistics_rule(tmp_path, mon
     writes what it always wrote. Its statistics come from the model's pass instead of the stored
     rows, which moves them by about 4e-5 of their size, less than another CPU's kernels may (see
     stored_run.Tolerance): the plan's missing stats_from is what tells the two apart here, and
-    tests/test_derive.py checks the stored-rows rule's sums exactly on one machine."""
+    tests/integration/test_derive.py checks the stored-rows rule's sums exactly on one machine."""
     from ghsae.harvest import plan
     from ghsae.records import STATS_FROM_MODEL
 
@@ -102,7 +103,7 @@ def test_a_run_on_other_float_kernels_matches_the_reference_within_tolerance(tmp
         "import sys, stored_run; from pathlib import Path; from test_stored_run import build_tiny_run, checked_snapshot;"
         "stored_run.save(checked_snapshot(build_tiny_run(Path.cwd())), Path.cwd(), 'other')"
     )
-    env = {**os.environ, **OTHER_KERNELS, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, **OTHER_KERNELS, "PYTHONPATH": os.pathsep.join([str(TESTS), str(Path(__file__).parent)])}
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     other = stored_run.load(tmp_path, "other")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 PACKAGES = {
     "ghsae": "ghsae",
     "harvest": "ghsae.harvest",
@@ -69,7 +69,7 @@ def part_of(module: str) -> str:
             return stage
     if any(module == g or module.startswith(g + ".") for g in GROUND):
         return "ground"
-    raise AssertionError(f"{module} belongs to no layer: add it to tests/test_layers.py and ARCHITECTURE.md")
+    raise AssertionError(f"{module} belongs to no layer: add it to tests/unit/core/test_layers.py and ARCHITECTURE.md")
 
 
 ALLOWED = {
