@@ -20,10 +20,11 @@ LAYERS = [0, 1, 2, 3]
 def drawn(monkeypatch):
     """The figures the plotting functions draw, kept open (plots closes each after saving it)."""
     figs: list = []
+    close = plt.close
     monkeypatch.setattr(plots.plt, "close", figs.append)
     yield figs
     for fig in figs:
-        plt.close(fig)
+        close(fig)  # the real close: plt.close is still the patched append until monkeypatch undoes it
 
 
 def offset_texts(fig) -> list[str]:
