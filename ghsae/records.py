@@ -18,7 +18,7 @@
 
 Each record is a frozen dataclass with `from_json(obj)` and `to_json()`; code elsewhere uses
 fields, never `data["key"]`. `to_json` gives back exactly the dict ghsae has always written, so a
-record read and written again is the same bytes (tests/test_stored_bytes.py pins them).
+record read and written again is the same bytes (tests/integration/test_stored_run.py pins them).
 
 Versions: the run marker carries the run format version (layout.RUN_FORMAT_VERSION) that every
 record of the run follows; version 1 records carry no version key of their own (they predate
