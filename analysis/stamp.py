@@ -17,24 +17,18 @@ import torch
 _SOURCE = Path(__file__).resolve().parents[1]  # the checkout (or site-packages) ghsae runs from
 
 
+def _git(*args: str) -> str:
+    """What `git -C <checkout> ARGS` prints (raises where git or the checkout is missing)."""
+    done = subprocess.run(["git", "-C", str(_SOURCE), *args], capture_output=True, text=True, timeout=10, check=True)
+    return done.stdout.strip()
+
+
 def commit() -> str:
     """The short commit of the checkout ghsae runs from, `+dirty` when it has uncommitted changes;
     the installed version when ghsae is not a git checkout."""
     try:
-        head = subprocess.run(
-            ["git", "-C", str(_SOURCE), "rev-parse", "--short=10", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(_SOURCE), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+        head = _git("rev-parse", "--short=10", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         from importlib.metadata import PackageNotFoundError, version
