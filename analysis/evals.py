@@ -98,22 +98,6 @@ class TopExamples:
             self.where[s] = all_where[s, kept]
 
 
-WITH_SE = (
-    "fvu",
-    "delta_ce",
-    "delta_ce_pct",
-    "ce_score",
-    "kl",
-    "fvu_typical",
-    "delta_ce_typical",
-    "delta_ce_pct_typical",
-    "kl_typical",
-)
-"""The metrics reported with a standard error (column `<metric>_se`). `_typical` is the same figure
-with each layer's outliers (norm above outlier_factor x its median: the massive activations) left
-out of FVU and kept clean, as BOS is, when the reconstruction is spliced in."""
-
-
 def _add_at(out: np.ndarray, ctx: np.ndarray, values: torch.Tensor) -> None:
     """out[ctx[i]] += values[i] for every row i, in place: np.add.at's sums (its loop is slow on [N, d])."""
     torch.from_numpy(out).index_add_(0, torch.from_numpy(ctx).long(), values)
@@ -248,7 +232,7 @@ class EvalResult:
     ce_contexts: int = 0  # contexts those predictions come from (the units of the CE standard errors)
     eval_contexts: int = 0  # contexts of the reconstruction metrics (the units of FVU's standard error)
     influence: dict[tuple[str, int], dict[str, np.ndarray]] = field(default_factory=dict)
-    """Per (SAE name, layer), per metric in WITH_SE: each context's influence (metrics.ratio_influence)."""
+    """Per (SAE name, layer), per metric with a standard error (metric_table.WITH_SE): each context's influence (metrics.ratio_influence)."""
 
     def mean_with_se(self, keys: list[tuple[str, int]], metric: str) -> tuple[float, float]:
         """Mean of `metric` over the (SAE, layer) rows `keys`, and its standard error over contexts."""

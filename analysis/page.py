@@ -9,36 +9,17 @@ import html
 
 import numpy as np
 
-from ghsae.analysis import plots, seeds
+from ghsae.analysis import metric_table, plots, seeds
 from ghsae.analysis.circuit_report import render_section as circuit_section
 from ghsae.analysis.dashboards import report_block
-from ghsae.analysis.evals import WITH_SE
 from ghsae.analysis.html import CSS, figures, fmt, img, pm, table
+from ghsae.analysis.metric_table import TABLE, WITH_SE
 from ghsae.analysis.rate import ratings_section
 from ghsae.analysis.report import ReportData, SAEKind
 from ghsae.analysis.seeds import Estimate
 from ghsae.analysis.stamp import stamp
 from ghsae.layers import span, spans
 
-# (column, heading, format) of the per-layer eval tables
-METRICS = [
-    ("l0", "L0", "{:.1f}"),
-    ("mse", "MSE", "{:.4g}"),
-    ("fvu", "FVU", "{:.3f}"),
-    ("fvu_typical", "FVU typical", "{:.3f}"),
-    ("explained_variance", "expl. var.", "{:.3f}"),
-    ("cosine", "cosine", "{:.3f}"),
-    ("delta_ce", "ΔCE (nats)", "{:.4f}"),
-    ("delta_ce_pct", "ΔCE %", "{:.2f}"),
-    ("delta_ce_pct_typical", "ΔCE % typical", "{:.2f}"),
-    ("ce_score", "CE score", "{:.3f}"),
-    ("kl", "KL (nats)", "{:.4f}"),
-    ("dead_pct", "dead % (this layer)", "{:.1f}"),
-    ("outliers", "outliers", "{:.0f}"),
-]
-HEADING = {key: heading for key, heading, _ in METRICS}
-FORMAT = {key: spec for key, _, spec in METRICS}
-PLOTTED = ["fvu", "fvu_typical", "delta_ce_pct", "delta_ce_pct_typical", "kl", "ce_score", "l0", "explained_variance", "cosine", "dead_pct"]
 SECTIONS = [
     ("summary", "Summary"),
     ("evals", "Evals per layer"),
@@ -91,7 +72,7 @@ def headline(data: ReportData) -> list[dict]:
             continue
         spans_here = _spans_of(data) if kind is SAEKind.GROUP else _compared_spans(data)
         for label, ls in spans_here:
-            row = {"saes": kind.label, "over": label, **{k: _mean(by, ls, k) for k, _, _ in METRICS}}
+            row = {"saes": kind.label, "over": label, **{m.key: _mean(by, ls, m.key) for m in TABLE}}
             keys = [(by[x]["sae"], x) for x in ls if x in by]
             for k in WITH_SE:
                 row[f"{k}_se"] = result.mean_with_se(keys, k)[1]
@@ -110,12 +91,12 @@ def headline(data: ReportData) -> list[dict]:
 
 
 def _cells(r: dict) -> list[str]:
-    return [pm(r.get(k), r.get(f"{k}_se"), f) if k in r else "–" for k, _, f in METRICS]
+    return [pm(r.get(m.key), r.get(f"{m.key}_se"), m.fmt) if m.key in r else "–" for m in TABLE]
 
 
 def summary_section(data: ReportData) -> str:
     run, base, result, plan = data.side.run, data.base, data.result, data.plan
-    heads = ["SAEs", "over"] + [h for _, h, _ in METRICS]
+    heads = ["SAEs", "over"] + [m.heading for m in TABLE]
     parts = [
         table(heads, [[r["saes"], r["over"]] + _cells(r) for r in headline(data)], "wide"),
         f"<p>Run <code>{html.escape(str(run.root))}</code>: model <b>{html.escape(plan.model.source)}</b>, "
@@ -140,8 +121,7 @@ def summary_section(data: ReportData) -> str:
     return "".join(parts)
 
 
-GAP_METRICS = (("fvu", "FVU", "{:.3f}"), ("delta_ce_pct", "ΔCE %", "{:.2f}"), ("kl", "KL", "{:.3f}"))
-GAP_VIEWS = (("_typical", "typical tokens"), ("", "all tokens"))
+GAP_VIEWS = ((metric_table.TYPICAL, "typical tokens"), ("", "all tokens"))
 
 
 def gap_figures(data: ReportData) -> list[tuple[str, str, list[tuple[str, Estimate, Estimate, Estimate]]]]:
@@ -157,12 +137,12 @@ def gap_figures(data: ReportData) -> list[tuple[str, str, list[tuple[str, Estima
     n = min(len(a), len(b))  # the seeds the gap pairs (a --baseline run has one): both arms over those
     a, b = a[:n], b[:n]
     out = []
-    for k, label, spec in GAP_METRICS:
+    for m in metric_table.GAP:
         views = []
         for suffix, view in GAP_VIEWS:
-            key = k + suffix
+            key = m.key + suffix
             views.append((view, seeds.arm(result, a, key), seeds.arm(result, b, key), seeds.gap(result, a, b, key)))
-        out.append((label, spec, views))
+        out.append((m.gap, m.fmt, views))
     return out
 
 
@@ -233,20 +213,20 @@ def evals_section(data: ReportData) -> str:
         "Special tokens (BOS/EOS) are neither evaluated nor replaced, as harvest never stores them.</p>"
     ]
     rows = [[str(layer), ours[layer]["sae"]] + _cells(ours[layer]) for layer in layers if layer in ours]
-    parts.append(table(["layer", "SAE"] + [h for _, h, _ in METRICS], rows, "wide"))
+    parts.append(table(["layer", "SAE"] + [m.heading for m in TABLE], rows, "wide"))
     images, notes = [], []
-    for key in PLOTTED:
+    for key in (m.key for m in metric_table.PLOTTED):
         if not any(key in r for r in ours.values()):
             continue
-        heading = HEADING[key]
+        title = metric_table.heading(key)
         mine = [ours.get(x, {}).get(key, np.nan) for x in layers]
         base = [theirs.get(x, {}).get(key, np.nan) for x in layers] if theirs else None
         note = _unplotted(data, key, mine + (base or []))
         if note:
             notes.append(note)
             continue
-        png = plots.per_layer_metric(layers, mine, groups, heading, base)
-        images.append(img(png, f"{heading} per layer"))
+        png = plots.per_layer_metric(layers, mine, groups, title, base)
+        images.append(img(png, f"{title} per layer"))
     parts.append(figures(images))
     if notes:
         parts.append(f"<p class='small'>Not plotted: {'; '.join(notes)}.</p>")
@@ -264,13 +244,13 @@ def _unplotted(data: ReportData, key: str, values: list[float]) -> str:
     """Why a per-layer metric gets a sentence instead of a plot ("" when it is plotted): a TopK SAE's
     L0 is k by construction, and a line flat to 0.1 % carries nothing a number does not."""
     finite = [v for v in values if np.isfinite(v)]
-    lo, hi = (fmt(min(finite), FORMAT[key]), fmt(max(finite), FORMAT[key])) if finite else ("–", "–")
+    lo, hi = (fmt(min(finite), metric_table.spec(key)), fmt(max(finite), metric_table.spec(key))) if finite else ("–", "–")
     shown = lo if lo == hi else f"{lo}–{hi}"
     k = _topk_k(data) if key == "l0" else None
     if k is not None:
         return f"L0 = k = {k} for every token (TopK keeps at most k latents; measured {shown})"
     if plots.is_flat(values):
-        return f"{HEADING[key]} is {shown} at every layer"
+        return f"{metric_table.heading(key)} is {shown} at every layer"
     return ""
 
 
@@ -319,15 +299,15 @@ def baseline_section(data: ReportData) -> str:
             "with the same <code>fit.tokens</code>, and pass it as <code>ghsae report --baseline BASE_RUN</code>.</p>"
         )
         return "".join(parts)
-    cmp_keys = ["fvu", "delta_ce_pct", "kl", "ce_score", "l0", "dead_pct"]
+    cmp_keys = [m.key for m in metric_table.COMPARED]
     mm = data.mmcs
-    heads = ["layer"] + [f"{HEADING[k]} {side}" for k in cmp_keys for side in ("group", "per-layer")] + ["MMCS"]
+    heads = ["layer"] + [f"{metric_table.heading(k)} {side}" for k in cmp_keys for side in ("group", "per-layer")] + ["MMCS"]
     rows = []
     for layer in layers:
         a, b = ours.get(layer, {}), theirs.get(layer, {})
         row = [str(layer)]
         for k in cmp_keys:
-            row += [pm(a.get(k), a.get(f"{k}_se"), FORMAT[k]), pm(b.get(k), b.get(f"{k}_se"), FORMAT[k])]
+            row += [pm(a.get(k), a.get(f"{k}_se"), metric_table.spec(k)), pm(b.get(k), b.get(f"{k}_se"), metric_table.spec(k))]
         rows.append(row + [fmt(mm.get(layer))])
     parts.append(table(heads, rows, "wide"))
     if mm:
@@ -582,8 +562,8 @@ def render_summary(data: ReportData) -> str:
         "± is one standard error over eval contexts.",
         "",
         *(gap_summary(data) if data.base else []),
-        "| SAEs | over | " + " | ".join(h for _, h, _ in METRICS) + " |",
-        "|---|---|" + "---|" * len(METRICS),
+        "| SAEs | over | " + " | ".join(m.heading for m in TABLE) + " |",
+        "|---|---|" + "---|" * len(TABLE),
     ]
     for r in headline(data):
         lines.append(f"| {r['saes']} | {r['over']} | " + " | ".join(_cells(r)) + " |")

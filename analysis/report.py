@@ -25,7 +25,8 @@ from ghsae.analysis.circuit_report import CircuitReport, make_tasks
 from ghsae.analysis.circuit_report import measure as measure_circuits
 from ghsae.analysis.circuits import CircuitTarget
 from ghsae.analysis.dashboards import LatentView, report_views
-from ghsae.analysis.evals import WITH_SE, EvalResult, EvalTarget, evaluate, outlier_thresholds
+from ghsae.analysis.evals import EvalResult, EvalTarget, evaluate, outlier_thresholds
+from ghsae.analysis.metric_table import WITH_SE
 from ghsae.analysis.metrics import mmcs
 from ghsae.analysis.rate import Score, load_scores
 from ghsae.analysis.seeds import add_seed_columns

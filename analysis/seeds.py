@@ -65,11 +65,13 @@ def show(e: Estimate, spec: str) -> str:
     return out + (f" (± {fmt(e.seed_se, spec)} across {e.n_seeds} seeds)" if e.n_seeds >= 2 else "")
 
 
-def errors_note(n_seeds: int) -> str:
-    """What the two errors are, or that there is only one."""
+def errors_note(n_seeds: int, counts_differ: bool = False) -> str:
+    """What the two errors are, or that there is only one. counts_differ: the arms have unequal
+    numbers of seeds (n_seeds the fewest), so the note names none."""
     if n_seeds >= 2:
+        counted = "seeds" if counts_differ else f"{n_seeds} seeds"
         return (
-            f"the second ± is across the {n_seeds} seeds (each with another initialisation and loader order, and for "
+            f"the second ± is across the {counted} (each with another initialisation and loader order, and for "
             "group SAEs another layer draw; std over seeds / √N, gaps paired by seed)"
         )
     return f"{ONE_SEED} (compare.seeds = N, or ghsae sweep --seeds N, trains N seeds per arm)"

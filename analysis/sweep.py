@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from ghsae.analysis.evals import WITH_SE, EvalResult, EvalTarget, evaluate, outlier_thresholds
+from ghsae.analysis.evals import EvalResult, EvalTarget, evaluate, outlier_thresholds
+from ghsae.analysis.metric_table import WITH_SE
 from ghsae.analysis.seeds import add_seed_columns
 from ghsae.atomic import write_bytes_atomic, write_parquet_atomic, write_text_atomic
 from ghsae.config import PipelineConfig, ReportConfig

@@ -9,7 +9,7 @@ import html
 
 import numpy as np
 
-from ghsae.analysis import plots, seeds
+from ghsae.analysis import metric_table, plots, seeds
 from ghsae.analysis.html import CSS, fmt, img, table
 from ghsae.analysis.stamp import stamp
 from ghsae.analysis.sweep import PAPER, Grouping, SweepData
@@ -17,25 +17,14 @@ from ghsae.layers import spans
 from ghsae.layout import PER_LAYER_DIR as PER_LAYER
 from ghsae.layout import TRANSFER_SUFFIX
 
-# each figure over typical tokens (outliers left out of FVU, kept clean when spliced) and over all tokens
-METRICS = [
-    ("fvu_typical", "FVU (typical tokens)", "{:.3f}"),
-    ("fvu", "FVU (all tokens)", "{:.3f}"),
-    ("delta_ce_pct_typical", "ΔCE % (typical)", "{:.2f}"),
-    ("delta_ce_pct", "ΔCE % (all)", "{:.2f}"),
-    ("kl_typical", "KL nats (typical)", "{:.3f}"),
-    ("kl", "KL nats (all)", "{:.3f}"),
-]
 BUDGET_FIGURE = "gap_budget"  # the relative gap against budget, beside the metrics' figures
-DIFF_FORMAT = {
-    k: "{:.4f}" if k.startswith(("fvu", "kl")) else "{:.2f}" for k, _, _ in METRICS
-}  # paired differences are tighter
 
 
 def present_metrics(data: SweepData) -> list[tuple[str, str, str]]:
-    """The METRICS the evaluation has (no CE / KL when the sweep spliced no context: report.ce_tokens = 0)."""
+    """(key, sweep heading, format) of the sweep page's metrics (metric_table.SWEEP) the evaluation
+    has: no CE / KL when the sweep spliced no context (report.ce_tokens = 0)."""
     have = {k for r in data.result.rows for k in r}
-    return [m for m in METRICS if m[0] in have]
+    return [(m.key, m.sweep, m.fmt) for m in metric_table.SWEEP if m.key in have]
 
 
 def _span_layers(data: SweepData) -> list[int]:
@@ -111,10 +100,11 @@ def budget_section(data: SweepData, figures: dict[str, bytes]) -> str:
     if not data.budgets:
         return "<p>One budget (<code>ghsae sweep --budgets 131072,524288,2097152</code> trains every grouping at each).</p>"
     metrics = budget_metrics(data)
-    heads = ["grouping", "tokens / SAE", "tokens / layer", "learning rate"] + [f"{label}: relative gap" for _, label, _ in metrics]
+    heads = ["grouping", "tokens / SAE", "tokens / layer", "seeds", "learning rate"]
+    heads += [f"{label}: relative gap" for _, label, _ in metrics]
     body = []
     for g in data.groupings:
-        cells = [html.escape(g.base), f"{g.tokens:,}", f"{g.tokens_per_layer:,.0f}", fmt(data.lr_of(g), "{:g}")]
+        cells = [html.escape(g.base), f"{g.tokens:,}", f"{g.tokens_per_layer:,.0f}", str(g.n_seeds), fmt(data.lr_of(g), "{:g}")]
         for key, _, _ in metrics:
             e = relative_gap(data, g, key)
             cells.append("reference" if e is None else seeds.show(seeds.Estimate(100 * e.mean, 100 * e.context_se, 100 * e.seed_se, e.n_seeds), "{:+.1f} %"))
@@ -145,8 +135,19 @@ def lr_section(data: SweepData) -> str:
 
 
 def _seeds_text(data: SweepData) -> str:
+    by_budget = {g.budget: g.n_seeds for g in data.groupings}
+    if len(set(by_budget.values())) > 1:  # compare.seeds_at_smallest
+        smallest = min(b for b in by_budget if b is not None)
+        return (
+            f"{by_budget[smallest]} seeds per grouping at {smallest:,} tokens per SAE and {data.n_seeds} at the other "
+            "budgets"
+        )
     n = data.n_seeds
     return f"{n} seeds per grouping" if n >= 2 else "one seed per grouping"
+
+
+def _errors_note(data: SweepData) -> str:
+    return seeds.errors_note(data.n_seeds, counts_differ=len({g.n_seeds for g in data.groupings}) > 1)
 
 
 def _name(g: Grouping) -> str:
@@ -188,7 +189,7 @@ def _gap(row: dict, key: str) -> str:
     d = row[f"{key}_diff"]
     ref = row[key].mean - d.mean
     rel = f" ({100 * d.mean / ref:+.0f} %)" if np.isfinite(d.mean) and ref else ""
-    return seeds.show(d, DIFF_FORMAT[key]) + rel
+    return seeds.show(d, metric_table.BY_KEY[key].diff_spec) + rel
 
 
 def metric_figure(data: SweepData, key: str, label: str) -> bytes:
@@ -311,7 +312,7 @@ def render_sweep_page(full: SweepData, figures: dict[str, bytes]) -> str:
         f"predictions in {res.ce_contexts} contexts), so the differences from the per-layer SAEs are paired. Means over "
         f"layers {data.layers[0]}..{_span_layers(data)[-1]} (every harvested layer but the last, as the paper reports "
         f"over 0..L-2) and over {_seeds_text(data)}; the first ± is one standard error over eval contexts (paired for "
-        f"differences), {seeds.errors_note(data.n_seeds)}. "
+        f"differences), {_errors_note(data)}. "
         + (
             f"A = {fmt(data.harvest_seconds, '{:,.0f}')} s is the one measured model pass (every layer "
             "harvested once, every grouping's store derived from it);"
@@ -353,7 +354,7 @@ def render_sweep_summary(data: SweepData) -> str:
         f"Measured {stamp()}.",
         "",
         f"Means over layers {data.layers[0]}..{_span_layers(data)[-1]} and over {_seeds_text(data)}, ± one standard "
-        f"error over eval contexts; {seeds.errors_note(data.n_seeds)}. "
+        f"error over eval contexts; {_errors_note(data)}. "
         + (
             f"A = {fmt(data.harvest_seconds, '{:,.0f}')} s (one model pass)."
             if data.one_harvest

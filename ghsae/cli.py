@@ -407,14 +407,19 @@ def run_pipeline(
 @click.option(
     "--seeds", type=int, help="Seeds per grouping (compare.seeds): each gap gets a standard error across seeds too."
 )
+@click.option(
+    "--seeds-at-smallest",
+    type=int,
+    help="Seeds per grouping at the smallest budget (compare.seeds_at_smallest), where training is cheapest.",
+)
 @every_stage_device_option
 @click.option("--overwrite", is_flag=True, help="Replace a sweep in --run-dir of other groupings or settings.")
 @executor_options
 @progress_option
 @_user_errors
 def sweep(
-    config_path, run_dir, groupings, model, dataset, tokens, fit_tokens, budgets, lr_grid, transfer, seeds, device,
-    overwrite, workers, scheduler, no_progress,
+    config_path, run_dir, groupings, model, dataset, tokens, fit_tokens, budgets, lr_grid, transfer, seeds,
+    seeds_at_smallest, device, overwrite, workers, scheduler, no_progress,
 ):  # fmt: skip
     """Quality against compute: harvest every layer once, derive one run per G, train every grouping's SAEs
     at equal tokens per SAE, and write SWEEP/report/sweep.html (the paper's figure for this model)."""
@@ -427,6 +432,7 @@ def sweep(
     overrides = {**_every_stage_overrides(model, dataset, tokens, None, device), "fit.tokens": fit_tokens}
     compare = {
         "compare.seeds": seeds,
+        "compare.seeds_at_smallest": seeds_at_smallest,
         "compare.budgets": sweeps.parse_budgets(budgets) if budgets else None,
         "compare.lr_grid": sweeps.parse_lrs(lr_grid) if lr_grid else None,
     }

@@ -477,6 +477,9 @@ class CompareConfig:
     budgets: list[int] = field(default_factory=list)
     """Training tokens per SAE at which `ghsae sweep` trains every grouping (--budgets), each budget's
     SAEs in SWEEP/<grouping>-t<tokens>/, all from one harvest of the largest; empty: fit.tokens alone."""
+    seeds_at_smallest: int = 0
+    """Seeds per arm at the smallest of compare.budgets (--seeds-at-smallest), where an SAE is cheapest
+    to train and its training noise largest; 0: compare.seeds, which every other budget trains."""
     lr_grid: list[float] = field(default_factory=list)
     """Learning rates `ghsae sweep` tries for each arm at its smallest budget (--lr-grid); each arm then
     trains at its own best on the validation split at every budget. Empty: fit.lr for every arm."""
@@ -495,6 +498,11 @@ class CompareConfig:
             )
         if self.seeds < 1:
             raise ConfigError(f"compare.seeds is {self.seeds}; expected 1 or more seeds per arm (--seeds N)")
+        if self.seeds_at_smallest < 0:
+            raise ConfigError(
+                f"compare.seeds_at_smallest is {self.seeds_at_smallest}; expected 0 (compare.seeds at every budget) "
+                "or the number of seeds at the smallest budget (--seeds-at-smallest N)"
+            )
         if self.max_source_bytes < 0 or any(layer < 0 for layer in self.spot_layers):
             raise ConfigError(
                 f"compare.max_source_bytes ({self.max_source_bytes}) and compare.spot_layers ({self.spot_layers}) "

@@ -351,7 +351,7 @@ user's left in one would be deleted with it or would block the rename, so --over
 SWEEP_FIGURES = (
     *(f"{m}{v}.png" for m in ("fvu", "delta_ce_pct", "kl") for v in ("_typical", "")),
     "gap_budget.png",  # analysis/sweep_page.BUDGET_FIGURE
-)  # SweepLayout.figure of analysis/sweep_page.METRICS
+)  # SweepLayout.figure of each metric in analysis/metric_table.SWEEP (checked by a test)
 SWEEP_REPORT_TREE: OwnedTree = {
     **dict.fromkeys((SWEEP_PAGE, SWEEP_METRICS, SWEEP_SUMMARY, SWEEP_EVAL_CACHE, *SWEEP_FIGURES)),
     **_TEMPORARIES,

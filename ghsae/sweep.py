@@ -255,7 +255,7 @@ def _harvest(
     directly when those would not fit. Returns the stores, G of each grouping, the AMAD rule's grouping
     and whether there was one harvest."""
     source_cfg = per_layer_config(cfg)
-    seeds = range(cfg.compare.seeds)
+    seeds = range(most_seeds(cfg))
     specs: list[GroupsSpec] = [g if g == "auto" else int(g) for g in groupings if g != PER_LAYER]
     size = plan_all_layers(cfg, layout.per_layer, executor, derived=specs * len(seeds), progress=progress)
     probe = Run.open(layout.per_layer)  # planned: its probe resolves auto and checks every G
@@ -314,6 +314,16 @@ class Arms:
     def budgets(self) -> list[int | None]:
         return list(self.cfg.compare.budgets) or [None]
 
+    def seeds_at(self, budget: int | None) -> int:
+        """Seeds trained at a budget: compare.seeds_at_smallest at the smallest (when set), else compare.seeds."""
+        c = self.cfg.compare
+        return c.seeds_at_smallest if c.seeds_at_smallest and budget == self.budgets[0] else c.seeds
+
+
+def most_seeds(cfg: PipelineConfig) -> int:
+    """Seeds any budget trains: each grouping's store is derived for every one of them."""
+    return max(cfg.compare.seeds, cfg.compare.seeds_at_smallest)
+
 
 def _fit(cfg: PipelineConfig, path: Path, executor: Executor, refit: bool, progress: bool, say: Callable[[str], None]) -> None:
     for line in summary_lines(pipeline.fit(cfg, path, executor, overwrite=refit, progress=progress)):
@@ -338,7 +348,7 @@ def train_arms(
     labels: dict[str, tuple[str, int | None]] = {}
     for name, paths in stores.items():
         for budget in arms.budgets:
-            for seed, store in enumerate(paths):
+            for seed, store in enumerate(paths[: arms.seeds_at(budget)]):
                 path = layout.grouping(budget_name(name, budget), seed)
                 if budget is not None:
                     link_run(store, path)

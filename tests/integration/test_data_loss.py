@@ -76,11 +76,12 @@ def test_overwrite_refuses_a_users_file_in_a_rebuilt_folder_of_a_run_nested_in_t
 
 
 def test_every_top_level_name_ghsae_writes_has_its_tree_and_the_sweep_figures_are_the_pages():
-    from ghsae.analysis.sweep_page import BUDGET_FIGURE, METRICS
+    from ghsae.analysis.metric_table import SWEEP
+    from ghsae.analysis.sweep_page import BUDGET_FIGURE
     from ghsae.layout import OWNED_NAMES
 
     assert set(OWNED_NAMES) <= set(RUN_TREE)
-    keys = [key for key, _, _ in METRICS] + [BUDGET_FIGURE]
+    keys = [m.key for m in SWEEP] + [BUDGET_FIGURE]
     assert {SweepLayout(Path("SWEEP")).figure(key).name for key in keys} == set(SWEEP_FIGURES)
 
 

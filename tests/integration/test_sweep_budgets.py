@@ -17,7 +17,8 @@ from ghsae.records import LrChoiceRecord, SweepRecord, load_record
 from ghsae.run import Run
 
 GRID = "1e-3,1e-2"  # two rates keep the test small; the choice logic is the same for three
-ARGS = ["--groups", "2,per-layer", "--seeds", "2", "--transfer", "G2", "--lr-grid", GRID]
+# a third seed at the smallest budget alone, where training is cheapest
+ARGS = ["--groups", "2,per-layer", "--seeds", "2", "--seeds-at-smallest", "3", "--transfer", "G2", "--lr-grid", GRID]
 
 
 def _weights(sweep_dir, pattern):
@@ -56,12 +57,18 @@ def test_every_grouping_trains_at_every_budget_from_one_harvest(budgets):
     sweep_dir, first = budgets
     assert {r["tokens"] for r in first["rows"]} == {256, 512}
     assert {r["arm"] for r in first["rows"]} == {"G2", "G2-transfer", "per-layer", "per-layer-transfer"}
-    for budget in (256, 512):
-        for seed_suffix in ("", "-seed1"):
+    for budget, suffixes in ((256, ("", "-seed1", "-seed2")), (512, ("", "-seed1"))):
+        for seed_suffix in suffixes:
             for arm in ("G2", "per-layer"):
                 run = Run.open(sweep_dir / f"{arm}-t{budget}{seed_suffix}")
                 seen = {run.sae_record(g).tokens for g in run.plan.group_names}
                 assert all(budget <= t < budget + 64 for t in seen), seen  # the last batch may run over
+    assert not (sweep_dir / "G2-t512-seed2").exists()  # compare.seeds_at_smallest: the smallest budget only
+    assert {(r["tokens"], r["n_seeds"]) for r in first["rows"]} == {(256, 3), (512, 2)}
+    summary = (sweep_dir / "report" / "summary.md").read_text()
+    assert "3 seeds per grouping at 256 tokens per SAE and 2 at the other budgets" in summary
+    page = (sweep_dir / "report" / "sweep.html").read_text()
+    assert "<th>seeds</th>" in page  # the budget table says how many each budget trained
     # one harvest: the all-layers store holds the largest budget, and each budget's store is hard links to it
     assert Run.open(sweep_dir / "per-layer").plan.n_contexts_harvest * 64 >= 512
     a = (sweep_dir / "G2" / "acts.zarr" / "zarr.json").stat()
