@@ -23,15 +23,17 @@ import dataclasses
 import time
 from pathlib import Path
 
-from ghsae.analysis.evals import EvalTarget, evaluate, outlier_thresholds
+from ghsae.analysis.evals import EvalTarget
 from ghsae.compare import seed_config
 from ghsae.harvest.derive import derive_run
 from ghsae.harvest.partition import choose_groups, solve_grouping
-from ghsae.lm import load_model
 from ghsae.pipeline import fit, settings_for
 from ghsae.run import Run
 
-METRICS = (("fvu", "{:.4f}"), ("delta_ce_pct", "{:.2f}"), ("kl", "{:.4f}"))
+try:
+    from paired import evaluate_arms, print_table  # bench/paired.py, beside this script
+except ImportError:  # run as a module from elsewhere
+    from bench.paired import evaluate_arms, print_table
 
 
 def partition_of(source: Run, cfg, method: str, g: int) -> list[list[int]]:
@@ -92,44 +94,12 @@ def main() -> None:
                 t = EvalTarget(f"{m}-seed{s}/{group}", "group", run.sae(group))
                 targets.append(t)
                 keys[m] += [(t.name, layer) for layer in t.sae.cfg.layers]
-    lm = load_model(cfg.model.path, "cpu", "float32")
-    t0 = time.perf_counter()
-    result = evaluate(
-        lm,
-        source.eval_contexts(),
-        targets,
-        list(source.plan.tokenizer.special_ids),
-        ce_contexts=args.ce_contexts,
-        latents_sampled=1,
-        examples_per_latent=1,
-        progress=False,
-        zero_ablation=False,
-        outlier_threshold=outlier_thresholds(source, cfg.report.outlier_factor),
-    )
-    layers = source.plan.layers
     print(
-        f"evaluated in {time.perf_counter() - t0:.0f} s: FVU over {result.eval_contexts} contexts "
-        f"({result.eval_tokens:,} tokens), CE/KL over {result.ce_tokens:,} predictions ({result.ce_contexts} contexts); "
-        f"mean over layers {layers[0]}..{layers[-1]} and {args.seeds} seed(s), ± one SE over eval contexts; "
         f"grouping.distance = {cfg.grouping.distance}, last_layer = {cfg.grouping.last_layer}, "
-        f"fit.outliers = {cfg.fit.outliers}"
+        f"fit.outliers = {cfg.fit.outliers}; {args.seeds} seed(s) per method"
     )
-    metrics = [(m, spec) for m, spec in METRICS if m == "fvu" or args.ce_contexts > 0]
-    head = ["grouping.method", "partition"] + [f"{m}{v}" for m, _ in metrics for v in ("_typical", "")]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    base = methods[0]
-    for m in methods:
-        cells = [m, label(partitions[m])]
-        for metric, spec in metrics:
-            for key in (f"{metric}_typical", metric):
-                mean, se = result.mean_with_se(keys[m], key)
-                cell = f"{spec.format(mean)} ± {spec.format(se)}"
-                if m != base and keys[m] != keys[base]:
-                    d, d_se = result.difference_with_se(keys[m], keys[base], key)
-                    cell += f" (vs {base}: {d:+.4f} ± {d_se:.4f})"
-                cells.append(cell)
-        print("| " + " | ".join(cells) + " |")
+    result = evaluate_arms(source, cfg, targets, args.ce_contexts)
+    print_table(result, "grouping.method", {m: keys[m] for m in methods}, {m: [label(partitions[m])] for m in methods})
 
 
 if __name__ == "__main__":

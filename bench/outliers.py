@@ -18,13 +18,15 @@ import dataclasses
 import time
 from pathlib import Path
 
-from ghsae.analysis.evals import EvalTarget, evaluate, outlier_thresholds
+from ghsae.analysis.evals import EvalTarget
 from ghsae.compare import link_run
-from ghsae.lm import load_model
 from ghsae.pipeline import fit, settings_for
 from ghsae.run import Run
 
-METRICS = (("fvu", "{:.4f}"), ("delta_ce_pct", "{:.2f}"), ("kl", "{:.4f}"))
+try:
+    from paired import evaluate_arms, print_table  # bench/paired.py, beside this script
+except ImportError:  # run as a module from elsewhere
+    from bench.paired import evaluate_arms, print_table
 
 
 def main() -> None:
@@ -47,44 +49,12 @@ def main() -> None:
         for group in run.plan.group_names:
             targets.append(EvalTarget(f"{setting}/{group}", "group", run.sae(group)))
         names.append(setting)
-    lm = load_model(cfg.model.path, "cpu", "float32")
-    contexts = source.eval_contexts()
-    t0 = time.perf_counter()
-    result = evaluate(
-        lm,
-        contexts,
-        targets,
-        list(source.plan.tokenizer.special_ids),
-        ce_contexts=args.ce_contexts,
-        latents_sampled=1,
-        examples_per_latent=1,
-        progress=False,
-        zero_ablation=False,
-        outlier_threshold=outlier_thresholds(source, cfg.report.outlier_factor),
-    )
-    print(
-        f"evaluated in {time.perf_counter() - t0:.0f} s: FVU over {result.eval_contexts} contexts "
-        f"({result.eval_tokens:,} tokens), CE/KL over {result.ce_tokens:,} predictions ({result.ce_contexts} contexts); "
-        f"mean over layers {source.plan.layers[0]}..{source.plan.layers[-1]}, ± one SE over eval contexts"
-    )
+    result = evaluate_arms(source, cfg, targets, args.ce_contexts)
     layers = source.plan.layers
     keys = {
         n: [(t.name, layer) for t in targets if t.name.startswith(n + "/") for layer in t.sae.cfg.layers] for n in names
     }
-    head = ["fit.outliers"] + [f"{m}{v}" for m, _ in METRICS for v in ("_typical", "")]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for n in names:
-        cells = [n]
-        for m, spec in METRICS:
-            for key in (f"{m}_typical", m):
-                mean, se = result.mean_with_se(keys[n], key)
-                cell = f"{spec.format(mean)} ± {spec.format(se)}"
-                if n != names[0]:
-                    d, d_se = result.difference_with_se(keys[n], keys[names[0]], key)
-                    cell += f" (vs {names[0]}: {d:+.4f} ± {d_se:.4f})"
-                cells.append(cell)
-        print("| " + " | ".join(cells) + " |")
+    print_table(result, "fit.outliers", keys, {})
     outliers = {r["layer"]: r["outliers"] for r in result.rows}
     print("held-out outliers per layer:", {x: outliers.get(x) for x in layers})
 

@@ -19,41 +19,48 @@ class JumpReLUOptions:
     """Weight of the L0 penalty, against the squared error per token."""
 
 
+def _save_threshold(ctx, pre: torch.Tensor, log_t: torch.Tensor, eps: float) -> torch.Tensor:
+    """t = exp(log_t), kept with pre and the kernel width for the backward pass."""
+    t = log_t.exp()
+    ctx.save_for_backward(pre, t)
+    ctx.eps = eps
+    return t
+
+
+def _kernel(ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pre, t, K): K = 1/eps where pre lies within eps/2 of t, the rectangle kernel standing in for
+    delta(pre - t) in the straight-through gradient for t."""
+    pre, t = ctx.saved_tensors
+    return pre, t, ((pre - t).abs() < ctx.eps / 2).to(pre.dtype) / ctx.eps
+
+
 class _JumpReLU(torch.autograd.Function):
-    """z = pre * H(pre - t); d/dt through a rectangle kernel of width eps (Rajamanoharan et al. 2024)."""
+    """z = pre * H(pre - t); d/dt through the rectangle kernel (Rajamanoharan et al. 2024)."""
 
     @staticmethod
     def forward(ctx, pre, log_t, eps):
-        t = log_t.exp()
-        ctx.save_for_backward(pre, t)
-        ctx.eps = eps
+        t = _save_threshold(ctx, pre, log_t, eps)
         return pre * (pre > t)
 
     @staticmethod
     def backward(ctx, grad):
-        pre, t = ctx.saved_tensors
-        eps = ctx.eps
-        near = ((pre - t).abs() < eps / 2).to(pre.dtype)
-        grad_pre = grad * (pre > t)
-        grad_t = (-(t / eps) * near * grad).sum(0)  # dz/dt = -pre * delta(pre - t), pre ~ t in the kernel
-        return grad_pre, grad_t * t, None  # chain rule through t = exp(log_t)
+        pre, t, k = _kernel(ctx)
+        grad_t = -(t * k * grad).sum(0)  # dz/dt = -pre * delta(pre - t), pre ~ t in the kernel
+        return grad * (pre > t), grad_t * t, None  # chain rule through t = exp(log_t)
 
 
 class _Step(torch.autograd.Function):
-    """H(pre - t) with the same straight-through gradient for t (the L0 penalty)."""
+    """H(pre - t) with the same straight-through gradient for t (the L0 penalty); none for pre."""
 
     @staticmethod
     def forward(ctx, pre, log_t, eps):
-        t = log_t.exp()
-        ctx.save_for_backward(pre, t)
-        ctx.eps = eps
+        t = _save_threshold(ctx, pre, log_t, eps)
         return (pre > t).to(pre.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        pre, t = ctx.saved_tensors
-        near = ((pre - t).abs() < ctx.eps / 2).to(pre.dtype)
-        grad_t = (-(1.0 / ctx.eps) * near * grad).sum(0)
+        pre, t, k = _kernel(ctx)
+        grad_t = -(k * grad).sum(0)  # dH/dt = -delta(pre - t)
         return torch.zeros_like(pre), grad_t * t, None
 
 

@@ -103,3 +103,23 @@ def test_loading_weights_that_do_not_match_cfg_json_is_refused(tmp_path):
     (tmp_path / "sae" / "sae.safetensors").unlink()
     with pytest.raises(SAELoadError, match="is not an SAE folder"):
         load_sae(tmp_path / "sae")
+
+
+def test_jumprelu_threshold_gradients_are_the_rectangle_kernels():
+    """d/d log t of sum(z) and of L0, by hand: only pre within eps/2 of t contributes, each -pre/eps
+    (z) or -1/eps (L0), times t for the chain through log t; z passes gradient where pre > t."""
+    from ghsae.sae.jumprelu import _JumpReLU, _Step
+
+    eps, t = 0.2, 1.0
+    pre = torch.tensor([[0.5, 0.95, 1.05, 2.0], [1.08, 0.0, 1.5, 0.91]], requires_grad=True)
+    log_t = torch.zeros(4, requires_grad=True)  # t = exp(0) = 1
+    _JumpReLU.apply(pre, log_t, eps).sum().backward()
+    near = (pre.detach() - t).abs() < eps / 2
+    expected = -(t * near / eps).sum(0) * t
+    assert torch.allclose(log_t.grad, expected)
+    assert torch.equal(pre.grad, (pre.detach() > t).float())
+    log_t.grad = None
+    pre.grad = None
+    _Step.apply(pre, log_t, eps).sum().backward()
+    assert torch.allclose(log_t.grad, -(near / eps).sum(0) * t)
+    assert torch.equal(pre.grad, torch.zeros_like(pre))
