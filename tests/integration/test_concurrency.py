@@ -42,18 +42,23 @@ def finish(proc: subprocess.Popen) -> int:
     return proc.wait(timeout=300)
 
 
-def test_two_concurrent_harvests_write_each_shard_once_and_equal_one_process(tmp_path, small_cfg, harvested_template):
-    config, run = write_config(tmp_path, small_cfg), tmp_path / "run"
-    args = ["harvest", "--config", config, "--run-dir", run, "--no-progress"]
+def race(args: list, pause_at: str, tmp_path) -> tuple[str, str]:
+    """Process a runs `args` until its pause point; process b runs the same, writes what a does not
+    hold and waits for the rest; a goes on once b got that far. Returns both outputs, both exited 0."""
     with open(tmp_path / "a.log", "w") as la, open(tmp_path / "b.log", "w") as lb:
-        a = start(args, "stop@shard-00001/claimed", la)  # pauses holding shard 1, shard 0 being committed
+        a = start(args, pause_at, la)
         wait_stopped(a)
         b = start(args, None, lb)
-        # b writes what a does not hold, then waits for a's shards; a goes on once b got that far
         wait_for(lambda: "waiting for it" in (tmp_path / "b.log").read_text(), b)
         os.kill(a.pid, signal.SIGCONT)
         assert finish(a) == 0 and finish(b) == 0
-    out_a, out_b = (tmp_path / "a.log").read_text(), (tmp_path / "b.log").read_text()
+    return (tmp_path / "a.log").read_text(), (tmp_path / "b.log").read_text()
+
+
+def test_two_concurrent_harvests_write_each_shard_once_and_equal_one_process(tmp_path, small_cfg, harvested_template):
+    config, run = write_config(tmp_path, small_cfg), tmp_path / "run"
+    args = ["harvest", "--config", config, "--run-dir", run, "--no-progress"]
+    out_a, out_b = race(args, "stop@shard-00001/claimed", tmp_path)  # a pauses holding shard 1, shard 0 being committed
     written = [int(re.search(r"in (\d+) shards", out).group(1)) for out in (out_a, out_b)]
     assert written == [2, 2], (out_a, out_b)  # b wrote 2 and 3; a, once continued, 0 and 1
     assert "is being written by another process; skipping it" in out_b
@@ -63,14 +68,7 @@ def test_two_concurrent_harvests_write_each_shard_once_and_equal_one_process(tmp
 def test_two_concurrent_fits_of_one_group_train_it_once(tmp_path, small_cfg, harvested_run, fitted_template):
     config = write_config(tmp_path, small_cfg)
     args = ["fit", "--config", config, "--run-dir", harvested_run, "--group", "group_00", "--no-progress"]
-    with open(tmp_path / "a.log", "w") as la, open(tmp_path / "b.log", "w") as lb:
-        a = start(args, "stop@fit/step-3", la)
-        wait_stopped(a)
-        b = start(args, None, lb)
-        wait_for(lambda: "waiting for it" in (tmp_path / "b.log").read_text(), b)
-        os.kill(a.pid, signal.SIGCONT)
-        assert finish(a) == 0 and finish(b) == 0
-    out_a, out_b = (tmp_path / "a.log").read_text(), (tmp_path / "b.log").read_text()
+    out_a, out_b = race(args, "stop@fit/step-3", tmp_path)
     assert "the SAE of group_00 is held by another process" in out_b
     assert "nothing to do" in out_b and "final batch FVU" in out_a, (out_a, out_b)
     got = load_file(str(harvested_run / "saes" / "group_00" / "sae.safetensors"))

@@ -119,14 +119,21 @@ def test_a_hub_dataset_id_in_the_offline_cache_harvests_the_same_tokens_as_jsonl
     assert [Path(f).name for f, _ in plan["dataset"]["files"]] == ["train-00000-of-00001.parquet"]
 
 
-def test_a_hub_dataset_the_cache_lacks_is_a_one_line_error_naming_the_id_and_the_cache(
-    hf_home, tmp_path, tiny_llama, text_dataset
+@pytest.mark.parametrize(
+    ("option", "kind", "download"),
+    [
+        ("--dataset", "dataset", "hf download --repo-type dataset ghsae-test/absent"),
+        ("--model", "model", "hf download ghsae-test/absent"),
+    ],
+)
+def test_an_id_the_hub_cache_lacks_is_a_one_line_error_naming_the_id_and_the_cache(
+    option, kind, download, hf_home, tmp_path, tiny_llama, text_dataset
 ):
     cfg = write_config(tmp_path, tiny_config(tiny_llama, text_dataset))
-    r = cli(["harvest", "--config", cfg, "--run-dir", tmp_path / "run", "--dataset", "ghsae-test/absent"])
+    r = cli(["harvest", "--config", cfg, "--run-dir", tmp_path / "run", option, "ghsae-test/absent"])
     assert r.exit_code == 2
-    assert_one_line_error(r.output, f"the Hugging Face cache {hf_home / 'hub'} holds no dataset ghsae-test/absent")
-    assert "hf download --repo-type dataset ghsae-test/absent" in r.output
+    assert_one_line_error(r.output, f"the Hugging Face cache {hf_home / 'hub'} holds no {kind} ghsae-test/absent")
+    assert download in r.output
     assert not (tmp_path / "run").exists()
 
 
@@ -142,16 +149,6 @@ def test_a_model_in_the_hub_cache_named_by_id_loads_and_its_commit_is_recorded(
     assert plan["model"]["revision"] == COMMIT
     assert plan["model"]["fingerprint"] == local.fingerprint  # the same weights as the folder they came from
     assert "revision" not in local.to_json()
-
-
-def test_a_model_id_the_cache_lacks_is_a_one_line_error_naming_the_id_and_the_cache(
-    hf_home, tmp_path, tiny_llama, text_dataset
-):
-    cfg = write_config(tmp_path, tiny_config(tiny_llama, text_dataset))
-    r = cli(["harvest", "--config", cfg, "--run-dir", tmp_path / "run", "--model", "ghsae-test/absent"])
-    assert r.exit_code == 2
-    assert_one_line_error(r.output, f"the Hugging Face cache {hf_home / 'hub'} holds no model ghsae-test/absent")
-    assert "hf download ghsae-test/absent" in r.output
 
 
 def test_load_sae_reads_an_sae_of_the_hub_cache_by_id_and_keeps_its_commit(hf_home, fitted_template):
