@@ -267,8 +267,8 @@ def baseline_section(data: ReportData) -> str:
                 else "this run was harvested directly before, so that harvest was a second model pass"
             )
             parts.append(
-                f"<p><b>Spot checks.</b> Per-layer SAEs at layers {layers_text} (the first, middle and last layer of each group "
-                "unless <code>compare.spot_layers</code> says otherwise), from every layer harvested once into "
+                f"<p><b>Spot checks.</b> Per-layer SAEs at layers {layers_text} (one per multi-layer group, taken in turn at "
+                "its first, middle and last layer, unless <code>compare.spot_layers</code> says otherwise), from every layer harvested once into "
                 f"<code>{html.escape(str(data.base.run.root))}</code>; {origin}. The other layers have no per-layer "
                 "SAE: <code>compare.per_layer = \"all\"</code> (or <code>ghsae sweep</code>) trains every one.</p>"
             )

@@ -47,14 +47,20 @@ def all_layers_bytes(plan: Plan) -> int:
     return plan.n_shards * plan.shard_rows * len(plan.layers) * (plan.d_model * 2 + ROW_METADATA_BYTES)
 
 
+SPOT_POSITIONS = ("first", "middle", "last")
+
+
 def spot_layers(plan: Plan, cfg: PipelineConfig) -> list[int]:
-    """compare.spot_layers, or the first, middle and last layer of every multi-layer group (a group
-    SAE is likely best at its middle and worst at its ends, so the middle alone flatters it); a
-    singleton group's one layer (there group and per-layer SAE see the same rows, so their difference
-    is training noise alone)."""
+    """compare.spot_layers, or one layer of every multi-layer group, its place in the group taken in
+    turn first, middle, last along the groups. A group SAE is likely best at its middle and worst at
+    its ends, so the middle alone would flatter it; the turns sample every place at a third of the
+    cost of all three in every group (compare.spot_layers lists them all where that is wanted). A
+    singleton group has none: its SAE is a per-layer SAE of that layer already."""
     if cfg.compare.spot_layers:
         return sorted(set(cfg.compare.spot_layers))
-    return sorted({layer for g in plan.groups for layer in (g[0], g[len(g) // 2], g[-1])})
+    multi = [g for g in plan.groups if len(g) > 1]
+    picks = {"first": lambda g: g[0], "middle": lambda g: g[len(g) // 2], "last": lambda g: g[-1]}
+    return sorted(picks[SPOT_POSITIONS[i % 3]](g) for i, g in enumerate(multi))
 
 
 def seed_config(cfg: PipelineConfig, seed: int, *, layer_draw: bool = True) -> PipelineConfig:

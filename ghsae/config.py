@@ -464,8 +464,9 @@ class CompareConfig:
     Either needs every layer's activations: they are harvested once into RUN/per-layer, and the
     grouped store is derived from that harvest byte for byte, so the model runs once."""
     spot_layers: list[int] = field(default_factory=list)
-    """Layers of the spot checks; empty: the first, middle and last layer of every multi-layer group
-    (a singleton group's one layer: there group and per-layer SAE see the same rows)."""
+    """Layers of the spot checks; empty: one layer of every multi-layer group, taken in turn at the
+    group's first, middle and last layer along the groups (a singleton group's SAE is a per-layer
+    SAE of its layer already)."""
     max_source_bytes: int = 0
     """Largest all-layers store the comparison may write, in bytes (0: only the free disk limits
     it). Over it, `ghsae run` harvests the grouped run alone and says so."""

@@ -15,7 +15,7 @@ from ghsae.run import Run
 
 SPOT = [1, 4]  # the middle layers of the small config's groups 0-2 and 3-5, set as compare.spot_layers
 REPORT = {"report.ce_tokens": 128, "report.latents_shown": 1, "report.examples_per_latent": 1}
-COMPARE = {"compare.spot_layers": SPOT}  # by default every layer here (the first, middle and last of groups of 3)
+COMPARE = {"compare.spot_layers": SPOT}  # by default 0 and 4 here (the first of 0-2, the middle of 3-5)
 
 
 @pytest.fixture(scope="module")

@@ -32,9 +32,10 @@ REPORT = {"report.ce_tokens": 128, "report.latents_shown": 1, "report.examples_p
 # --- spot layers and seed settings ------------------------------------------------------------
 
 
-def test_spot_checks_sit_at_each_multi_layer_groups_first_middle_and_last_layer():
-    plan = SimpleNamespace(groups=((0, 1, 2, 3, 4), (5,), (6, 7), (8, 9, 10)))
-    assert spot_layers(plan, PipelineConfig()) == [0, 2, 4, 5, 6, 7, 8, 9, 10]  # a singleton's one layer: 5
+def test_spot_checks_take_each_multi_layer_groups_first_middle_and_last_layer_in_turn():
+    plan = SimpleNamespace(groups=((0, 1, 2, 3, 4), (5,), (6, 7), (8, 9, 10), (11, 12, 13)))
+    # first of 0-4, middle of 6-7, last of 8-10, first again of 11-13; the singleton 5 is a per-layer SAE already
+    assert spot_layers(plan, PipelineConfig()) == [0, 7, 10, 11]
 
 
 def test_compare_spot_layers_keeps_its_override():
