@@ -235,10 +235,39 @@ def legacy_objects() -> dict[str, tuple[type, Any]]:
 
 # (class, JSON object, what the error must say): a newer version, another format, a missing key, a wrong type
 MALFORMED: dict[str, tuple[type, Any, str]] = {
-    "newer-version": (rec.Plan, {"version": 2}, "record version 2"),
-    "not-an-object": (rec.ShardRecord, [1, 2], "not a JSON object"),
+    "newer-version": (rec.Plan, {"version": 2}, "plan.json has record version 2"),
+    "not-an-object": (rec.ShardRecord, [1, 2], "the shard record is not a JSON object"),
     "sparsify": (rec.SAERecord, {"d_in": 64, "k": 32}, "sparsify SAE folder"),
-    "other-format": (rec.SAERecord, {"sae": {}, "format": "other"}, "'other'"),
+    "other-format": (rec.SAERecord, {"sae": {}, "format": "other"}, "its format is 'other'"),
+    "missing": (rec.Plan, {"layers": [0]}, "not a Plan record (config_hash is missing; expected a string)"),
+    "nested-missing": (
+        rec.RatingScores,
+        {"kit": "k", "scores": [{"sae": "s"}]},
+        "not a RatingScores record (scores[0].kind is missing; expected a string)",
+    ),
+    "wrong-type": (
+        rec.ShardRecord,
+        {"shard": "3"},
+        'not a Shard record (shard is "3"; expected an integer)',
+    ),
+    "true-is-no-integer": (rec.LayerSums, {"count": True}, "count is true; expected an integer"),
+    "null": (rec.ModelIdentity, {"source": None}, "source is null; expected a string"),
+    "short-list": (
+        rec.LrChoiceRecord,
+        {"grid": [], "budget": 1, "validation_contexts": [4]},
+        "validation_contexts is [4]; expected a list of 2: an integer, an integer",
+    ),
+    "nested-wrong-type": (
+        rec.RunStats,
+        {"config_hash": "0", "d_model": 8, "target_norm": 1.0, "layers": {"3": {"count": 1, "mean_norm": "x"}}},
+        'layers["3"].mean_norm is "x"; expected a number',
+    ),
+    "layer-key": (
+        rec.GroupRows,
+        {"rows": 1, "layer_counts": {"a": 1}},
+        'a key of layer_counts is "a"; expected an integer',
+    ),
+    "not-a-record": (rec.Plan, {"config_hash": "0", "model": []}, "model is []; expected an object (ModelIdentity)"),
 }
 
 
@@ -313,13 +342,27 @@ def test_older_json_reads_as_pinned(name, expected):
 @pytest.mark.parametrize("name", sorted(MALFORMED))
 def test_malformed_record_is_refused_with_its_reason(name):
     cls, obj, says = MALFORMED[name]
-    with pytest.raises(DamagedFileError, match=says):
+    with pytest.raises(DamagedFileError) as info:
         cls.from_json(obj)
+    assert says in str(info.value)
 
 
-def test_load_record_names_the_file_and_what_is_wrong(tmp_path):
+def test_load_record_names_the_file_what_is_wrong_and_the_fix(tmp_path):
     path = tmp_path / "plan.json"
-    path.write_text(json.dumps({"config_hash": "0123"}))
+    plan = json.loads(_dump(examples()["Plan"]))
+    path.write_text(json.dumps({**plan, "model": {**plan["model"], "fingerprint": 7}}))
     with pytest.raises(DamagedFileError) as info:
         rec.load_record(rec.Plan, path, fix="re-run it")
-    assert str(path) in str(info.value) and "re-run it" in str(info.value)
+    expected = f"{path} is damaged: not a Plan record (model.fingerprint is 7; expected a string); re-run it"
+    assert str(info.value) == expected
+
+
+def test_a_whole_float_reads_into_an_int_field_and_a_float_field_keeps_an_int():
+    stats = rec.LayerStats.from_json({"count": 3.0, "mean_norm": 2, "mean_sq_norm": 4.5, "scale": 1})
+    assert stats.count == 3 and isinstance(stats.count, int)
+    assert _dump(stats) == '{"count": 3, "mean_norm": 2, "mean_sq_norm": 4.5, "scale": 1}'
+
+
+def test_a_missing_key_reads_as_a_fresh_value_never_one_shared_between_records():
+    a, b = (rec.GroupRows.from_json({"rows": 1, "layer_counts": {}, "checksums": {}}) for _ in range(2))
+    assert a.files == {} and a.files is not b.files
