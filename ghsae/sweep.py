@@ -317,7 +317,8 @@ class Arms:
     def seeds_at(self, budget: int | None) -> int:
         """Seeds trained at a budget: compare.seeds_at_smallest at the smallest (when set), else compare.seeds."""
         c = self.cfg.compare
-        return c.seeds_at_smallest if c.seeds_at_smallest and budget == self.budgets[0] else c.seeds
+        smallest = min(c.budgets) if c.budgets else None  # a config file may list budgets in any order
+        return c.seeds_at_smallest if c.seeds_at_smallest and budget == smallest else c.seeds
 
 
 def most_seeds(cfg: PipelineConfig) -> int:
