@@ -9,14 +9,16 @@ is the same at every layer and the values scale; the values shown are those at t
 The final norm before W_U is left out (it is not linear), so the values are a direction's read-out,
 not a change in the model's logits.
 
-One forward pass per batch of eval contexts, stopped after the deepest layer needed, serves every
-(SAE, layer, latent) asked for; both the report and the rating kit use it.
+A ViewCollector tallies what the dashboards show from the latents of each batch's rows. The report
+feeds it from the evaluation's own pass (every (SAE, layer) is encoded there anyway); `collect`, for
+the rating kit, makes one forward pass per batch of eval contexts, stopped after the deepest layer
+needed, for every (SAE, layer, latent) asked for.
 """
 
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -43,10 +45,66 @@ class LatentView:
     suppressed: list[tuple[str, float]]
 
 
-@dataclass
-class _Collector:
-    examples: TopExamples
-    values: list[list[np.ndarray]] = field(default_factory=list)
+class ViewCollector:
+    """The tallies a dashboard is built from (top contexts, non-zero activations, tokens seen) of some
+    latents of some SAEs, fed the latents of each batch's rows at each layer.
+
+    `collect` feeds it from a forward pass of its own; the report feeds it from the evaluation's pass
+    (evaluate's `observe`), which encodes every (SAE, layer) on the same rows anyway: no second pass."""
+
+    def __init__(self, saes: dict[str, SparseAutoencoder], per_latent: int, latents: dict[tuple[str, int], list[int]] | None = None):
+        """saes: name -> SAE of the latents wanted; latents: (name, layer) -> latent ids, or None to
+        take, at each (name, layer) fed, the latents the feeder passes with its first batch."""
+        self.saes, self.per_latent = saes, per_latent
+        self.examples: dict[tuple[str, int], TopExamples] = {}
+        self.values: dict[tuple[str, int], list[list[np.ndarray]]] = {}
+        self.seen: dict[tuple[str, int], int] = {}
+        for key, ids in (latents or {}).items():
+            self._column(key, torch.tensor(ids, dtype=torch.long))
+
+    def _column(self, key: tuple[str, int], latents: torch.Tensor) -> None:
+        self.examples[key] = TopExamples(latents.cpu(), self.per_latent)
+        self.values[key] = [[] for _ in range(latents.numel())]
+        self.seen[key] = 0
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for _, layer in self.examples})
+
+    def add(self, name: str, layer: int, z: torch.Tensor, coords: torch.Tensor, latents: torch.Tensor | None = None) -> None:
+        """z [N, m]: the SAE's latents of N rows of `layer` at coords [N, 2] (context, position)."""
+        key = (name, layer)
+        if key not in self.examples:
+            if name not in self.saes or latents is None:
+                return
+            self._column(key, latents)
+        ex = self.examples[key]
+        ex.add(z, coords, layer)
+        self.seen[key] += z.shape[0]
+        sel = z[:, ex.latents.to(z.device)].float().cpu().numpy()
+        for j in range(sel.shape[1]):
+            self.values[key][j].append(sel[sel[:, j] > 0, j])
+
+    def views(self, lm: LoadedModel, shown: dict[str, list[int]] | None = None) -> dict[tuple[str, int], list[LatentView]]:
+        """The LatentViews of every (SAE, layer) fed, of its latents in shown[name] (None: all of them)."""
+        W_U = lm.model.get_output_embeddings().weight.detach()
+        out: dict[tuple[str, int], list[LatentView]] = {}
+        for (name, layer), ex in self.examples.items():
+            ids = ex.latents.tolist()
+            wanted = [j for j, lat in enumerate(ids) if shown is None or lat in shown.get(name, ())]
+            if not wanted:
+                continue
+            tokens = logit_tokens(self.saes[name], layer, [ids[j] for j in wanted], W_U, lm.tokenizer)
+            out[(name, layer)] = [self._view(name, layer, j, tok) for j, tok in zip(wanted, tokens)]
+        return out
+
+    def _view(self, name: str, layer: int, j: int, tokens) -> LatentView:
+        ex, parts = self.examples[(name, layer)], self.values[(name, layer)][j]
+        vals = np.concatenate(parts) if parts else np.zeros(0)
+        top = max(float(vals.max()) if vals.size else 0.0, 1e-9)
+        counts = np.histogram(vals, bins=HIST_BINS, range=(0.0, top))[0].tolist()
+        contexts = [(float(v), int(w[0]), int(w[1])) for v, w in zip(ex.values[j].tolist(), ex.where[j]) if v > 0]
+        return LatentView(int(ex.latents[j]), layer, contexts, (counts, top), int(vals.size), self.seen[(name, layer)], *tokens)
 
 
 def logit_tokens(
@@ -86,22 +144,20 @@ def collect(
     at `hookpoint` (the run's plan.hookpoint: the activation the SAEs were trained on)."""
     device = lm.device
     special = torch.tensor(sorted(special_ids) or [-1], dtype=torch.long, device=device)
-    cols: dict[tuple[str, int], _Collector] = {}
-    for name, (sae, by_layer) in wanted.items():
+    for sae, _ in wanted.values():
         sae.to(device).eval()
-        for layer, latents in by_layer.items():
-            col = _Collector(TopExamples(torch.tensor(latents, dtype=torch.long), per_latent))
-            col.values = [[] for _ in latents]
-            cols[(name, layer)] = col
-    layers = sorted({layer for _, layer in cols})
+    col = ViewCollector(
+        {name: sae for name, (sae, _) in wanted.items()},
+        per_latent,
+        {(name, layer): list(lats) for name, (_, by_layer) in wanted.items() for layer, lats in by_layer.items()},
+    )
+    layers = col.layers
     if not layers:  # no latent fired on the eval tokens (every one dead): nothing to show, no pass to make
         return {}
-    seen = 0
     for start in range(0, contexts.shape[0], batch_contexts):
         ids = torch.from_numpy(np.array(contexts[start : start + batch_contexts])).long().to(device)
         keep = ~torch.isin(ids, special)
         coords = keep.nonzero().cpu() + torch.tensor([start, 0])
-        seen += int(keep.sum())
         resid: dict[int, torch.Tensor] = {}
 
         def keep_rows(layer: int, r: torch.Tensor, keep=keep, resid=resid) -> None:
@@ -109,30 +165,9 @@ def collect(
 
         capture_layers(lm.model, lm.blocks, ids, layers, keep_rows, hookpoint)
         with torch.inference_mode():
-            for (name, layer), col in cols.items():
-                z = wanted[name][0].encode(resid[layer], layer)
-                col.examples.add(z, coords, layer)
-                sel = z[:, col.examples.latents.to(device)].cpu().numpy()
-                for j in range(sel.shape[1]):
-                    col.values[j].append(sel[sel[:, j] > 0, j])
-    W_U = lm.model.get_output_embeddings().weight.detach()
-    views: dict[tuple[str, int], list[LatentView]] = {}
-    for (name, layer), col in cols.items():
-        latents = col.examples.latents.tolist()
-        tokens = logit_tokens(wanted[name][0], layer, latents, W_U, lm.tokenizer)
-        out = []
-        for j, latent in enumerate(latents):
-            vals = np.concatenate(col.values[j]) if col.values[j] else np.zeros(0)
-            top = max(float(vals.max()) if vals.size else 0.0, 1e-9)
-            counts = np.histogram(vals, bins=HIST_BINS, range=(0.0, top))[0].tolist()
-            ex = [
-                (float(v), int(w[0]), int(w[1]))
-                for v, w in zip(col.examples.values[j].tolist(), col.examples.where[j])
-                if v > 0
-            ]
-            out.append(LatentView(latent, layer, ex, (counts, top), int(vals.size), seen, *tokens[j]))
-        views[(name, layer)] = out
-    return views
+            for name, layer in col.examples:
+                col.add(name, layer, wanted[name][0].encode(resid[layer], layer), coords)
+    return col.views(lm)
 
 
 def histogram_svg(view: LatentView, width: int = 220, height: int = 60) -> str:
@@ -179,20 +214,18 @@ def contexts_html(view: LatentView, contexts: np.ndarray, text: dict[int, str], 
     return f"<ul class='examples'>{''.join(lines)}</ul>" if lines else "<p class='small'>never fired here</p>"
 
 
-def report_views(
-    lm: LoadedModel, contexts: np.ndarray, special_ids, targets, examples, rc, hookpoint: str = "resid_post"
-) -> dict:
-    """Histogram and logit tokens of the latents the report shows, at each layer their SAE serves."""
+def report_views(lm: LoadedModel, collector: ViewCollector, examples: dict[str, TopExamples], names: list[str], shown: int) -> dict:
+    """Histogram and logit tokens of the latents the report shows (of each SAE in `names`, the first
+    `shown` of its sampled latents that fired), at each layer their SAE serves, from the tallies the
+    evaluation's pass fed `collector`."""
     wanted = {}
-    for t in targets:
-        ex = examples[t.name]
-        shown = [int(lat) for i, lat in enumerate(ex.latents.tolist()) if float(ex.values[i].max()) > 0]
-        shown = shown[: rc.latents_shown]
-        if shown:
-            wanted[t.name] = (t.sae, {layer: shown for layer in t.sae.cfg.layers})
-    views = collect(lm, contexts, list(special_ids), wanted, 1, rc.batch_contexts, hookpoint)
+    for name in names:
+        ex = examples[name]
+        fired = [int(lat) for i, lat in enumerate(ex.latents.tolist()) if float(ex.values[i].max()) > 0]
+        if fired[:shown]:
+            wanted[name] = fired[:shown]
     out: dict[tuple[str, int], list[LatentView]] = {}
-    for (name, _layer), vs in views.items():
+    for (name, _layer), vs in collector.views(lm, wanted).items():
         for v in vs:
             out.setdefault((name, v.latent), []).append(v)
     return out

@@ -16,7 +16,7 @@ same contexts, get standard errors that account for the shared contexts.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -272,8 +272,12 @@ def evaluate(
     zero_ablation: bool = True,
     outlier_threshold: dict[int, float] | None = None,
     hookpoint: str = "resid_post",
+    observe: Callable[[str, int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> EvalResult:
-    """zero_ablation: also splice zeros in at each layer, the CE-loss score's floor (one more pass of
+    """observe(name, layer, z, coords, sampled latents): called with each (SAE, layer)'s latents of
+    each batch's rows, so that a caller tallies more of them (the report's dashboards) without a pass
+    of its own.
+    zero_ablation: also splice zeros in at each layer, the CE-loss score's floor (one more pass of
     the later blocks per layer; the sweep, which reports no CE score, leaves it out).
     outlier_threshold: per layer, the norm (raw units) above which a token is an outlier there; the
     `_typical` figures leave those tokens out (none without it).
@@ -337,6 +341,8 @@ def evaluate(
                     ps = per_sae[(t.name, layer)]
                     ps.add_errors(row_ctx, x, recon, outlier)
                     examples[t.name].add(z, coords_global, layer)
+                    if observe is not None:
+                        observe(t.name, layer, z, coords_global, examples[t.name].latents)
                     if ce is not None and t.splices(layer):
                         edits += _edits(ps, x[:ce_rows], recon[:ce_rows], outlier_t[:ce_rows])
                 if edits and zero_ablation:

@@ -24,7 +24,7 @@ from ghsae.analysis.baseline import BaselineCheck, check_baseline_data, check_ba
 from ghsae.analysis.circuit_report import CircuitReport, make_tasks
 from ghsae.analysis.circuit_report import measure as measure_circuits
 from ghsae.analysis.circuits import CircuitTarget
-from ghsae.analysis.dashboards import LatentView, report_views
+from ghsae.analysis.dashboards import LatentView, ViewCollector, report_views
 from ghsae.analysis.evals import EvalResult, EvalTarget, evaluate, outlier_thresholds
 from ghsae.analysis.metric_table import WITH_SE
 from ghsae.analysis.metrics import mmcs
@@ -486,6 +486,7 @@ def gather(
     tasks = make_tasks(rc.tasks, lm.tokenizer, rc.task_prompts, seed)  # before the slow evals: fails early
     special = list(run.plan.tokenizer.special_ids)
     choose_ce_layers(rc, seeds, spot_checks, list(run.plan.layers))
+    views = ViewCollector({t.name: t.sae for t in targets}, per_latent=1)  # the dashboards, fed by the eval's pass
     result = evaluate(
         lm,
         contexts,
@@ -499,6 +500,7 @@ def gather(
         progress=progress,
         outlier_threshold=outlier_thresholds(run, rc.outlier_factor),
         hookpoint=run.plan.hookpoint,
+        observe=views.add,
     )
     tag_seeds(result, seeds)
     run.layout.report.mkdir(exist_ok=True)
@@ -522,7 +524,7 @@ def gather(
         token_text=token_strings(lm, contexts),
         settings=rc,
         circuits=circuits,
-        dashboards=report_views(lm, contexts, special, targets, result.examples, rc, run.plan.hookpoint),
+        dashboards=report_views(lm, views, result.examples, [t.name for t in targets], rc.latents_shown),
         ratings=load_scores(run.layout),
         own_baseline=spot_checks,
         seed_sides=seeds[1:],

@@ -29,7 +29,7 @@ from ghsae.harvest import canonical_distance, distance_matrix, solve_grouping
 from ghsae.harvest.partition import partition_scope
 from ghsae.harvest.steps import plan_run
 from ghsae.layers import span
-from ghsae.layout import ACTS_STORE, DERIVED_FILE, MANIFEST_DIR, MARKER_FILE, PLAN_DIR, RunLayout
+from ghsae.layout import ACTS_STORE, DERIVED_FILE, MANIFEST_DIR, MARKER_FILE, PLAN_DIR, SAE_FILES, RunLayout
 from ghsae.records import Plan
 from ghsae.run import Run
 from ghsae.space import free_bytes, human
@@ -185,6 +185,30 @@ def link_run(source: Path, target: Path) -> None:
             _relink(source / name, target / name)
     _relink(src.config, dst.config)
     dst.locks.mkdir(exist_ok=True)
+
+
+def link_trained_saes(source: Path, target: Path) -> bool:
+    """Hard-link the SAEs of `source` (fit.json and each group's files) into `target`, a run on the
+    same store trained with the same settings, when every group of `source` is trained and `target`
+    holds no SAE yet. `ghsae fit` on `target` then finds them trained (it checks their provenance:
+    settings and store) instead of training them again. Returns whether it linked.
+
+    The sweep uses it for the learning-rate grid: each arm's seed 0 at the smallest budget is the
+    grid's run at the chosen rate. Every SAE file is written by rename, so a later write in either
+    run replaces its own link and never changes the other's file."""
+    src, dst = Run.open(source), RunLayout(target)
+    groups = list(src.plan.group_names)
+    if not groups or not all(src.sae_trained(g) for g in groups) or not src.layout.fit_settings.is_file():
+        return False
+    if dst.saes.is_dir() and any(dst.sae_dir(g).exists() for g in groups):
+        return False
+    for g in groups:
+        dst.sae_dir(g).mkdir(parents=True, exist_ok=True)
+        for name in SAE_FILES:
+            if (src.layout.sae_dir(g) / name).is_file():
+                _relink(src.layout.sae_dir(g) / name, dst.sae_dir(g) / name)
+    _relink(src.layout.fit_settings, dst.fit_settings)  # last: the settings name SAEs that are all there
+    return True
 
 
 def _relink(src: str | Path, dst: str | Path) -> None:

@@ -32,7 +32,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ghsae import pipeline
-from ghsae.compare import held_out_split, link_run, n_groups, per_layer_config, plan_all_layers, seed_config
+from ghsae.compare import (
+    held_out_split,
+    link_run,
+    link_trained_saes,
+    n_groups,
+    per_layer_config,
+    plan_all_layers,
+    seed_config,
+)
 from ghsae.config import GroupsSpec, PipelineConfig
 from ghsae.errors import ConfigError, RunDirError
 from ghsae.executors import Executor, InProcess
@@ -236,6 +244,7 @@ def sweep(
         source = layout.per_layer if one_harvest else None
         lr_choice = choose_lrs(arms, stores, layout, executor, source=source, refit=refit, progress=progress, say=say)
         arms.lrs = dict(lr_choice.chosen)
+        arms.lr_runs = {name: layout.lr_run(name, lr_choice.budget, lr) for name, lr in lr_choice.chosen.items()}
     runs, labels = train_arms(arms, stores, layout, wanted, executor, refit=refit, progress=progress, say=say)
     from ghsae.analysis.sweep import gather_sweep, write_sweep
 
@@ -298,6 +307,7 @@ class Arms:
     cfg: PipelineConfig
     resolved: dict[str, int]  # G<n> -> n
     lrs: dict[str, float] = dataclasses.field(default_factory=dict)  # arm -> its chosen rate
+    lr_runs: dict[str, Path] = dataclasses.field(default_factory=dict)  # arm -> the grid's run at that rate
 
     def config(self, name: str, seed: int, budget: int | None, lr: float | None = None) -> PipelineConfig:
         base = per_layer_config(self.cfg) if name == PER_LAYER else grouping_config(self.cfg, self.resolved[name])
@@ -314,11 +324,20 @@ class Arms:
     def budgets(self) -> list[int | None]:
         return list(self.cfg.compare.budgets) or [None]
 
+    def smallest_budget(self) -> int | None:
+        return min(self.cfg.compare.budgets) if self.cfg.compare.budgets else None  # listed in any order
+
+    def grid_run(self, name: str, seed: int, budget: int | None) -> Path | None:
+        """The lr grid's run that is this arm's SAEs already (seed 0 at the smallest budget, trained at
+        the chosen rate with the same config on the same store); None elsewhere."""
+        if seed != 0 or budget != self.smallest_budget():
+            return None
+        return self.lr_runs.get(name)
+
     def seeds_at(self, budget: int | None) -> int:
         """Seeds trained at a budget: compare.seeds_at_smallest at the smallest (when set), else compare.seeds."""
         c = self.cfg.compare
-        smallest = min(c.budgets) if c.budgets else None  # a config file may list budgets in any order
-        return c.seeds_at_smallest if c.seeds_at_smallest and budget == smallest else c.seeds
+        return c.seeds_at_smallest if c.seeds_at_smallest and budget == self.smallest_budget() else c.seeds
 
 
 def most_seeds(cfg: PipelineConfig) -> int:
@@ -354,6 +373,9 @@ def train_arms(
                 if budget is not None:
                     link_run(store, path)
                 g_cfg = arms.config(name, seed, budget)
+                grid_run = arms.grid_run(name, seed, budget)
+                if grid_run is not None and not refit and link_trained_saes(grid_run, path):
+                    say(f"{path.name}: the SAEs of {grid_run.name} (the lr grid's run at this rate), linked")
                 _fit(g_cfg, path, executor, refit, progress, say)
                 runs.setdefault(budget_name(name, budget), []).append(path)
                 labels[budget_name(name, budget)] = (name, budget)

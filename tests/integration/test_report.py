@@ -271,3 +271,35 @@ def test_unequal_tokens_per_sae_are_refused_unless_allowed_and_then_shown(fitted
     out = write_report(cfg, run, baseline=shorter, progress=False, lm=tiny_lm, allow_unmatched=True)
     page = (out / "report.html").read_text()
     assert "Unequal training tokens per SAE (ratio 0.500)" in page and "--allow-unmatched" in page
+
+
+def test_the_reports_dashboards_from_the_evaluation_pass_equal_a_pass_of_their_own(tiny_lm):
+    """The report tallies its dashboards from the evaluation's latents (no second pass); they must be
+    what collect(), the rating kit's own pass, finds for the same latents."""
+    from ghsae.analysis.dashboards import ViewCollector, collect
+
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(architecture="relu", d_model=tiny_lm.d_model, n_latents=64, layers=[1, 2])).eval()
+    contexts = torch.randint(4, 300, (6, 16)).numpy()
+    contexts[:, 0] = 1  # BOS: special, never tallied
+    special = [0, 1, 2, 3]
+    views = ViewCollector({"g": sae}, per_latent=2)
+    result = evaluate(
+        tiny_lm, contexts, [EvalTarget("g", "group", sae)], special, ce_contexts=0, batch_contexts=4,
+        latents_sampled=8, progress=False, observe=views.add,
+    )  # fmt: skip
+    sampled = result.examples["g"].latents.tolist()
+    from_eval = views.views(tiny_lm)
+    own = collect(tiny_lm, contexts, special, {"g": (sae, {1: sampled, 2: sampled})}, per_latent=2, batch_contexts=4)
+    assert set(from_eval) == set(own) == {("g", 1), ("g", 2)}
+    for key in own:
+        for a, b in zip(from_eval[key], own[key], strict=True):
+            assert (a.latent, a.layer, a.fired, a.tokens_seen) == (b.latent, b.layer, b.fired, b.tokens_seen)
+            assert a.tokens_seen == 6 * 15
+            assert a.histogram[0] == b.histogram[0] and a.histogram[1] == pytest.approx(b.histogram[1], rel=1e-5)
+            assert [(c, p) for _, c, p in a.contexts] == [(c, p) for _, c, p in b.contexts]
+            assert a.promoted == b.promoted
+    # shown: only the latents asked for, of the SAE asked for
+    some = views.views(tiny_lm, {"g": sampled[:2]})
+    assert {v.latent for vs in some.values() for v in vs} == set(sampled[:2])
+    assert any(v.fired for vs in from_eval.values() for v in vs)  # the comparison saw firings

@@ -109,6 +109,21 @@ def test_the_learning_rate_is_chosen_on_contexts_disjoint_from_the_eval_contexts
             assert {run.sae_record(g).fit["lr"] for g in run.plan.group_names} == {lr}
 
 
+def test_the_grids_run_at_the_chosen_rate_is_the_arms_seed_0_at_the_smallest_budget(budgets):
+    sweep_dir, _ = budgets
+    choice = load_record(LrChoiceRecord, sweep_dir / "lr-choice.json")
+    for arm, lr in choice.chosen.items():
+        grid = Run.open(sweep_dir / "lr-grid" / f"{arm}-t{choice.budget}-lr{lr:g}")
+        run = Run.open(sweep_dir / f"{arm}-t{choice.budget}")
+        for g in run.plan.group_names:  # the same file, not a second training of the same SAE
+            assert sae_weights(run.layout.sae_dir(g)).stat().st_ino == sae_weights(grid.layout.sae_dir(g)).stat().st_ino
+        seed1 = Run.open(sweep_dir / f"{arm}-t{choice.budget}-seed1")  # other seeds train their own
+        g = seed1.plan.group_names[0]
+        assert sae_weights(seed1.layout.sae_dir(g)).stat().st_ino != sae_weights(grid.layout.sae_dir(g)).stat().st_ino
+        larger = Run.open(sweep_dir / f"{arm}-t512")
+        assert sae_weights(larger.layout.sae_dir(g)).stat().st_ino != sae_weights(grid.layout.sae_dir(g)).stat().st_ino
+
+
 def test_per_layer_saes_train_with_transfer_beside_a_grouped_transfer_variant(budgets):
     sweep_dir, _ = budgets
     run = Run.open(sweep_dir / "per-layer-transfer-t256")
