@@ -131,7 +131,7 @@ class GroupingConfig:
     """auto (smallest G with AMAD below amad_threshold), per-layer (G = L, the baseline), a number G, or [[first, last], ...] ranges."""
     amad_threshold: float = 0.2
     """AMAD threshold for groups = auto; the paper's range is 0.14 to 0.20."""
-    method: str = added_later("dp", before="dp")
+    method: str = added_later("reference", before="dp")
     """How each G's partition is found: dp (exact dynamic program for `objective`), agglomerative
     (complete linkage of the distance matrix, adjacent clusters only) or reference (the reference
     code's: sklearn's complete linkage on the matrix's rows; a partition that is not contiguous is refused)."""

@@ -7,7 +7,7 @@ leaves the last layer out (its notebook clusters dist[:-1, :-1]): with grouping.
 the methods see layers 0..L-2 only and layer L-1 gets an SAE of its own (`solve_grouping`,
 `choose_groups`). Three methods (`grouping.method`):
 
-- "reference": what the reference code runs, sklearn's AgglomerativeClustering(linkage="complete")
+- "reference" (default): what the reference code runs, sklearn's AgglomerativeClustering(linkage="complete")
   fit on the *rows* of the distance matrix as feature vectors (Euclidean distance between rows, not
   the angular distances themselves), with the matrix as the reference stores it: lower-triangular
   (groups/distance.py fills dist[i, j] for j < i only). Groups need not be contiguous; ghsae trains
@@ -17,7 +17,7 @@ the methods see layers 0..L-2 only and layer L-1 gets an SAE of its own (`solve_
   the pair whose largest cross distance is smallest is, for contiguous clusters, merging the pair
   whose union has the smallest diameter, the quantity AMAD averages. `complete_linkage` below is
   the same clustering without the adjacency constraint, kept for comparison.
-- "dp" (default): a dynamic program over contiguous segmentations that is exact for a named objective:
+- "dp": a dynamic program over contiguous segmentations that is exact for a named objective:
   - "layer-mean": least mean over *layers* of their group's diameter, sum_g |g| diam(g) / L. Each
     layer is charged the spread of the group its SAE must serve; groups come out balanced.
   - "amad": least AMAD itself. Degenerate on real models: AMAD averages over groups, so a
@@ -149,6 +149,14 @@ def reference_partitions(dist: np.ndarray) -> PartitionSolution:
     from sklearn.cluster import AgglomerativeClustering  # imported here: only this method needs it
 
     rows = np.tril(_check_square(dist))
+    bad = np.argwhere(~np.isfinite(rows))
+    if bad.size:  # sklearn would stop with its own ValueError, naming no layer
+        i, j = (int(v) for v in bad[0])
+        raise ConfigError(
+            f"the distance between layer positions {i} and {j} is {rows[i, j]} (not finite), so grouping.method = "
+            "reference cannot cluster; the probe's activations hold inf/NaN there: compute in float32 "
+            '(model.dtype = "float32") or check the model'
+        )
     n = rows.shape[0]
     if n == 1:  # sklearn needs two samples; one layer is one group
         return PartitionSolution("reference", ROW_LINKAGE, np.zeros(1), np.zeros(1), [[[0]]])

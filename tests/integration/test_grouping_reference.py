@@ -118,9 +118,9 @@ def test_asking_for_g_above_the_grouped_layers_names_the_last_layer_setting():
         choose_groups(solution, 6, 0.2, list(range(6)))
 
 
-def test_config_checks_last_layer_and_method_and_defaults_to_the_reference_distance():
+def test_config_checks_last_layer_and_method_and_defaults_to_the_reference_operating_point():
     cfg = PipelineConfig()
-    assert (cfg.grouping.distance, cfg.grouping.last_layer, cfg.grouping.method) == ("layer-centred", "own", "dp")
+    assert (cfg.grouping.distance, cfg.grouping.last_layer, cfg.grouping.method) == ("layer-centred", "own", "reference")
     assert config_from_dict({"grouping": {"method": "reference"}}).grouping.method == "reference"
     with pytest.raises(ConfigError, match="grouping.last_layer is 'alone'; expected one of own, grouped"):
         config_from_dict({"grouping": {"last_layer": "alone"}})
@@ -137,7 +137,7 @@ def test_a_config_json_from_before_keeps_its_identity_and_hash():
     assert (cfg.grouping.distance, cfg.grouping.last_layer) == ("raw", "grouped")
     assert cfg.identity()["grouping"] == old_identity
     # the same keys in a pipeline.toml today ask for the new operating point: another run
-    assert config_from_dict({"grouping": {**old_identity}}).identity()["grouping"] == {**old_identity, "last_layer": "own"}
+    assert config_from_dict({"grouping": {**old_identity}}).identity()["grouping"] == {**old_identity, "last_layer": "own", "method": "reference"}
 
 
 def test_a_plan_from_before_reads_as_grouped_and_writes_back_unchanged():
@@ -206,3 +206,10 @@ def test_too_many_groups_for_the_grouped_layers_is_one_line_before_any_work(tiny
     config = write_config(tmp_path, tiny_config(tiny_llama, text_dataset))
     r = cli(["harvest", "--config", config, "--run-dir", tmp_path / "run", "--groups", "6", "--no-progress"])
     assert_one_line_error(r.output, "and the last, 5, has an SAE of its own (grouping.last_layer = own)")
+
+
+def test_the_reference_method_names_a_distance_that_is_not_finite():
+    dist = random_distances(5, 0)
+    dist[3, 1] = float("nan")
+    with pytest.raises(ConfigError, match=r"layer positions 3 and 1 is nan \(not finite\)"):
+        solve_grouping(dist, "reference", "layer-mean", "grouped")
