@@ -15,7 +15,10 @@ measurements and keep each one's fastest (the machine may be shared).
 Prints one JSON line; `ratio` = (spliced (SAE, layer) pairs x bare forward seconds) / spliced-CE
 seconds: the spliced-CE rate, in (SAE, layer) pairs per second over these tokens, as a share of the
 bare forward pass's rate. Above 1, measuring one (SAE, layer)'s CE costs less than one forward pass.
-`ratio_one_at_a_time` is the same with one edit per spliced pass (no stacking).
+`ratio_one_at_a_time` is the same with one edit per spliced pass (no stacking). Every (SAE, layer)
+here needs both views, and the zero ablation is shared by a layer's two SAEs: 2.5 spliced passes a
+pair, each running the blocks after the layer and the whole unembedding, so about 0.5 is what the
+pass count allows here; a real run, where few contexts hold an outlier, needs fewer passes a pair.
 """
 
 from __future__ import annotations
