@@ -36,10 +36,6 @@ except ImportError:  # run as a module from elsewhere
     from bench.paired import evaluate_arms
 
 
-def per_layer_group(layer: int) -> str:
-    return f"group_{layer:02d}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path)
@@ -78,7 +74,7 @@ def main() -> None:
             link_run(args.run, grouped)
             fit(lr_cfg, grouped, groups=groups, progress=False)
             link_run(args.run / PER_LAYER_DIR, per_layer)
-            fit(lr_cfg, per_layer, groups=[per_layer_group(s) for s in spots], progress=False)
+            fit(lr_cfg, per_layer, groups=[source.plan.group_of_layer(s) for s in spots], progress=False)
             print(f"lr {lr:g}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
         g_run, p_run = Run.open(grouped), Run.open(per_layer)
         group_keys[lr], per_layer_keys[lr] = [], []
@@ -87,7 +83,7 @@ def main() -> None:
             targets.append(t)
             group_keys[lr] += [(t.name, s) for s in spots if s in layers_of[g]]
         for s in spots:
-            t = EvalTarget(f"lr{lr:g}/per-layer {s}", "baseline", p_run.sae(per_layer_group(s)))
+            t = EvalTarget(f"lr{lr:g}/per-layer {s}", "baseline", p_run.sae(source.plan.group_of_layer(s)))
             targets.append(t)
             per_layer_keys[lr].append((t.name, s))
 

@@ -60,8 +60,8 @@ class ModelConfig:
     (nothing is downloaded; the commit it resolves to is recorded in plan.json), or builtin:smollm2-135m."""
     dtype: str = runtime("auto")
     """Compute dtype of the forward pass: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16.
-    On a CPU with native bfloat16 (AVX-512 BF16, AMX) bfloat16 made the default `ghsae run` 1.3x faster
-    at the same gap (docs/results.md); auto keeps float32 there so a run's numbers do not depend on the CPU."""
+    On a 2-core AMD EPYC with AVX-512 BF16, bfloat16 made the default `ghsae run` 1.3x faster at the same gap
+    within a seed's noise (docs/results.md); auto keeps float32 on every CPU so a run's numbers do not depend on it."""
     device: str = runtime("auto")
     """auto (CUDA when present), cpu, cuda or cuda:N."""
 
