@@ -26,7 +26,7 @@ import torch
 from ghsae.analysis.evals import TopExamples
 from ghsae.hooks import capture_layers
 from ghsae.lm import LoadedModel
-from ghsae.sae import SparseAutoencoder
+from ghsae.sae import Latents, SparseAutoencoder
 
 HIST_BINS = 24
 
@@ -71,8 +71,8 @@ class ViewCollector:
     def layers(self) -> list[int]:
         return sorted({layer for _, layer in self.examples})
 
-    def add(self, name: str, layer: int, z: torch.Tensor, coords: torch.Tensor, latents: torch.Tensor | None = None) -> None:
-        """z [N, m]: the SAE's latents of N rows of `layer` at coords [N, 2] (context, position)."""
+    def add(self, name: str, layer: int, z: Latents, coords: torch.Tensor, latents: torch.Tensor | None = None) -> None:
+        """z: the SAE's latents of N rows of `layer` at coords [N, 2] (context, position)."""
         key = (name, layer)
         if key not in self.examples:
             if name not in self.saes or latents is None:
@@ -80,8 +80,8 @@ class ViewCollector:
             self._column(key, latents)
         ex = self.examples[key]
         ex.add(z, coords, layer)
-        self.seen[key] += z.shape[0]
-        sel = z[:, ex.latents.to(z.device)].float().cpu().numpy()
+        self.seen[key] += z.n_rows
+        sel = z.columns(ex.latents).float().cpu().numpy()
         for j in range(sel.shape[1]):
             self.values[key][j].append(sel[sel[:, j] > 0, j])
 
@@ -166,7 +166,7 @@ def collect(
         capture_layers(lm.model, lm.blocks, ids, layers, keep_rows, hookpoint)
         with torch.inference_mode():
             for name, layer in col.examples:
-                col.add(name, layer, wanted[name][0].encode(resid[layer], layer), coords)
+                col.add(name, layer, wanted[name][0].encode_latents(resid[layer], layer), coords)
     return col.views(lm)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from ghsae.analysis.metrics import (
 from ghsae.analysis.splice import Splicer
 from ghsae.layers import span
 from ghsae.lm import LoadedModel
-from ghsae.sae import SparseAutoencoder
+from ghsae.sae import Latents, SparseAutoencoder
 
 
 def outlier_thresholds(run, factor: float) -> dict[int, float]:
@@ -72,12 +73,12 @@ class TopExamples:
         self.values = torch.full((s, self.per_latent), -float("inf"))
         self.where = torch.zeros((s, self.per_latent, 3), dtype=torch.long)
 
-    def add(self, z: torch.Tensor, coords: torch.Tensor, layer: int) -> None:
-        """z [N, m] latents of rows at coords [N, 2] (context, position) drawn from `layer`.
+    def add(self, z: Latents, coords: torch.Tensor, layer: int) -> None:
+        """z: the latents of N rows at coords [N, 2] (context, position) drawn from `layer`.
 
         A token is evaluated at every layer its SAE serves; it is kept once, at its strongest layer.
         """
-        vals = z[:, self.latents].T.float().cpu()  # [S, N]
+        vals = z.columns(self.latents).T.float().cpu()  # [S, N]
         e = min(self.per_latent, vals.shape[1])
         top, idx = vals.topk(e, dim=1)
         where = torch.cat([coords[idx], torch.full((*idx.shape, 1), layer, dtype=torch.long)], dim=-1)
@@ -159,9 +160,17 @@ class _PerContext:
         return x_sq - 2.0 * x_sum @ m + rows * float(m @ m)
 
 
-SPLICE_PREDICTIONS = 4096
-"""Predictions per stacked spliced pass at most: bounds its [predictions, vocabulary] logits (800 MB
-in float32 at a 49K vocabulary) while stacking the edits of one layer into few passes."""
+SPLICE_PREDICTIONS = {"cuda": 4096, "cpu": 1024}
+"""Predictions per stacked spliced pass at most, by device type (others: the CPU's). On a GPU, stacking
+a layer's edits into few passes fills the device, and 4,096 bounds the [predictions, vocabulary]
+logits (800 MB in float32 at a 49K vocabulary). On a CPU the reductions over those logits are bound by
+memory traffic, and a pass of one 4-context batch (1,020 predictions) ran 1.4x faster per edit than
+stacks of four (bench/report.py: ratio 0.912 against 0.653, 2026-12-03), so stacking there only
+gathers small passes (a few contexts) up to a batch's size."""
+
+
+def _stack_limit(device: torch.device) -> int:
+    return SPLICE_PREDICTIONS.get(device.type, SPLICE_PREDICTIONS["cpu"])
 
 
 class _CleanBatch:
@@ -171,37 +180,73 @@ class _CleanBatch:
     clean distribution (KL = sum p (clean - spliced logits) + lse - clean lse), not from its full
     log-softmax: the same figures with fewer passes over [predictions, vocabulary]."""
 
+    # Every [contexts, positions, vocabulary] array here keeps the last position, which predicts
+    # nothing: slicing it off first would copy the whole array (not contiguous), a seventh of the
+    # CE reductions' time; the per-position figures are sliced instead.
+
     def __init__(self, splicer: Splicer, ids, resid: dict[int, torch.Tensor], logits, keep):
         self.splicer, self.ids, self.resid, self.keep = splicer, ids, resid, keep
-        self.targets = ids[:, 1:].reshape(-1)
-        self.n_predictions = self.targets.numel()
-        self.clean_logits = logits[:, :-1].reshape(self.n_predictions, -1).float()
+        self._subsets: dict[tuple[int, ...], _CleanBatch] = {}
+        self.n_predictions = ids[:, 1:].numel()
+        self.next_token = torch.nn.functional.pad(ids[:, 1:], (0, 1))[..., None]  # [B, T, 1]; the last is a pad
+        self.clean_logits = logits.float()
         self.clean_lse = torch.logsumexp(self.clean_logits, dim=-1)
-        self.clean_probs = torch.exp(self.clean_logits - self.clean_lse[:, None])  # shared by every spliced pass
-        self.clean_ce = self.clean_lse - self.clean_logits.gather(-1, self.targets[:, None])[:, 0]
+        self.clean_probs = torch.exp(self.clean_logits - self.clean_lse[..., None])  # shared by every spliced pass
+        # KL = sum p (clean - spliced) + lse - clean lse; sum p clean is the same for every spliced pass,
+        # so a pass costs one product with p, not a [B, T, V] difference written and read again
+        self.clean_expected = torch.linalg.vecdot(self.clean_probs, self.clean_logits) - self.clean_lse
+        self.clean_ce = self._predicted(self.clean_lse - self.clean_logits.gather(-1, self.next_token)[..., 0])
         self.clean_ce_sum = float(self.clean_ce.sum())
+
+    @staticmethod
+    def _predicted(per_position: torch.Tensor) -> torch.Tensor:
+        """[B, T] -> [B, T - 1]: the positions that predict a token."""
+        return per_position[:, :-1]
 
     def clean_ce_per_context(self) -> np.ndarray:
         return self._per_context(self.clean_ce)
 
     def _per_context(self, per_prediction: torch.Tensor) -> np.ndarray:
-        return per_prediction.view(self.ids.shape[0], -1).sum(1).double().cpu().numpy()
+        return per_prediction.sum(1).double().cpu().numpy()
 
     def _ce_and_kl(self, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        out = logits[:, :-1].reshape(self.n_predictions, -1).float()
+        out = logits.float()
         lse = torch.logsumexp(out, dim=-1)
-        ce = lse - out.gather(-1, self.targets[:, None])[:, 0]
-        kl = torch.linalg.vecdot(self.clean_probs, self.clean_logits - out) + lse - self.clean_lse
-        return self._per_context(ce), self._per_context(kl)
+        ce = lse - out.gather(-1, self.next_token)[..., 0]
+        kl = self.clean_expected - torch.linalg.vecdot(self.clean_probs, out) + lse
+        return self._per_context(self._predicted(ce)), self._per_context(self._predicted(kl))
 
     def spliced(self, layer: int, values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Per context of the batch, (sum of CE, sum of KL) with `values` at layer's kept positions."""
         return self.spliced_many(layer, [values])[0]
 
+    def spliced_edits(self, layer: int, edits: list[_Edit]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """spliced_many() of edits that may cover only some of the batch's contexts (edit.contexts):
+        each set of contexts runs in passes of its own rows, so an edit costs only its contexts' share."""
+        by_contexts: dict[tuple[int, ...] | None, list[int]] = {}
+        for i, edit in enumerate(edits):
+            by_contexts.setdefault(edit.contexts, []).append(i)
+        results: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0), np.zeros(0))] * len(edits)
+        for contexts, which in by_contexts.items():
+            batch = self if contexts is None else self._subset(contexts)
+            for i, result in zip(which, batch.spliced_many(layer, [edits[i].values for i in which])):
+                results[i] = result
+        return results
+
+    def _subset(self, contexts: tuple[int, ...]) -> _CleanBatch:
+        """The same clean pass restricted to some of its contexts (kept for the batch's other layers)."""
+        if contexts not in self._subsets:
+            rows = list(contexts)
+            self._subsets[contexts] = _CleanBatch(
+                self.splicer, self.ids[rows], {k: v[rows] for k, v in self.resid.items()}, self.clean_logits[rows],
+                self.keep[rows],
+            )  # fmt: skip
+        return self._subsets[contexts]
+
     def spliced_many(self, layer: int, edits: list[torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
         """spliced() for each of several values at the same layer, stacked along the batch: one pass
-        of the later blocks per SPLICE_PREDICTIONS predictions instead of one per edit."""
-        per = max(1, SPLICE_PREDICTIONS // max(self.n_predictions, 1))
+        of the later blocks per SPLICE_PREDICTIONS[device] predictions, not one per edit."""
+        per = max(1, _stack_limit(self.ids.device) // max(self.n_predictions, 1))
         b, out = self.ids.shape[0], []
         for s in range(0, len(edits), per):
             chunk = edits[s : s + per]
@@ -213,12 +258,31 @@ class _CleanBatch:
         return out
 
 
-def _edits(to: _PerContext, x: torch.Tensor, recon: torch.Tensor, outlier: torch.Tensor) -> list:
-    """The spliced views of one (SAE, layer) on the CE rows: the reconstruction everywhere, and, where
-    some of those rows are outliers, the reconstruction with the outliers kept clean (as BOS is)."""
+class _Edit(NamedTuple):
+    """One spliced pass's values at one layer, and where its per-context sums go."""
+
+    values: torch.Tensor  # the kept rows of `contexts` (in order), replaced
+    to: _PerContext
+    view: str  # _PerContext.store's: both, typical or zero
+    contexts: tuple[int, ...] | None = None  # in-batch contexts it covers; None: every CE context of the batch
+
+
+def _edits(
+    to: _PerContext, x: torch.Tensor, recon: torch.Tensor, outlier: torch.Tensor, row_context: torch.Tensor, n_contexts: int
+) -> list[_Edit]:
+    """The spliced views of one (SAE, layer) on the CE rows (x, recon, outlier per row; row_context: each
+    row's in-batch context): the reconstruction everywhere, and, in the contexts holding an outlier, the
+    reconstruction with the outliers kept clean (as BOS is). In a context without an outlier the two
+    views are the same pass, so the second runs on the contexts that hold one only: massive activations
+    sit in a few contexts (the default run: at most 3 of 128 at a layer)."""
+    everywhere = _Edit(recon, to, "both")
     if not bool(outlier.any()):
-        return [(recon, to, "both")]  # the typical view is the same pass
-    return [(recon, to, "all"), (torch.where(outlier[:, None], x, recon), to, "typical")]
+        return [everywhere]
+    held = tuple(sorted(set(row_context[outlier].tolist())))
+    if len(held) == n_contexts:  # every context: the batch's own clean pass, not a copy of it
+        return [everywhere, _Edit(torch.where(outlier[:, None], x, recon), to, "typical")]
+    rows = torch.isin(row_context, torch.tensor(held, device=row_context.device))
+    return [everywhere, _Edit(torch.where(outlier[:, None], x, recon)[rows], to, "typical", held)]  # after "both": overrides it
 
 
 @dataclass
@@ -272,7 +336,7 @@ def evaluate(
     zero_ablation: bool = True,
     outlier_threshold: dict[int, float] | None = None,
     hookpoint: str = "resid_post",
-    observe: Callable[[str, int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    observe: Callable[[str, int, Latents, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> EvalResult:
     """observe(name, layer, z, coords, sampled latents): called with each (SAE, layer)'s latents of
     each batch's rows, so that a caller tallies more of them (the report's dashboards) without a pass
@@ -331,12 +395,12 @@ def evaluate(
                 outlier_t = x.norm(dim=1) > thresholds.get(layer, float("inf"))
                 outlier = outlier_t.cpu().numpy()
                 per_layer[layer].add_rows(row_ctx, x, outlier)
-                edits: list[tuple[torch.Tensor, _PerContext, str]] = []  # (values, where its sums go, view)
+                edits: list[_Edit] = []
                 for t in targets:
                     if layer not in t.sae.cfg.layers:
                         continue
-                    z = t.sae.encode(x, layer)
-                    recon = t.sae.decode(z, layer)
+                    z = t.sae.encode_latents(x, layer)
+                    recon = t.sae.decode_latents(z, layer)
                     sums[(t.name, layer)].add(x, recon, z)
                     ps = per_sae[(t.name, layer)]
                     ps.add_errors(row_ctx, x, recon, outlier)
@@ -344,12 +408,13 @@ def evaluate(
                     if observe is not None:
                         observe(t.name, layer, z, coords_global, examples[t.name].latents)
                     if ce is not None and t.splices(layer):
-                        edits += _edits(ps, x[:ce_rows], recon[:ce_rows], outlier_t[:ce_rows])
+                        edits += _edits(ps, x[:ce_rows], recon[:ce_rows], outlier_t[:ce_rows], coords[:ce_rows, 0], n_ce)
                 if edits and zero_ablation:
-                    edits.append((torch.zeros_like(x[:ce_rows]), per_layer[layer], "zero"))
+                    edits.append(_Edit(torch.zeros_like(x[:ce_rows]), per_layer[layer], "zero"))
                 if ce is not None and edits:
-                    for (_, to, view), (ce_sums, kl_sums) in zip(edits, ce.spliced_many(layer, [e[0] for e in edits])):
-                        to.store(view, batch_ctx, ce_sums, kl_sums)
+                    for edit, (ce_sums, kl_sums) in zip(edits, ce.spliced_edits(layer, edits)):  # in order: both, then typical
+                        at = batch_ctx if edit.contexts is None else batch_ctx[list(edit.contexts)]
+                        edit.to.store(edit.view, at, ce_sums, kl_sums)
         bar.update(ids.shape[0])
     bar.close()
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ghsae.sae import Latents
+
 
 @dataclass
 class ReconstructionSums:
@@ -31,13 +33,13 @@ class ReconstructionSums:
         self.x_sum = torch.zeros(self.d_model, dtype=torch.float64)
         self.err_sum = torch.zeros(self.d_model, dtype=torch.float64)
 
-    def add(self, x: torch.Tensor, recon: torch.Tensor, z: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, recon: torch.Tensor, latents: Latents) -> None:
         x, recon = x.double(), recon.double()
         err = x - recon
         self.rows += x.shape[0]
-        # one pass over the dense [rows, latents] z: a compare, a sum and a column sum were three, most of
-        # this method's cost, which was a seventh of the report's evaluation at m = 9,216 (py-spy)
-        counts = torch.count_nonzero(z, dim=0).to(torch.int64).cpu()
+        # per-latent firing counts from the latents' own form: a TopK SAE's (values, indices), never a
+        # scan of a dense [rows, m] matrix (that scan was a seventh of the report's evaluation, py-spy)
+        counts = latents.fired_counts()
         self.active += float(counts.sum())
         self.sq_err += float(err.pow(2).sum())
         self.x_sum += x.sum(0)

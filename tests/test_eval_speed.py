@@ -56,7 +56,7 @@ def _by(result):
 def test_stacked_spliced_passes_give_every_metric_of_one_pass_per_sae(tiny_lm, monkeypatch, hookpoint):
     contexts, saes, thresholds = _setup(tiny_lm, hookpoint)
     stacked = _run(tiny_lm, contexts, _targets(saes), thresholds, hookpoint)
-    monkeypatch.setattr(evals, "SPLICE_PREDICTIONS", 1)  # one edit per spliced pass
+    monkeypatch.setattr(evals, "SPLICE_PREDICTIONS", {"cuda": 1, "cpu": 1})  # one edit per spliced pass
     single = _run(tiny_lm, contexts, _targets(saes), thresholds, hookpoint)
     a, b = _by(stacked), _by(single)
     assert a.keys() == b.keys() and len(a) == 4

@@ -18,6 +18,7 @@ from ghsae.sae.base import (
     register,
 )
 from ghsae.sae.io import SAELoadError, load_sae, read_sae, save_sae
+from ghsae.sae.latents import Latents
 
 __all__ = [
     "AUXK_NORMALISATIONS",
@@ -26,6 +27,7 @@ __all__ = [
     "SAELensLayer",
     "BatchTopKSAE",
     "JumpReLUSAE",
+    "Latents",
     "ReLUSAE",
     "SAEConfig",
     "SAELoadError",

@@ -30,6 +30,7 @@ from torch import nn
 
 from ghsae.errors import ConfigError
 from ghsae.layers import layer_lookup_table
+from ghsae.sae.latents import Latents
 from ghsae.sae.sparse import SparseCodes
 
 AUXK_NORMALISATIONS = ("total-variance", "error-variance")
@@ -339,6 +340,17 @@ class SparseAutoencoder(nn.Module):
     def decode(self, z: torch.Tensor, layer: int | torch.Tensor) -> torch.Tensor:
         """Residuals [n, d] in `layer`'s raw units from latents z [n, m]: decode(encode(x, l), l) ~ x."""
         return self.denormalise(self.decode_normalised(z), layer)
+
+    def encode_latents(self, x: torch.Tensor, layer: int | torch.Tensor) -> Latents:
+        """encode(), in whichever form is cheapest to read (latents.py): dense here; TopK keeps its
+        (values, indices). The evaluation's path: no [n, m] matrix where the architecture has none."""
+        return Latents.from_dense(self.encode(x, layer))
+
+    def decode_latents(self, latents: Latents, layer: int | torch.Tensor) -> torch.Tensor:
+        """decode() of encode_latents()'s latents: residuals [n, d] in `layer`'s raw units."""
+        if latents.dense_z is not None:
+            return self.decode(latents.dense_z, layer)
+        return self.denormalise(latents.decode_rows(self.W_dec) + self.b_dec, layer)
 
     def reconstruct(self, x: torch.Tensor, layer: int | torch.Tensor) -> torch.Tensor:
         """Reconstruction of raw residuals, in the layer's raw units."""

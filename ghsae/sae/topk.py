@@ -21,6 +21,7 @@ from ghsae.sae.base import (
     register,
     total_variance,
 )
+from ghsae.sae.latents import Latents
 from ghsae.sae.sparse import SparseCodes, decode_active, encode_active
 
 
@@ -107,6 +108,10 @@ class TopKSAE(TopKFamily):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         vals, idx = pre.topk(self.cfg.k, dim=-1)
         return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+
+    def encode_latents(self, x: torch.Tensor, layer: int | torch.Tensor) -> Latents:
+        vals, idx = self.pre_acts(self.normalise(x, layer)).topk(self.cfg.k, dim=-1, sorted=False)
+        return Latents.from_topk(vals.relu(), idx, self.cfg.n_latents)
 
     def select(self, pre):
         vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)

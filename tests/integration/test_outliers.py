@@ -143,3 +143,40 @@ def test_stats_json_reads_back(planted_run):
     _, run = planted_run
     data = json.loads(run.layout.stats.read_text())
     assert "norms" in data["layers"]["0"] and "outlier_factor" in data
+
+
+def test_the_typical_view_splices_only_the_contexts_that_hold_an_outlier(planted_run, planted_model, monkeypatch):
+    """In a context without an outlier the two views are the same pass: the second (outliers kept clean)
+    runs on the contexts holding one only, and its figures equal those of evaluating one context a batch."""
+    from ghsae.analysis import splice
+    from ghsae.analysis.evals import EvalTarget, evaluate, outlier_thresholds
+    from ghsae.lm import load_model
+    from ghsae.sae import SAEConfig, build_sae
+
+    _, run = planted_run
+    lm = load_model(str(planted_model), "cpu", "float32")
+    contexts = run.eval_contexts()
+    n = contexts.shape[0]
+    token = (SPECIALS + WORDS).index(PLANTED)
+    holding = int((contexts == token).any(axis=1).sum())
+    assert n >= 2 and 0 < holding < n, "the test needs CE contexts with and without the planted word"
+    torch.manual_seed(0)
+    sae = build_sae(SAEConfig(architecture="topk", d_model=lm.d_model, n_latents=64, layers=[2], k=4)).eval()
+    spliced_contexts = []
+    original = splice.Splicer.spliced
+
+    def counting(self, input_ids, layer, new_resid, logits_to_keep=0, repeats=1):
+        spliced_contexts.append(input_ids.shape[0] * repeats)
+        return original(self, input_ids, layer, new_resid, logits_to_keep, repeats)
+
+    monkeypatch.setattr(splice.Splicer, "spliced", counting)
+    kwargs = dict(special_ids=list(run.plan.tokenizer.special_ids), ce_contexts=n, progress=False,
+                  outlier_threshold=outlier_thresholds(run, 10.0))  # fmt: skip
+    by_batch = evaluate(lm, contexts, [EvalTarget("g", "group", sae)], batch_contexts=n, **kwargs)
+    # every context once with the reconstruction, once zero-ablated; the outlier-holding ones once more
+    assert sum(spliced_contexts) == n + n + holding
+    one_a_batch = evaluate(lm, contexts, [EvalTarget("g", "group", sae)], batch_contexts=1, **kwargs)
+    (a,), (b,) = by_batch.rows, one_a_batch.rows
+    assert a["outliers"] > 0 and a["kl_typical"] != pytest.approx(a["kl"], rel=1e-3)
+    for metric in ("delta_ce", "kl", "delta_ce_typical", "kl_typical", "ce_score"):
+        assert a[metric] == pytest.approx(b[metric], rel=1e-4, abs=1e-6), metric

@@ -15,6 +15,7 @@ from ghsae.analysis.metrics import (
 )
 from ghsae.analysis.splice import Splicer
 from ghsae.lm import load_model
+from ghsae.sae import Latents
 
 
 def test_reconstruction_metrics_by_hand():
@@ -22,8 +23,8 @@ def test_reconstruction_metrics_by_hand():
     r = torch.tensor([[1.0, 0.0], [2.0, 0.0]])  # errors (0,0), (1,0): SSE 1
     z = torch.tensor([[1.0, 0.0, 0.0], [2.0, 3.0, 0.0]])  # L0 1 and 2; latent 2 never fires
     sums = ReconstructionSums(d_model=2)
-    sums.add(x[:1], r[:1], z[:1])  # in two batches: the sums must not care
-    sums.add(x[1:], r[1:], z[1:])
+    sums.add(x[:1], r[:1], Latents.from_dense(z[:1]))  # in two batches: the sums must not care
+    sums.add(x[1:], r[1:], Latents.from_dense(z[1:]))
     m = sums.finish()
     assert m["rows"] == 2 and m["l0"] == 1.5
     assert m["mse"] == pytest.approx(1 / 4)  # SSE / (rows * d)
