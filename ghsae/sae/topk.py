@@ -110,8 +110,8 @@ class TopKSAE(TopKFamily):
         return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
 
     def encode_latents(self, x: torch.Tensor, layer: int | torch.Tensor) -> Latents:
-        vals, idx = self.pre_acts(self.normalise(x, layer)).topk(self.cfg.k, dim=-1, sorted=False)
-        return Latents.from_topk(vals.relu(), idx, self.cfg.n_latents)
+        _, codes = self.select(self.pre_acts(self.normalise(x, layer)))
+        return Latents.from_codes(codes.with_values(codes.values.relu()))
 
     def select(self, pre):
         vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)

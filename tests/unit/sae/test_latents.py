@@ -44,6 +44,7 @@ def test_topk_codes_hold_k_entries_a_row_and_count_only_the_positive_ones():
         sae.b_enc -= sae.pre_acts(sae.normalise(x, 3)).quantile(0.95)
     with torch.inference_mode():
         lat = sae.encode_latents(x, 3)
-    assert lat.values is not None and lat.values.shape == (40, 8)
-    assert bool((lat.values >= 0).all())
-    assert 0 < int(lat.fired_counts().sum()) == int((lat.values > 0).sum()) < 40 * 8
+    codes = lat.codes
+    assert codes is not None and codes.values.shape == (40 * 8,) and codes.crow.tolist() == list(range(0, 41 * 8, 8))
+    assert bool((codes.values >= 0).all())
+    assert 0 < int(lat.fired_counts().sum()) == int((codes.values > 0).sum()) < 40 * 8
